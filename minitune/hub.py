@@ -1,0 +1,233 @@
+"""Hugging Face checkpoints in and out: hub id or folder -> files -> model, and model -> folder.
+
+Loading builds the model on the meta device (no memory, no init), allocates it once in the
+target dtype and device, then streams the safetensors tensors into place one at a time, so the
+peak stays near one copy of the weights. Saving writes the layout transformers writes:
+config.json plus model.safetensors, or numbered shards and model.safetensors.index.json
+above `max_shard_size`, every file written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .models import MODEL_CLASSES
+from .models.base import CausalLM
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+# ---------------------------------------------------------------- where the files are
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder as it is, else a hub id fetched (or found in the cache) by huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists():
+        raise NotADirectoryError(f"{name} is a file; pass the folder that holds config.json")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{name}: no such folder (and it is not a hub id like 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+    except HFValidationError as e:
+        raise FileNotFoundError(f"{name}: no such folder, and not a valid hub id ({e})") from None
+    except LocalEntryNotFoundError as e:
+        where = "the hub cache (HF_HUB_OFFLINE is set)" if offline else "the hub or the cache"
+        raise FileNotFoundError(f"{name}: not a local folder and not found in {where}: {e}") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the single file, or the shards its index names."""
+    if (folder / INDEX_FILE).exists():
+        index = read_json(folder / INDEX_FILE)
+        if not isinstance(index.get("weight_map"), dict):
+            raise ValueError(f"{folder / INDEX_FILE}: no 'weight_map' object")
+        files = [folder / name for name in dict.fromkeys(index["weight_map"].values())]
+        for f in files:
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: shard listed in {INDEX_FILE} is missing")
+        return files
+    if (folder / SINGLE_FILE).exists():
+        return [folder / SINGLE_FILE]
+    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = f" (found {', '.join(others)}: minitune reads only safetensors)" if others else ""
+    raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+# ---------------------------------------------------------------- loading
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+            "float": "float32"}.get(dtype, dtype).removeprefix("torch.")
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype {dtype!r}: expected a floating type such as 'float32' or 'bfloat16'")
+    return value
+
+
+def _stored_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
+    """The dtype the weights were saved in: config.json's dtype, else the first float tensor's."""
+    declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
+    if declared and declared != "auto":
+        return parse_dtype(declared)
+    float_types = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    with safe_open(files[0], framework="pt") as f:
+        for key in f.keys():
+            stored = f.get_slice(key).get_dtype()
+            if stored in float_types:
+                return float_types[stored]
+    return torch.float32
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None) -> CausalLM:
+    """A minitune model with the checkpoint's weights, in eval mode.
+
+    dtype None keeps the dtype the checkpoint was saved in; device None is the CPU.
+    """
+    folder = resolve(name_or_path)
+    config_path = folder / "config.json"
+    raw = read_json(config_path)
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; "
+                         f"expected one of {sorted(MODEL_CLASSES)}")
+    cls = MODEL_CLASSES[model_type]
+    config = cls.config_class.from_dict(raw, source=str(config_path))
+    files = checkpoint_files(folder)
+    dtype = parse_dtype(dtype) or _stored_dtype(raw, files)
+
+    with torch.device("meta"):
+        model = cls(config)  # shapes only: nothing allocated, nothing initialised
+    model.to(dtype=dtype)
+    model.to_empty(device=device or "cpu")  # one uninitialised copy, filled below
+    model.tie_weights()  # to_empty made the tied parameters two tensors again
+    load_state(model, files)
+    return model.eval()
+
+
+def load_state(model: CausalLM, files: list[Path]) -> None:
+    """Copy checkpoint tensors into the model's parameters, one tensor in memory at a time.
+
+    Raises one error listing every missing, unexpected or mis-shaped tensor with its file.
+    """
+    targets = model.state_dict()
+    tied_head = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in targets
+    if tied_head:
+        del targets["lm_head.weight"]  # the embedding is the head; a stored copy is ignored, as in HF
+    ignored = re.compile("|".join(model.ignored_checkpoint_keys) or r"(?!)")
+    loaded: set[str] = set()
+    problems: list[str] = []
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                ours = model.key_from_checkpoint(key)
+                if ignored.search(key) or (tied_head and ours == "lm_head.weight"):
+                    continue
+                if ours not in targets:
+                    problems.append(f"{path.name}: unexpected tensor {key!r}")
+                    continue
+                target = targets[ours]
+                shape = list(f.get_slice(key).get_shape())
+                want = list(model.tensor_from_checkpoint(ours, torch.empty(target.shape, device="meta")).shape)
+                if shape != want:
+                    problems.append(f"{path.name}: tensor {key!r} has shape {shape}, the model expects {want}")
+                    continue
+                with torch.no_grad():
+                    target.copy_(model.tensor_from_checkpoint(ours, f.get_tensor(key)))
+                loaded.add(ours)
+    missing = sorted(set(targets) - loaded)
+    problems += [f"missing tensor {k!r} (in none of {', '.join(p.name for p in files)})" for k in missing]
+    if problems:
+        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise ValueError(f"checkpoint in {files[0].parent} does not match {type(model).__name__}:\n  {shown}")
+
+
+# ---------------------------------------------------------------- saving
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '5GB', '500MB' or '2GiB' (GB = 10**9, as transformers)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size.upper().replace("IB", "iB"))
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB'")
+    units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+    return int(float(m.group(1)) * units[m.group(2) or "B"])
+
+
+def shard_state(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split in key order into shards of at most max_bytes (a larger tensor gets a shard of its own)."""
+    shards, current, size = [], {}, 0
+    for key, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += nbytes
+    return shards + [current] if current or not shards else shards
+
+
+def save_model(model: CausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+    """config.json + safetensors in the Hugging Face layout, loadable by transformers."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.checkpoint_state().items()}
+    shards = shard_state(state, parse_size(max_shard_size))
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    config = model.config.to_dict()
+    config["dtype"] = str(model.dtype).removeprefix("torch.")
+
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-save-") as tmp:
+        tmp = Path(tmp)
+        for name, shard in zip(names, shards):
+            save_file({k: v.cpu() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        # Remove what a previous save left that this one does not replace, then move files in
+        # (weights before the index and config, so a reader never sees an index without its shards).
+        stale = [p for p in out.iterdir() if _SHARD_NAME.match(p.name) and p.name not in names]
+        if len(shards) > 1:
+            stale += [p for p in [out / SINGLE_FILE] if p.exists()]
+        else:
+            stale += [p for p in [out / INDEX_FILE] if p.exists()]
+        for p in stale:
+            p.unlink()
+        for name in names + ([INDEX_FILE] if len(shards) > 1 else []) + ["config.json"]:
+            os.replace(tmp / name, out / name)
+

@@ -1,0 +1,111 @@
+"""What every model family shares: a config read from config.json and the load/save plumbing.
+
+A family file (gpt2.py, mistral.py) defines its config dataclass and its nn.Module; this file
+gives both the Hugging Face round trip, so the family files stay about the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Base for a family's config: fields named as in config.json.
+
+    Field defaults are the Hugging Face config class defaults, used only for keys a
+    config.json leaves out (as transformers does). Keys we do not model are kept in `extra`
+    and written back on save, so a saved folder loses nothing of the original config.
+    """
+
+    model_type: ClassVar[str] = ""
+    architecture: ClassVar[str] = ""  # the transformers class name written to "architectures"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        raw = dict(raw)
+        if raw.get("model_type", cls.model_type) != cls.model_type:
+            raise ValueError(f"{source}: model_type {raw.get('model_type')!r}, expected {cls.model_type!r}")
+        raw.pop("model_type", None)
+        known = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+        values = {k: raw.pop(k) for k in list(raw) if k in known}
+        cls._read_nested(raw, values)
+        config = cls(**values, extra=raw)
+        config.validate(source)
+        return config
+
+    @classmethod
+    def _read_nested(cls, raw: dict[str, Any], values: dict[str, Any]) -> None:
+        """Hook for values stored under another name or nested: pops them from `raw` into `values`."""
+
+    def validate(self, source: str) -> None:
+        """Hook: raise ValueError naming `source` and the key when a value cannot work."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.extra.items() if k not in ("dtype", "torch_dtype")}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        out["model_type"] = self.model_type
+        out["architectures"] = [self.architecture]
+        return out
+
+
+class CausalLM(nn.Module):
+    """Base of the family models: `forward` gives logits, `hidden_states` the final hidden states.
+
+    Subclasses set `config_class` and may override the two checkpoint hooks to map hub tensor
+    names and layouts to their own.
+    """
+
+    config_class: ClassVar[type[ModelConfig]]
+    # keys that are buffers in some hub checkpoints and that we never load (regexes)
+    ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None) -> "CausalLM":
+        from ..hub import load_model
+        model = load_model(name_or_path, dtype=dtype, device=device)
+        if not isinstance(model, cls):
+            raise ValueError(f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB") -> None:
+        from ..hub import save_model
+        save_model(self, out_dir, max_shard_size=max_shard_size)
+
+    # ---- checkpoint hooks: hub key/layout <-> our key/layout ----
+
+    @classmethod
+    def key_from_checkpoint(cls, key: str) -> str:
+        """Our state-dict key for a hub tensor name."""
+        return key
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """The state dict in the hub's names and layouts (tied copies left out)."""
+        return dict(self.state_dict())
+
+    @classmethod
+    def tensor_from_checkpoint(cls, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A hub tensor in our layout (`key` is ours)."""
+        return tensor
+
+    def tie_weights(self) -> None:
+        """Share the output projection with the input embedding when the config says so."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())

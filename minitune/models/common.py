@@ -1,0 +1,130 @@
+"""What GPT-2 and Mistral share: input checks, positions, masks, SDPA, the KV cache, activations.
+
+Both families are causal decoders fed the same way: `input_ids` [B, T], an optional 0/1
+`attention_mask` over every key position seen so far (cached ones included, as in Hugging Face),
+and optional `position_ids`. The helpers here turn those into what
+`F.scaled_dot_product_attention` wants, and fall back to its fast `is_causal=True` path whenever
+no explicit mask is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# config.json's activation names -> functions. GPT-2's "gelu_new" is the tanh approximation.
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_len: int) -> None:
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq_len); got shape {tuple(input_ids.shape)}")
+    if input_ids.is_floating_point():
+        raise TypeError(f"input_ids must hold integer token ids; got {input_ids.dtype}")
+    if attention_mask is not None:
+        want = (input_ids.size(0), past_len + input_ids.size(1))
+        if tuple(attention_mask.shape) != want:
+            raise ValueError(f"attention_mask must be (batch, past + seq_len) = {want}, covering cached "
+                             f"tokens too; got {tuple(attention_mask.shape)}")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int,
+                           device: torch.device) -> torch.Tensor:
+    """Positions of the `q_len` new tokens: (1, T) without a mask, else (B, T).
+
+    With a mask, a token's position is the number of real tokens before it, so a left-padded
+    row sees the same positions as the unpadded sequence (what HF's `generate` does). Padding
+    gets position 0; its outputs are never used.
+    """
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + q_len, device=device).unsqueeze(0)
+    mask = attention_mask.long()
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, past + T)
+    return pos[:, -q_len:].masked_fill(mask[:, -q_len:] == 0, 0)
+
+
+def attention_bias(attention_mask: torch.Tensor | None, q_len: int, past_len: int,
+                   sliding_window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, Tq, Tk), True = may attend, or None when plain causal suffices.
+
+    Query i (absolute index past_len + i) sees key j when j <= i, when j > i - sliding_window
+    (HF's rule: the window counts the query itself, so exactly `sliding_window` keys), and when
+    key j is a real token. Indices are positions in the padded row; since a row's real tokens
+    are contiguous, index distance equals position distance, as in the reference.
+    """
+    k_len = past_len + q_len
+    window_bites = sliding_window is not None and k_len > sliding_window
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and not window_bites:
+        return None if past_len == 0 or q_len == 1 else _causal(q_len, past_len, None, device)
+    allowed = _causal(q_len, past_len, sliding_window if window_bites else None, device)
+    if padded:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
+        # A padding query would see no key at all and SDPA would return NaN; let it see
+        # itself. Its output is garbage either way and is never read.
+        q_idx = torch.arange(past_len, k_len, device=device)
+        allowed = allowed | (q_idx[:, None] == torch.arange(k_len, device=device))
+    return allowed
+
+
+def _causal(q_len: int, past_len: int, sliding_window: int | None, device) -> torch.Tensor:
+    q_idx = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # (Tq, 1)
+    k_idx = torch.arange(past_len + q_len, device=device)[None, :]  # (1, Tk)
+    allowed = k_idx <= q_idx
+    if sliding_window is not None:
+        allowed = allowed & (k_idx > q_idx - sliding_window)
+    return allowed[None, None]  # (1, 1, Tq, Tk)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """SDPA over q (B, nh, Tq, hs) and k, v (B, n_kv, Tk, hs); grouped-query heads expanded here."""
+    n_rep = q.size(1) // k.size(1)
+    if n_rep > 1:
+        # (B, n_kv, Tk, hs) -> (B, nh, Tk, hs): each KV head serves n_rep consecutive query heads
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    is_causal = mask is None and q.size(2) == k.size(2) and q.size(2) > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=is_causal, scale=scale)
+
+
+class KVCache:
+    """Keys and values of past tokens, pre-allocated for generation (never used in training).
+
+    One buffer per layer of shape (B, n_kv, max_len, hs). `update` writes the new tokens of a
+    layer and returns the keys/values seen so far; `advance` moves the fill mark once every
+    layer has written.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # tokens stored so far
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} tokens; {end} were asked for")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, n_kv, past + T, hs)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reorder(self, keep: torch.Tensor) -> None:
+        """Keep only the batch rows in `keep` (e.g. to drop finished sequences)."""
+        self.k = self.k[:, keep]
+        self.v = self.v[:, keep]
