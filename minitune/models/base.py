@@ -87,12 +87,15 @@ class CausalLM(nn.Module):
         return key
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The state dict in the hub's names and layouts (tied copies left out)."""
-        return dict(self.state_dict())
+        """The state dict in the hub's names and layouts; a tied head is the embedding, left out."""
+        state = {k: self.tensor_from_checkpoint(k, v) for k, v in self.state_dict().items()}
+        if getattr(self.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return state
 
     @classmethod
     def tensor_from_checkpoint(cls, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        """A hub tensor in our layout (`key` is ours)."""
+        """A hub tensor in our layout (`key` is ours); must be its own inverse, as saving uses it too."""
         return tensor
 
     def tie_weights(self) -> None:

@@ -176,10 +176,4 @@ class GPT2(CausalLM):
 
     @classmethod
     def tensor_from_checkpoint(cls, key: str, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.t() if cls._conv1d.search(key) else tensor
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        state = {k: self.tensor_from_checkpoint(k, v) for k, v in self.state_dict().items()}
-        if self.config.tie_word_embeddings:
-            del state["lm_head.weight"]
-        return state
+        return tensor.t() if cls._conv1d.search(key) else tensor  # a transpose undoes itself: saving uses it too

@@ -1,0 +1,47 @@
+"""Shared test helpers: tiny random Hugging Face models on disk, and the real fixture files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f"real tokenizer/config fixtures not found at {FIXTURES} (a clone outside the dev setup)")
+    return FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_mistral_config(**overrides):
+    import transformers
+    kw = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+              sliding_window=None, rope_theta=10000.0, bos_token_id=1, eos_token_id=2)
+    kw.update(overrides)
+    return transformers.MistralConfig(**kw)
+
+
+def tiny_gpt2_config(**overrides):
+    import transformers
+    kw = dict(vocab_size=101, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+              eos_token_id=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    kw.update(overrides)
+    return transformers.GPT2Config(**kw)
+
+
+def save_hf(config, folder: Path, **save_kwargs):
+    """A random transformers model of `config`, saved to `folder`, returned in eval mode (float32)."""
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(folder, **save_kwargs)
+    return model

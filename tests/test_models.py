@@ -1,0 +1,214 @@
+"""GPT-2 and Mistral against transformers on tiny random configs: logits, gradients, masks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import minitune as mt
+from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
+from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
+
+TOL = 1e-4
+
+MISTRAL_CASES = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "mqa": dict(num_key_value_heads=1),
+    "window_shorter_than_sequence": dict(sliding_window=5),
+    "explicit_head_dim": dict(head_dim=24),  # Nemo-style: heads * head_dim != hidden_size
+    "tied_head": dict(tie_word_embeddings=True),
+    "rope_theta_1e6": dict(rope_theta=1e6, rms_norm_eps=1e-5),
+}
+GPT2_CASES = {
+    "base": dict(),
+    "untied_head": dict(tie_word_embeddings=False),
+    "n_inner_and_relu": dict(n_inner=80, activation_function="relu"),
+    "inverse_layer_scale": dict(scale_attn_by_inverse_layer_idx=True),
+}
+
+
+def _hf_and_ours(hf_config, tmp_path):
+    hf = save_hf(hf_config, tmp_path)
+    return hf, mt.load_model(tmp_path)
+
+
+def _padded_batch(vocab: int, T: int = 16):
+    """Three rows: full, left-padded by 5, right-padded by 4 (pad id 0)."""
+    ids = torch.randint(3, vocab, (3, T))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, -4:] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _assert_parity(hf, ours, vocab):
+    ids = torch.randint(0, vocab, (2, 16))
+    with torch.no_grad():
+        diff = (hf(ids).logits - ours(ids)).abs().max().item()
+    assert diff <= TOL, f"max |dlogits| {diff:.2e}"
+    ids, mask = _padded_batch(vocab)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0).masked_fill(mask == 0, 0)  # what HF generate passes
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, position_ids=pos).logits
+        out = ours(ids, attention_mask=mask)
+    real = mask.bool()  # padding positions carry no meaning in either model
+    diff = (ref[real] - out[real]).abs().max().item()
+    assert diff <= TOL, f"padded batch: max |dlogits| {diff:.2e}"
+
+
+@pytest.mark.parametrize("case", MISTRAL_CASES)
+def test_mistral_logits_match_transformers(case, tmp_path):
+    hf, ours = _hf_and_ours(tiny_mistral_config(**MISTRAL_CASES[case]), tmp_path)
+    assert isinstance(ours, Mistral)
+    _assert_parity(hf, ours, 101)
+
+
+@pytest.mark.parametrize("case", GPT2_CASES)
+def test_gpt2_logits_match_transformers(case, tmp_path):
+    hf, ours = _hf_and_ours(tiny_gpt2_config(**GPT2_CASES[case]), tmp_path)
+    assert isinstance(ours, GPT2)
+    _assert_parity(hf, ours, 101)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_gradients_match_transformers(family, tmp_path):
+    config = tiny_gpt2_config() if family == "gpt2" else tiny_mistral_config(sliding_window=6)
+    hf, ours = _hf_and_ours(config, tmp_path)
+    hf.train()
+    ours.train()
+    ids, mask = _padded_batch(101)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 5] = -100  # its predecessor is padding, whose outputs the two models define differently
+    pos = (mask.cumsum(-1) - 1).clamp_min(0).masked_fill(mask == 0, 0)
+    hf(ids, attention_mask=mask, position_ids=pos, labels=labels).loss.backward()
+    logits = ours(ids, attention_mask=mask)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100).backward()
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        ref = hf_grads[name]
+        if family == "gpt2" and name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            ref = ref.t()  # Conv1D keeps (in, out)
+        assert torch.allclose(p.grad, ref, atol=1e-5, rtol=1e-4), name
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_left_padding_gives_the_unpadded_logits(family):
+    if family == "gpt2":
+        model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    else:
+        model = Mistral(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, sliding_window=4)).eval()
+    ids = torch.randint(0, 50, (1, 10))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 10, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(model(padded, attention_mask=mask)[:, 3:], model(ids), atol=1e-5)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    """Changing a token W or more places back leaves a query's logits alone; W-1 back does not."""
+    W = 4
+    model = Mistral(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, sliding_window=W)).eval()
+    ids = torch.randint(0, 50, (1, 12))
+    changed = ids.clone()
+    changed[0, 5] = (ids[0, 5] + 1) % 50
+    with torch.no_grad():
+        a, b = model(ids)[0], model(changed)[0]
+    q_sees_5 = [q for q in range(12) if q - W < 5 <= q]
+    for q in range(12):
+        assert torch.equal(a[q], b[q]) != (q in q_sees_5), q
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    if family == "gpt2":
+        model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
+                                embd_pdrop=0.0, attn_pdrop=0.0))
+    else:
+        model = Mistral(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 50, (2, 8))
+    grads = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = flag
+        model.train()
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for g0, g1 in zip(*grads):
+        assert torch.allclose(g0, g1, atol=1e-6)
+
+
+def test_dropout_follows_config_and_is_off_in_eval():
+    model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=16, resid_pdrop=0.5))
+    ids = torch.randint(0, 50, (1, 8))
+    model.train()
+    assert not torch.equal(model(ids), model(ids))
+    model.eval()
+    assert torch.equal(model(ids), model(ids))
+
+
+def test_tied_head_shares_the_embedding():
+    model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model = Mistral(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+
+
+# ---------------------------------------------------------------- configs
+
+def test_mistral_config_reads_both_rope_spellings():
+    old = MistralConfig.from_dict({"model_type": "mistral", "rope_theta": 1e6})
+    new = MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {"rope_type": "default",
+                                                                                  "rope_theta": 5e5}})
+    assert old.rope_theta == 1e6 and new.rope_theta == 5e5
+    assert MistralConfig.from_dict({"model_type": "mistral"}).rope_theta == 10000.0  # HF's default_theta
+    with pytest.raises(NotImplementedError, match="yarn"):
+        MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_config_keeps_unknown_keys_and_reads_values_not_defaults():
+    raw = {"model_type": "gpt2", "n_embd": 48, "n_head": 3, "layer_norm_epsilon": 1e-6, "summary_type": "cls_index"}
+    config = GPT2Config.from_dict(raw)
+    assert (config.n_embd, config.n_head, config.layer_norm_epsilon) == (48, 3, 1e-6)
+    assert config.to_dict()["summary_type"] == "cls_index"
+    model = GPT2(config)
+    assert model.transformer.h[0].ln_1.eps == 1e-6
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"model_type": "gpt2", "n_embd": 50, "n_head": 3}, "not divisible"),
+    ({"model_type": "gpt2", "activation_function": "swoosh"}, "activation_function 'swoosh'"),
+    ({"model_type": "mistral", "num_attention_heads": 32, "num_key_value_heads": 5}, "num_key_value_heads 5"),
+    ({"model_type": "llama"}, "model_type 'llama'"),
+])
+def test_bad_configs_are_refused_by_name(raw, message):
+    cls = MistralConfig if raw["model_type"] != "gpt2" else GPT2Config
+    with pytest.raises(ValueError, match=message):
+        cls.from_dict(raw, source="some/config.json")
+
+
+def test_real_mistral_7b_config_builds_exactly_the_index_tensors(fixtures_dir):
+    folder = fixtures_dir / "mistral-7b-v0.1"
+    config = MistralConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    assert (config.rope_theta, config.sliding_window, config.head_dim) == (10000.0, 4096, 128)
+    with torch.device("meta"):
+        model = Mistral(config)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert set(model.checkpoint_state()) == set(index["weight_map"])
+    assert model.num_parameters() == 7_241_732_096
+
+
+def test_bad_inputs_are_refused():
+    model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=8)).eval()
+    with pytest.raises(ValueError, match="longer than n_positions 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="attention_mask must be"):
+        model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(torch.zeros(4, dtype=torch.long))
