@@ -4,8 +4,9 @@ from . import models
 from .generate import generate, sample_next
 from .hub import load_model, save_model
 from .models import GPT2, GPT2Config, Mistral, MistralConfig
+from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["models", "generate", "sample_next", "load_model", "save_model", "GPT2", "GPT2Config", "Mistral", "MistralConfig",
-           "__version__"]
+__all__ = ["models", "load_model", "save_model", "load_tokenizer", "Tokenizer", "generate", "sample_next",
+           "GPT2", "GPT2Config", "Mistral", "MistralConfig", "__version__"]

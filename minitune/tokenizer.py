@@ -159,10 +159,11 @@ class Tokenizer:
 
     def _ids(self, encoding, text: str, add_special_tokens: bool) -> list[int]:
         ids = encoding.ids
-        bos, bos_id = self.bos_token, self.bos_token_id
-        if (add_special_tokens and bos and bos_id is not None and text.startswith(bos) and len(ids) >= 2
-                and ids[0] == ids[1] == bos_id
-                and encoding.special_tokens_mask[0] == 1 and encoding.special_tokens_mask[1] == 0):
+        bos = self.bos_token
+        if not (add_special_tokens and bos and len(ids) >= 2 and text.startswith(bos)):
+            return ids
+        mask = encoding.special_tokens_mask
+        if ids[0] == ids[1] == self.bos_token_id and mask[0] == 1 and mask[1] == 0:
             # [0] was added by the post-processor (mask 1), [1] came from the text (mask 0): keep the text's.
             return ids[1:]
         return ids
@@ -330,8 +331,10 @@ def _read_backend(folder: Path) -> BackendTokenizer:
     """
     path = folder / TOKENIZER_FILE
     if not path.is_file():
-        hint = (" (found tokenizer.model: minitune reads only the tokenizers-format tokenizer.json; "
-                "convert it once with transformers and save_pretrained)") if (folder / "tokenizer.model").exists() else ""
+        hint = ""
+        if (folder / "tokenizer.model").exists():
+            hint = (" (found tokenizer.model: minitune reads only the tokenizers-format tokenizer.json; "
+                    "convert it once with transformers' AutoTokenizer and save_pretrained)")
         raise FileNotFoundError(f"{folder}: no {TOKENIZER_FILE} in this folder{hint}")
     try:
         backend = BackendTokenizer.from_file(str(path))

@@ -84,15 +84,23 @@ def _causal(q_len: int, past_len: int, sliding_window: int | None, device) -> to
     return allowed[None, None]  # (1, 1, Tq, Tk)
 
 
+# SDPA's enable_gqa (torch >= 2.5) shares KV heads without copies, but only the flash and math
+# backends take it: with an explicit mask it would push CUDA off the memory-efficient kernel.
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            scale: float, dropout_p: float = 0.0) -> torch.Tensor:
-    """SDPA over q (B, nh, Tq, hs) and k, v (B, n_kv, Tk, hs); grouped-query heads expanded here."""
+    """SDPA over q (B, nh, Tq, hs) and k, v (B, n_kv, Tk, hs): (B, nh, Tq, hs)."""
+    is_causal = mask is None and q.size(2) == k.size(2) and q.size(2) > 1
     n_rep = q.size(1) // k.size(1)
+    if n_rep > 1 and mask is None and _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale, enable_gqa=True)
     if n_rep > 1:
         # (B, n_kv, Tk, hs) -> (B, nh, Tk, hs): each KV head serves n_rep consecutive query heads
         k = k.repeat_interleave(n_rep, dim=1)
         v = v.repeat_interleave(n_rep, dim=1)
-    is_causal = mask is None and q.size(2) == k.size(2) and q.size(2) > 1
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale)
 
@@ -123,8 +131,3 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
-
-    def reorder(self, keep: torch.Tensor) -> None:
-        """Keep only the batch rows in `keep` (e.g. to drop finished sequences)."""
-        self.k = self.k[:, keep]
-        self.v = self.v[:, keep]

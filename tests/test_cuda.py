@@ -1,0 +1,80 @@
+"""On a GPU: the CUDA attention paths (flash with shared KV heads, memory-efficient with masks), bf16.
+
+Skipped without CUDA. bf16 is judged against transformers' own bf16 error: both are compared to a
+float32 reference, and minitune's error may not be clearly worse than transformers'.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import minitune as mt
+from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CONFIGS = {
+    "gpt2": lambda: tiny_gpt2_config(n_embd=256, n_head=4, n_positions=256),
+    "mistral_gqa_window": lambda: tiny_mistral_config(hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                                                      num_key_value_heads=2, sliding_window=48),
+}
+
+
+def _batch(T=96):
+    ids = torch.randint(3, 101, (3, T), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("padded", [False, True])
+def test_bf16_on_cuda_is_as_close_to_float32_as_transformers(name, padded, tmp_path):
+    import transformers
+    save_hf(CONFIGS[name](), tmp_path)
+    ids, mask = _batch()
+    if not padded:
+        mask = torch.ones_like(mask)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0).masked_fill(mask == 0, 0)
+    real = mask.bool()
+
+    def hf_logits(dtype):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).cuda().eval()
+        with torch.no_grad():
+            return hf(ids, attention_mask=mask, position_ids=pos).logits.float()[real]
+
+    ref = hf_logits(torch.float32)
+    ours32 = mt.load_model(tmp_path, dtype=torch.float32, device="cuda")
+    ours16 = mt.load_model(tmp_path, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        err32 = (ours32(ids, attention_mask=mask).float()[real] - ref).abs().max().item()
+        err16 = (ours16(ids, attention_mask=mask).float()[real] - ref).abs().max().item()
+    hf_err16 = (hf_logits(torch.bfloat16) - ref).abs().max().item()
+    assert err32 <= 2e-3, err32
+    assert err16 <= 1.5 * hf_err16 + 1e-3, (err16, hf_err16)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_generation_on_cuda_equals_transformers(name, tmp_path):
+    hf = save_hf(CONFIGS[name](), tmp_path).cuda()
+    model = mt.load_model(tmp_path, device="cuda")
+    ids, mask = _batch(T=20)
+    want = hf.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(mt.generate(model, ids, 60, attention_mask=mask), want)
+
+
+def test_training_step_on_cuda_in_bf16(tmp_path):
+    save_hf(CONFIGS["mistral_gqa_window"](), tmp_path)
+    model = mt.load_model(tmp_path, dtype=torch.bfloat16, device="cuda").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, mask = _batch()
+    losses = []
+    for _ in range(5):
+        logits = model(ids, attention_mask=mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
