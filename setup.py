@@ -15,14 +15,14 @@ setup(
         "torch>=2.4",
         "safetensors>=0.4.3",
         "tokenizers>=0.19",
-        "huggingface-hub>=0.23",
+        "huggingface-hub>=0.25",
         "numpy",
         "tqdm",
-        "jinja2>=3.1",
+        "jinja2>=3.1.6"  # sandbox fixes: chat templates come from the hub,
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=4.45", "peft", "matplotlib"],
+        "dev": ["pytest", "transformers>=5", "peft", "matplotlib"],
         "plot": ["matplotlib"],
     },
 )

@@ -2,8 +2,8 @@
 
 from . import models
 from .generate import generate, sample_next
-from .hub import load_model, save_model
-from .models import GPT2, GPT2Config, Mistral, MistralConfig
+from .hub import save_model
+from .models import GPT2, GPT2Config, Mistral, MistralConfig, load_model
 from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"

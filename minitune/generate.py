@@ -45,7 +45,7 @@ def _check_args(input_ids, max_new_tokens, temperature, top_k, top_p):
         raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the ids it returns may feed a training step (online DPO)
 def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
              eos_token_id: int | list[int] | None = None, attention_mask: torch.Tensor | None = None,
@@ -60,7 +60,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temp
     _check_args(input_ids, max_new_tokens, temperature, top_k, top_p)
     B, T = input_ids.shape
     device = input_ids.device
-    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=device)
+    eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=device).flatten()
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -70,15 +70,21 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temp
         raise ValueError("attention_mask ends in padding: batched prompts must be left-padded")
 
     was_training = model.training
-    model.eval()
-    cache = model.make_cache(B, T + max_new_tokens)
-    tokens, mask = input_ids, attention_mask.long()
-    step_input = input_ids
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    model.eval()  # no dropout while decoding
+    try:
+        return _decode(model, input_ids, attention_mask.long(), max_new_tokens, eos, pad,
+                       lambda logits: sample_next(logits, temperature, top_k, top_p, generator))
+    finally:
+        model.train(was_training)
+
+
+def _decode(model, tokens, mask, max_new_tokens, eos, pad, pick):
+    cache = model.make_cache(tokens.size(0), tokens.size(1) + max_new_tokens)
+    step_input = tokens  # the whole prompt first (prefill), then one token per row
+    done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
     for _ in range(max_new_tokens):
         hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)  # (B, t, C)
-        logits = model.lm_head(hidden[:, -1])  # (B, V): only the last position is needed
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)
+        next_ids = pick(model.lm_head(hidden[:, -1]))  # (B,): only the last position's logits are needed
         next_ids = next_ids.masked_fill(done, pad)
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
@@ -86,5 +92,4 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temp
         if bool(done.all()):
             break
         step_input = next_ids[:, None]
-    model.train(was_training)
     return tokens

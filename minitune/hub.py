@@ -1,10 +1,10 @@
-"""Hugging Face checkpoints in and out: hub id or folder -> files -> model, and model -> folder.
+"""Hugging Face checkpoint files: hub id or folder -> files, safetensors in and out.
 
-Loading builds the model on the meta device (no memory, no init), allocates it once in the
-target dtype and device, then streams the safetensors tensors into place one at a time, so the
-peak stays near one copy of the weights. Saving writes the layout transformers writes:
-config.json plus model.safetensors, or numbered shards and model.safetensors.index.json
-above `max_shard_size`, every file written under a temporary name and renamed into place.
+Reading streams tensors from safetensors into a model that already exists (built on the meta
+device and allocated once by `minitune.models.load_model`), one tensor at a time, so the peak
+stays near one copy of the weights. Saving writes the layout transformers writes: config.json
+plus model.safetensors, or numbered shards and model.safetensors.index.json above
+`max_shard_size`, every file written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
@@ -13,44 +13,66 @@ import json
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .models import MODEL_CLASSES
-from .models.base import CausalLM
-
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 # ---------------------------------------------------------------- where the files are
 
-def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A local folder as it is, else a hub id fetched (or found in the cache) by huggingface_hub."""
-    path = Path(name_or_path).expanduser()
+def resolve(name_or_path: str | os.PathLike, allow_patterns: list[str]) -> Path:
+    """A local folder as it is; else a hub id, whose files matching `allow_patterns` are fetched.
+
+    huggingface_hub does the fetching and caching (HF_HOME, HF_HUB_CACHE, tokens); with
+    HF_HUB_OFFLINE set, only the cache is read. Callers ask for the files they need and no more:
+    a repo may also hold other weight formats (Mistral's consolidated.safetensors) worth many GB.
+    """
+    name = str(name_or_path)
+    if not name.strip():
+        raise ValueError("name_or_path is empty: pass a local folder or a hub id like 'gpt2'")
+    path = Path(name).expanduser()
     if path.is_dir():
         return path
-    name = str(name_or_path)
     if path.exists():
-        raise NotADirectoryError(f"{name} is a file; pass the folder that holds config.json")
+        raise NotADirectoryError(f"{name} is a file; pass the folder that holds {CONFIG_FILE}")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise FileNotFoundError(f"{name}: no such folder (and it is not a hub id like 'org/name')")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+        return Path(snapshot_download(name, allow_patterns=allow_patterns, local_files_only=offline))
     except HFValidationError as e:
         raise FileNotFoundError(f"{name}: no such folder, and not a valid hub id ({e})") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{name}: no such local folder, and no such hub repo (or it is gated or "
+                                "private: log in with `hf auth login`)") from None
     except LocalEntryNotFoundError as e:
         where = "the hub cache (HF_HUB_OFFLINE is set)" if offline else "the hub or the cache"
         raise FileNotFoundError(f"{name}: not a local folder and not found in {where}: {e}") from None
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """The folder and the safetensors files of a checkpoint, fetching only those from the hub.
+
+    config.json and the index come first; the index (or its absence) says which weight files
+    to fetch: the listed shards, or model.safetensors.
+    """
+    folder = resolve(name_or_path, [CONFIG_FILE, INDEX_FILE])
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder / CONFIG_FILE}: file not found")
+    names = _shard_names(folder) if (folder / INDEX_FILE).exists() else [SINGLE_FILE]
+    folder = resolve(name_or_path, [CONFIG_FILE, INDEX_FILE, *names])
+    return folder, checkpoint_files(folder)
 
 
 def read_json(path: Path) -> dict:
@@ -63,13 +85,17 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
 
 
+def _shard_names(folder: Path) -> list[str]:
+    index = read_json(folder / INDEX_FILE)
+    if not isinstance(index.get("weight_map"), dict):
+        raise ValueError(f"{folder / INDEX_FILE}: no 'weight_map' object")
+    return list(dict.fromkeys(index["weight_map"].values()))
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint: the single file, or the shards its index names."""
     if (folder / INDEX_FILE).exists():
-        index = read_json(folder / INDEX_FILE)
-        if not isinstance(index.get("weight_map"), dict):
-            raise ValueError(f"{folder / INDEX_FILE}: no 'weight_map' object")
-        files = [folder / name for name in dict.fromkeys(index["weight_map"].values())]
+        files = [folder / name for name in _shard_names(folder)]
         for f in files:
             if not f.exists():
                 raise FileNotFoundError(f"{f}: shard listed in {INDEX_FILE} is missing")
@@ -79,6 +105,16 @@ def checkpoint_files(folder: Path) -> list[Path]:
     others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     hint = f" (found {', '.join(others)}: minitune reads only safetensors)" if others else ""
     raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """safe_open on the CPU, with errors that name the file (safetensors' own do not)."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 # ---------------------------------------------------------------- loading
@@ -94,13 +130,13 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-def _stored_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
+def stored_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
     """The dtype the weights were saved in: config.json's dtype, else the first float tensor's."""
     declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
     if declared and declared != "auto":
         return parse_dtype(declared)
     float_types = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    with safe_open(files[0], framework="pt") as f:
+    with open_safetensors(files[0]) as f:
         for key in f.keys():
             stored = f.get_slice(key).get_dtype()
             if stored in float_types:
@@ -108,34 +144,7 @@ def _stored_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
     return torch.float32
 
 
-def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None) -> CausalLM:
-    """A minitune model with the checkpoint's weights, in eval mode.
-
-    dtype None keeps the dtype the checkpoint was saved in; device None is the CPU.
-    """
-    folder = resolve(name_or_path)
-    config_path = folder / "config.json"
-    raw = read_json(config_path)
-    model_type = raw.get("model_type")
-    if model_type not in MODEL_CLASSES:
-        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; "
-                         f"expected one of {sorted(MODEL_CLASSES)}")
-    cls = MODEL_CLASSES[model_type]
-    config = cls.config_class.from_dict(raw, source=str(config_path))
-    files = checkpoint_files(folder)
-    dtype = parse_dtype(dtype) or _stored_dtype(raw, files)
-
-    with torch.device("meta"):
-        model = cls(config)  # shapes only: nothing allocated, nothing initialised
-    model.to(dtype=dtype)
-    model.to_empty(device=device or "cpu")  # one uninitialised copy, filled below
-    model.tie_weights()  # to_empty made the tied parameters two tensors again
-    load_state(model, files)
-    return model.eval()
-
-
-def load_state(model: CausalLM, files: list[Path]) -> None:
+def load_state(model, files: list[Path]) -> None:
     """Copy checkpoint tensors into the model's parameters, one tensor in memory at a time.
 
     Raises one error listing every missing, unexpected or mis-shaped tensor with its file.
@@ -148,7 +157,7 @@ def load_state(model: CausalLM, files: list[Path]) -> None:
     loaded: set[str] = set()
     problems: list[str] = []
     for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for key in f.keys():
                 ours = model.key_from_checkpoint(key)
                 if ignored.search(key) or (tied_head and ours == "lm_head.weight"):
@@ -199,11 +208,11 @@ def shard_state(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str
     return shards + [current] if current or not shards else shards
 
 
-def save_model(model: CausalLM, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
     """config.json + safetensors in the Hugging Face layout, loadable by transformers."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.checkpoint_state().items()}
+    state = {k: v.detach() for k, v in model.checkpoint_state().items()}  # views: no copies yet
     shards = shard_state(state, parse_size(max_shard_size))
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
@@ -213,12 +222,13 @@ def save_model(model: CausalLM, out_dir: str | os.PathLike, max_shard_size: int 
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-save-") as tmp:
         tmp = Path(tmp)
         for name, shard in zip(names, shards):
-            save_file({k: v.cpu() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
+            # one shard at a time on the CPU, made contiguous (GPT-2's transposed views) only here
+            save_file({k: v.to("cpu").contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # Remove what a previous save left that this one does not replace, then move files in
         # (weights before the index and config, so a reader never sees an index without its shards).
         stale = [p for p in out.iterdir() if _SHARD_NAME.match(p.name) and p.name not in names]
@@ -228,6 +238,6 @@ def save_model(model: CausalLM, out_dir: str | os.PathLike, max_shard_size: int 
             stale += [p for p in [out / INDEX_FILE] if p.exists()]
         for p in stale:
             p.unlink()
-        for name in names + ([INDEX_FILE] if len(shards) > 1 else []) + ["config.json"]:
+        for name in names + ([INDEX_FILE] if len(shards) > 1 else []) + [CONFIG_FILE]:
             os.replace(tmp / name, out / name)
 

@@ -32,6 +32,8 @@ CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' name for extra named templates
+# what load_tokenizer fetches from the hub: never the weights
+TOKENIZER_FILES = [TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE, f"{CHAT_TEMPLATE_DIR}/*.jinja"]
 
 # The named special tokens of transformers (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -310,7 +312,7 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer:
     add_prefix_space); minitune always runs tokenizer.json as written, which is what transformers does
     for the real GPT-2, Mistral and Zephyr folders.
     """
-    folder = resolve(name_or_path)
+    folder = resolve(name_or_path, TOKENIZER_FILES)
     config = _read_config(folder)
     special_tokens, extra_special_tokens = _special_tokens(folder, config)
     backend = _read_backend(folder)

@@ -61,14 +61,19 @@ def _saved(tmp_path):
 
 @pytest.mark.parametrize("family", ["gpt2", "mistral"])
 def test_kv_cache_equals_full_recomputation(family, tmp_path):
+    """Prefill, a chunk of 3, then single tokens through the cache: the logits of one full pass."""
     save_hf(tiny_gpt2_config() if family == "gpt2" else tiny_mistral_config(sliding_window=5), tmp_path)
     model = mt.load_model(tmp_path)
-    ids, mask = _left_padded_prompts()
-    out = mt.generate(model, ids, 10, attention_mask=mask)
-    full_mask = torch.cat([mask, torch.ones(3, 10, dtype=torch.long)], dim=1)
+    ids, mask = _left_padded_prompts(T=16)
     with torch.no_grad():
-        logits = model(out, attention_mask=full_mask)  # no cache: every position recomputed
-    assert torch.equal(logits[:, ids.size(1) - 1:-1].argmax(-1), out[:, ids.size(1):])
+        full = model(ids, attention_mask=mask)  # (B, 16, V), no cache
+        cache = model.make_cache(3, 16)
+        pieces = [model(ids[:, a:b], attention_mask=mask[:, :b], cache=cache)
+                  for a, b in [(0, 7), (7, 10)] + [(t, t + 1) for t in range(10, 16)]]
+    cached = torch.cat(pieces, dim=1)
+    real = mask.bool()
+    assert (cached[real] - full[real]).abs().max() <= 1e-5
+    assert cache.length == 16
 
 
 def test_sampling_is_seedable_and_the_filters_work(tmp_path):
@@ -87,10 +92,25 @@ def test_top_k_and_top_p_keep_the_right_tokens():
     g = torch.Generator().manual_seed(0)
     draws = lambda **kw: {int(sample_next(logits, 1.0, generator=g, **kw)) for _ in range(300)}
     assert draws(top_k=2) == {0, 1}
-    assert draws(top_p=0.8) == {0, 1}  # 0.5 + 0.3 reaches 0.8: the third is not needed
+    assert draws(top_p=0.79) == {0, 1}  # 0.5 + 0.3 reaches 0.79: the third is not needed
     assert draws(top_p=0.81) == {0, 1, 2}
     assert draws() == {0, 1, 2, 3}
     assert int(sample_next(logits)) == 0
+
+
+def test_generated_ids_can_feed_a_training_step(tmp_path):
+    """Online DPO and self-training backpropagate through a forward pass over generated ids."""
+    model = mt.load_model(_saved(tmp_path)).train()
+    out = mt.generate(model, torch.randint(3, 101, (2, 5)), 4, eos_token_id=torch.tensor(2))
+    assert model.training  # restored after decoding in eval mode
+    model(out).logsumexp(-1).mean().backward()
+    assert model.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("eos", [2, [2, 7], torch.tensor(2), torch.tensor([2, 7]), []])
+def test_eos_ids_in_any_form(eos, tmp_path):
+    model = mt.load_model(_saved(tmp_path))
+    assert mt.generate(model, torch.randint(3, 101, (1, 4)), 3, eos_token_id=eos).shape[1] <= 7
 
 
 def test_bad_generate_arguments(tmp_path):

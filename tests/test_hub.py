@@ -17,9 +17,10 @@ import minitune as mt
 from minitune.hub import parse_size, shard_state
 from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
 
-CONFIGS = {
-    "gpt2": lambda: tiny_gpt2_config(),
-    "mistral": lambda: tiny_mistral_config(sliding_window=6, tie_word_embeddings=False),
+CONFIGS = {  # values away from the defaults, so a save that dropped one would show
+    "gpt2": lambda: tiny_gpt2_config(layer_norm_epsilon=1e-3),
+    "mistral": lambda: tiny_mistral_config(sliding_window=6, tie_word_embeddings=False, rope_theta=50.0,
+                                           rms_norm_eps=1e-2),
     "mistral_tied": lambda: tiny_mistral_config(tie_word_embeddings=True, head_dim=24),
 }
 
@@ -133,7 +134,7 @@ def test_hub_id_resolves_from_the_cache_offline(tmp_path):
     script = f"""
 import torch, minitune as mt
 from minitune.hub import resolve
-assert resolve("someone/tiny-mistral").name == "{commit}"
+assert resolve("someone/tiny-mistral", ["config.json"]).name == "{commit}"
 m = mt.load_model("someone/tiny-mistral")
 ids, want = torch.load(r"{tmp_path / 'ids.pt'}"), torch.load(r"{tmp_path / 'expected.pt'}")
 with torch.no_grad():
@@ -164,6 +165,36 @@ def _edit_state(folder: Path, edit):
     state = load_file(folder / "model.safetensors")
     edit(state)
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_only_the_needed_files_are_fetched_from_the_hub(tmp_path, monkeypatch):
+    """config + index first, then exactly the shards it lists: never other weight formats."""
+    import huggingface_hub
+    save_hf(tiny_mistral_config(), tmp_path, max_shard_size="60KB")
+    (tmp_path / "consolidated.safetensors").write_bytes(b"not for us")
+    asked = []
+
+    def fake_snapshot_download(repo_id, allow_patterns, **kwargs):
+        asked.append(sorted(allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    mt.load_model("someone/sharded")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert asked == [["config.json", "model.safetensors.index.json"],
+                     sorted(["config.json", "model.safetensors.index.json", *shards])]
+    asked.clear()
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError):
+        mt.load_tokenizer("someone/sharded")
+    assert not any(p.endswith(".safetensors") for p in asked[0])
+
+
+def test_corrupt_safetensors_names_the_file(saved_mistral):
+    data = (saved_mistral / "model.safetensors").read_bytes()
+    (saved_mistral / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        mt.load_model(saved_mistral)
 
 
 def test_missing_tensor_is_named(saved_mistral):

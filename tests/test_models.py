@@ -168,8 +168,14 @@ def test_mistral_config_reads_both_rope_spellings():
                                                                                   "rope_theta": 5e5}})
     assert old.rope_theta == 1e6 and new.rope_theta == 5e5
     assert MistralConfig.from_dict({"model_type": "mistral"}).rope_theta == 10000.0  # HF's default_theta
-    with pytest.raises(NotImplementedError, match="yarn"):
-        MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    both = {"model_type": "mistral", "rope_theta": 1.0, "rope_scaling": {"rope_type": "default", "rope_theta": 5e5},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
+    assert MistralConfig.from_dict(both).rope_theta == 5e5  # HF: rope_scaling or rope_parameters
+    with pytest.raises(NotImplementedError, match="my/config.json: rope_type 'yarn'"):
+        MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+                                source="my/config.json")
+    with pytest.raises(NotImplementedError, match="linear"):
+        MistralConfig.from_dict({**both, "rope_scaling": {"type": "linear", "factor": 2.0}})
 
 
 def test_config_keeps_unknown_keys_and_reads_values_not_defaults():
@@ -186,6 +192,7 @@ def test_config_keeps_unknown_keys_and_reads_values_not_defaults():
     ({"model_type": "gpt2", "activation_function": "swoosh"}, "activation_function 'swoosh'"),
     ({"model_type": "mistral", "num_attention_heads": 32, "num_key_value_heads": 5}, "num_key_value_heads 5"),
     ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"model_type": "mistral", "num_attention_heads": "4"}, "key 'num_attention_heads' is '4', expected a number"),
 ])
 def test_bad_configs_are_refused_by_name(raw, message):
     cls = MistralConfig if raw["model_type"] != "gpt2" else GPT2Config
@@ -206,8 +213,11 @@ def test_real_mistral_7b_config_builds_exactly_the_index_tensors(fixtures_dir):
 
 def test_bad_inputs_are_refused():
     model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=8)).eval()
-    with pytest.raises(ValueError, match="longer than n_positions 8"):
+    with pytest.raises(ValueError, match="position 8 is past n_positions 8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, :2] = 0
+    assert model(torch.zeros(1, 10, dtype=torch.long), attention_mask=mask).shape == (1, 10, 50)  # padding takes no position
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="input_ids must be"):

@@ -15,10 +15,10 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from minitune.tokenizer import ChatTemplateError, load_tokenizer
+from tests.conftest import FIXTURES
 
 transformers = pytest.importorskip("transformers")
 
-REAL_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 
 ZEPHYR_TEMPLATE = (
     "{% for message in messages %}\n"
@@ -150,7 +150,7 @@ def word_level(tmp_path_factory):
 
 
 def real_folder(name: str) -> Path:
-    folder = REAL_FIXTURES / name
+    folder = FIXTURES / name
     if not (folder / "tokenizer.json").is_file():
         pytest.skip(f"real tokenizer fixture {folder} not found (shared/fixtures is absent outside the dev setup)")
     return folder

@@ -1,5 +1,12 @@
-"""Model families, picked by config.json's model_type."""
+"""Model families, and load_model: config.json's model_type picks the class."""
 
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..hub import CONFIG_FILE, load_state, parse_dtype, read_json, resolve_checkpoint, stored_dtype
 from .base import CausalLM, ModelConfig
 from .common import KVCache
 from .gpt2 import GPT2, GPT2Config
@@ -8,10 +15,32 @@ from .mistral import Mistral, MistralConfig
 MODEL_CLASSES: dict[str, type[CausalLM]] = {"gpt2": GPT2, "mistral": Mistral}
 
 
-def load_model(name_or_path, dtype=None, device=None) -> CausalLM:
-    """See minitune.hub.load_model."""
-    from ..hub import load_model as _load
-    return _load(name_or_path, dtype=dtype, device=device)
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: torch.device | str | None = None) -> CausalLM:
+    """A model with the checkpoint's weights, in eval mode, from a local folder or a hub id.
+
+    dtype None keeps the dtype the checkpoint was saved in; device None is the CPU. The model is
+    built on the meta device (no memory, no random init), allocated once in `dtype` on `device`,
+    and the checkpoint's tensors are streamed into it, so loading never holds two copies.
+    """
+    folder, files = resolve_checkpoint(name_or_path)
+    config_path = folder / CONFIG_FILE
+    raw = read_json(config_path)
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_CLASSES:
+        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; "
+                         f"expected one of {sorted(MODEL_CLASSES)}")
+    cls = MODEL_CLASSES[model_type]
+    config = cls.config_class.from_dict(raw, source=str(config_path))
+    dtype = parse_dtype(dtype) or stored_dtype(raw, files)
+
+    with torch.device("meta"):
+        model = cls(config)  # shapes only
+    model.to(dtype=dtype)
+    model.to_empty(device=device or "cpu")  # one uninitialised copy, filled below
+    model.tie_weights()  # to_empty made the tied parameters two tensors again
+    load_state(model, files)
+    return model.eval()
 
 
 __all__ = ["CausalLM", "ModelConfig", "KVCache", "GPT2", "GPT2Config", "Mistral", "MistralConfig",

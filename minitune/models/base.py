@@ -33,15 +33,19 @@ class ModelConfig:
         if raw.get("model_type", cls.model_type) != cls.model_type:
             raise ValueError(f"{source}: model_type {raw.get('model_type')!r}, expected {cls.model_type!r}")
         raw.pop("model_type", None)
-        known = {f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
-        values = {k: raw.pop(k) for k in list(raw) if k in known}
-        cls._read_nested(raw, values)
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
+        values = {k: raw.pop(k) for k in list(raw) if k in fields}
+        for key, value in values.items():
+            default = fields[key].default
+            if isinstance(default, (int, float)) and not isinstance(value, (int, float)) and value is not None:
+                raise ValueError(f"{source}: key {key!r} is {value!r}, expected a number like {default!r}")
+        cls._read_nested(raw, values, source)
         config = cls(**values, extra=raw)
         config.validate(source)
         return config
 
     @classmethod
-    def _read_nested(cls, raw: dict[str, Any], values: dict[str, Any]) -> None:
+    def _read_nested(cls, raw: dict[str, Any], values: dict[str, Any], source: str) -> None:
         """Hook for values stored under another name or nested: pops them from `raw` into `values`."""
 
     def validate(self, source: str) -> None:
@@ -69,7 +73,7 @@ class CausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None) -> "CausalLM":
-        from ..hub import load_model
+        from . import load_model
         model = load_model(name_or_path, dtype=dtype, device=device)
         if not isinstance(model, cls):
             raise ValueError(f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")

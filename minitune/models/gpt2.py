@@ -37,6 +37,7 @@ class GPT2Config(ModelConfig):
     embd_pdrop: float = 0.1
     attn_pdrop: float = 0.1
     layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02  # std of the random init (pre-training from scratch)
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     tie_word_embeddings: bool = True
@@ -121,18 +122,15 @@ class GPT2(CausalLM):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        self.apply(self._init_weights)
+        std = config.initializer_range
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2 paper: scale residual projections by depth
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif name.endswith("c_proj.weight"):  # GPT-2 paper: residual projections scaled by depth
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
+            elif p.dim() == 2:  # other Linear and Embedding weights; LayerNorms keep ones
+                nn.init.normal_(p, mean=0.0, std=std)
         self.tie_weights()
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
@@ -144,10 +142,11 @@ class GPT2(CausalLM):
         check_inputs(input_ids, attention_mask, past)
         B, T = input_ids.shape
         if position_ids is None:
-            if past + T > self.config.n_positions:
-                raise ValueError(f"sequence of {past + T} tokens is longer than n_positions "
-                                 f"{self.config.n_positions} in config.json")
             position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)
+        # left padding takes no positions, so only a row that may be too long is checked (a sync)
+        if past + T > self.config.n_positions and int(position_ids.max()) >= self.config.n_positions:
+            raise ValueError(f"position {int(position_ids.max())} is past n_positions "
+                             f"{self.config.n_positions} in config.json")
         mask = attention_bias(attention_mask, T, past, None, input_ids.device)
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)

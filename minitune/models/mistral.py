@@ -37,6 +37,7 @@ class MistralConfig(ModelConfig):
     rope_theta: float = 10000.0
     sliding_window: int | None = 4096
     attention_dropout: float = 0.0
+    initializer_range: float = 0.02  # std of the random init (pre-training from scratch)
     tie_word_embeddings: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
@@ -49,13 +50,15 @@ class MistralConfig(ModelConfig):
             self.num_key_value_heads = self.num_attention_heads
 
     @classmethod
-    def _read_nested(cls, raw: dict[str, Any], values: dict[str, Any]) -> None:
+    def _read_nested(cls, raw: dict[str, Any], values: dict[str, Any], source: str) -> None:
         # Older config.json files keep rope_theta at the top level; newer transformers write
-        # rope_parameters = {"rope_type": "default", "rope_theta": ...}. The nested one wins, as in HF.
-        rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
+        # rope_parameters = {"rope_type": "default", "rope_theta": ...}. As in HF, a legacy
+        # rope_scaling wins over rope_parameters, and either wins over the top-level theta.
+        scaling, parameters = raw.pop("rope_scaling", None), raw.pop("rope_parameters", None)
+        rope = scaling or parameters or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise NotImplementedError(f"config.json: rope_type {rope_type!r} is not supported (only 'default')")
+            raise NotImplementedError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
         if "rope_theta" in rope:
             values["rope_theta"] = rope["rope_theta"]
 
@@ -169,7 +172,7 @@ class Mistral(CausalLM):
         self.gradient_checkpointing = False
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
         self.tie_weights()
 
     def tie_weights(self) -> None:
