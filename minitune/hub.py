@@ -1,8 +1,8 @@
 """Hugging Face checkpoint files: hub id or folder -> files, safetensors in and out.
 
-Reading streams tensors from safetensors into a model that already exists (built on the meta
-device and allocated once by `minitune.models.load_model`), one tensor at a time, so the peak
-stays near one copy of the weights. Saving writes the layout transformers writes: config.json
+Reading fills a model that already exists (built on the meta device and allocated once by
+`minitune.models.load_model`), each tensor's bytes read from the file straight into its
+parameter, so the peak stays at one copy of the weights whatever the shard size. Saving writes the layout transformers writes: config.json
 plus model.safetensors, or numbered shards and model.safetensors.index.json above
 `max_shard_size`, every file written under a temporary name and renamed into place.
 """
@@ -10,14 +10,15 @@ plus model.safetensors, or numbered shards and model.safetensors.index.json abov
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
@@ -107,16 +108,6 @@ def checkpoint_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
 
 
-@contextmanager
-def open_safetensors(path: Path):
-    """safe_open on the CPU, with errors that name the file (safetensors' own do not)."""
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            yield f
-    except SafetensorError as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-
 # ---------------------------------------------------------------- loading
 
 def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -135,18 +126,72 @@ def stored_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
     declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
     if declared and declared != "auto":
         return parse_dtype(declared)
-    float_types = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    with open_safetensors(files[0]) as f:
-        for key in f.keys():
-            stored = f.get_slice(key).get_dtype()
-            if stored in float_types:
-                return float_types[stored]
-    return torch.float32
+    entries, _ = read_header(files[0])
+    return next((e.dtype for e in entries.values() if e.dtype.is_floating_point), torch.float32)
 
 
-def load_state(model, files: list[Path]) -> None:
-    """Copy checkpoint tensors into the model's parameters, one tensor in memory at a time.
+# A safetensors file is an 8-byte little-endian header length, a JSON header mapping each name
+# to {"dtype", "shape", "data_offsets": [start, end]} (relative to the end of the header), then
+# the raw bytes. Reading it by hand lets a tensor's bytes go straight into the parameter that
+# will hold them: no mapped file kept resident, no intermediate copy.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
+
+@dataclass
+class TensorEntry:
+    dtype: torch.dtype
+    shape: list[int]
+    offset: int  # from the start of the file
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], int]:
+    """The tensors of a safetensors file, by name, and the file's size; errors name the file and key."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {info.get('dtype')!r}, which minitune does not read")
+        dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+        entry = TensorEntry(dtype, list(info["shape"]), 8 + n + start, end - start)
+        if entry.nbytes != math.prod(entry.shape) * dtype.itemsize or entry.offset + entry.nbytes > size:
+            raise ValueError(f"{path}: tensor {key!r} has offsets {start}..{end} that do not fit its shape "
+                             f"{entry.shape} or the file (truncated?)")
+        entries[key] = entry
+    return entries, size
+
+
+def read_into(path: Path, entry: TensorEntry, out: torch.Tensor) -> None:
+    """Read one tensor's bytes from the file into `out`, a contiguous CPU tensor of its size."""
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+    with open(path, "rb", buffering=0) as f:  # one handle per call: reads run in parallel threads
+        f.seek(entry.offset)
+        done = 0
+        while done < entry.nbytes:
+            got = f.readinto(buffer[done:])
+            if not got:
+                raise ValueError(f"{path}: file ends inside a tensor (truncated?)")
+            done += got
+
+
+def load_state(model, files: list[Path], threads: int = 4) -> None:
+    """Fill the model's parameters from checkpoint files, each tensor read straight into place.
+
+    When the stored dtype and layout are the model's and the parameter is on the CPU, the bytes
+    land in the parameter itself; otherwise (a dtype cast, GPT-2's transposed Conv1D, a GPU)
+    through one tensor-sized buffer. Reads run in a few threads (file reads release the GIL).
     Raises one error listing every missing, unexpected or mis-shaped tensor with its file.
     """
     targets = model.state_dict()
@@ -154,31 +199,41 @@ def load_state(model, files: list[Path]) -> None:
     if tied_head:
         del targets["lm_head.weight"]  # the embedding is the head; a stored copy is ignored, as in HF
     ignored = re.compile("|".join(model.ignored_checkpoint_keys) or r"(?!)")
-    loaded: set[str] = set()
-    problems: list[str] = []
+    jobs, problems = [], []
     for path in files:
-        with open_safetensors(path) as f:
-            for key in f.keys():
-                ours = model.key_from_checkpoint(key)
-                if ignored.search(key) or (tied_head and ours == "lm_head.weight"):
-                    continue
-                if ours not in targets:
-                    problems.append(f"{path.name}: unexpected tensor {key!r}")
-                    continue
-                target = targets[ours]
-                shape = list(f.get_slice(key).get_shape())
-                want = list(model.tensor_from_checkpoint(ours, torch.empty(target.shape, device="meta")).shape)
-                if shape != want:
-                    problems.append(f"{path.name}: tensor {key!r} has shape {shape}, the model expects {want}")
-                    continue
-                with torch.no_grad():
-                    target.copy_(model.tensor_from_checkpoint(ours, f.get_tensor(key)))
-                loaded.add(ours)
-    missing = sorted(set(targets) - loaded)
+        for key, entry in read_header(path)[0].items():
+            ours = model.key_from_checkpoint(key)
+            if ignored.search(key) or (tied_head and ours == "lm_head.weight"):
+                continue
+            if ours not in targets:
+                problems.append(f"{path.name}: unexpected tensor {key!r}")
+                continue
+            want = list(model.tensor_from_checkpoint(ours, torch.empty(targets[ours].shape, device="meta")).shape)
+            if entry.shape != want:
+                problems.append(f"{path.name}: tensor {key!r} has shape {entry.shape}, the model expects {want}")
+                continue
+            jobs.append((path, entry, ours))
+    missing = sorted(set(targets) - {ours for _, _, ours in jobs})
     problems += [f"missing tensor {k!r} (in none of {', '.join(p.name for p in files)})" for k in missing]
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise ValueError(f"checkpoint in {files[0].parent} does not match {type(model).__name__}:\n  {shown}")
+
+    def load_one(job):
+        path, entry, ours = job
+        target = targets[ours]
+        probe = torch.empty(0, device="meta")
+        as_stored = model.tensor_from_checkpoint(ours, probe) is probe and entry.dtype == target.dtype
+        if as_stored and target.device.type == "cpu" and target.is_contiguous():
+            read_into(path, entry, target)
+            return
+        buffer = torch.empty(entry.shape, dtype=entry.dtype)
+        read_into(path, entry, buffer)
+        with torch.no_grad():
+            target.copy_(model.tensor_from_checkpoint(ours, buffer))
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(load_one, jobs))  # list() re-raises a worker's error here
 
 
 # ---------------------------------------------------------------- saving

@@ -100,6 +100,8 @@ def test_dtype_and_device_on_load(tmp_path):
     save_hf(tiny_mistral_config(), tmp_path)
     model = mt.load_model(tmp_path, dtype="bfloat16", device="cpu")
     assert model.dtype == torch.bfloat16 and model.device.type == "cpu" and not model.training
+    stored = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(v, stored[k].to(torch.bfloat16)) for k, v in model.state_dict().items())
     assert mt.load_model(tmp_path).dtype == torch.float32  # None keeps the stored dtype
     model.save_pretrained(tmp_path / "bf16")
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -191,9 +193,16 @@ def test_only_the_needed_files_are_fetched_from_the_hub(tmp_path, monkeypatch):
 
 
 def test_corrupt_safetensors_names_the_file(saved_mistral):
-    data = (saved_mistral / "model.safetensors").read_bytes()
-    (saved_mistral / "model.safetensors").write_bytes(data[:100])
-    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+    path = saved_mistral / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])  # cut inside the last tensor
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*' has offsets .* \(truncated\?\)"):
+        mt.load_model(saved_mistral)
+    path.write_bytes(data[:100])  # cut inside the header
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
+        mt.load_model(saved_mistral)
+    path.write_bytes(data[:8] + b"{" * (len(data) - 8))
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file \(unreadable header"):
         mt.load_model(saved_mistral)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
 
 from ..hub import CONFIG_FILE, load_state, parse_dtype, read_json, resolve_checkpoint, stored_dtype
 from .base import CausalLM, ModelConfig
@@ -35,12 +36,21 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None 
     dtype = parse_dtype(dtype) or stored_dtype(raw, files)
 
     with torch.device("meta"):
-        model = cls(config)  # shapes only
-    model.to(dtype=dtype)
-    model.to_empty(device=device or "cpu")  # one uninitialised copy, filled below
-    model.tie_weights()  # to_empty made the tied parameters two tensors again
+        model = cls(config)  # shapes only: no memory, no random init
+    _allocate(model, dtype, torch.device(device or "cpu"))
     load_state(model, files)
     return model.eval()
+
+
+def _allocate(model: CausalLM, dtype: torch.dtype, device: torch.device) -> None:
+    """Give every parameter of a meta-device model real, uninitialised storage; tied ones stay tied."""
+    fresh: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) not in fresh:
+                fresh[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),
+                                            requires_grad=p.requires_grad)
+            setattr(module, name, fresh[id(p)])
 
 
 __all__ = ["CausalLM", "ModelConfig", "KVCache", "GPT2", "GPT2Config", "Mistral", "MistralConfig",

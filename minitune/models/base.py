@@ -105,6 +105,19 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         """Share the output projection with the input embedding when the config says so."""
 
+    def init_weights(self) -> None:
+        """Random initialisation for training from scratch (each family's own recipe)."""
+
+    def post_init(self) -> None:
+        """End of a family's __init__: random init (skipped on the meta device), then tying.
+
+        load_model builds on the meta device, where an init would only cost time (it pulls in
+        torch's compiler stack) for weights about to be read from the checkpoint.
+        """
+        if next(self.parameters()).device.type != "meta":
+            self.init_weights()
+        self.tie_weights()
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -122,15 +122,17 @@ class GPT2(CausalLM):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
-        std = config.initializer_range
+        self.post_init()
+
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
         for name, p in self.named_parameters():
             if name.endswith("bias"):
                 nn.init.zeros_(p)
             elif name.endswith("c_proj.weight"):  # GPT-2 paper: residual projections scaled by depth
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
             elif p.dim() == 2:  # other Linear and Embedding weights; LayerNorms keep ones
                 nn.init.normal_(p, mean=0.0, std=std)
-        self.tie_weights()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

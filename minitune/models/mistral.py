@@ -170,10 +170,12 @@ class Mistral(CausalLM):
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.post_init()
+
+    def init_weights(self) -> None:
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=config.initializer_range)
-        self.tie_weights()
+            if isinstance(module, (nn.Linear, nn.Embedding)):  # RMSNorms keep ones
+                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
