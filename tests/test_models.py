@@ -222,3 +222,16 @@ def test_bad_inputs_are_refused():
         model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="input_ids must be"):
         model(torch.zeros(4, dtype=torch.long))
+
+
+def test_random_init_follows_config_initializer_range():
+    gpt2 = GPT2(GPT2Config(vocab_size=500, n_embd=64, n_layer=4, n_head=2, n_positions=64, initializer_range=0.05))
+    assert abs(gpt2.transformer.wte.weight.std().item() - 0.05) < 0.005
+    assert abs(gpt2.transformer.h[0].mlp.c_proj.weight.std().item() - 0.05 / 8 ** 0.5) < 0.003  # / sqrt(2 * n_layer)
+    assert gpt2.transformer.h[0].attn.c_attn.bias.abs().max() == 0
+    assert torch.equal(gpt2.transformer.ln_f.weight, torch.ones(64))
+    mistral = Mistral(MistralConfig(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                    num_attention_heads=4, num_key_value_heads=2, initializer_range=0.01, pad_token_id=3))
+    embed = mistral.model.embed_tokens.weight
+    assert abs(embed.std().item() - 0.01) < 0.001 and embed[3].abs().max() == 0
+    assert torch.equal(mistral.model.norm.weight, torch.ones(64))

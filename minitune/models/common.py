@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # config.json's activation names -> functions. GPT-2's "gelu_new" is the tanh approximation.
 ACTIVATIONS = {
@@ -22,6 +23,15 @@ ACTIVATIONS = {
     "silu": F.silu,
     "swish": F.silu,
 }
+
+
+def embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    """nn.Embedding without its own random init: the model's init_weights gives it one.
+
+    On the meta device (load_model) nn.Embedding's normal_ would go through torch's Python
+    reference kernels and import the compiler stack: seconds per load for nothing.
+    """
+    return nn.Embedding(num, dim, padding_idx, _weight=torch.empty(num, dim))
 
 
 def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_len: int) -> None:

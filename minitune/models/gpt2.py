@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import CausalLM, ModelConfig
-from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, position_ids_from_mask
+from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
 
 
 @dataclass
@@ -114,8 +114,8 @@ class GPT2(CausalLM):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            wte=embedding(config.vocab_size, config.n_embd),
+            wpe=embedding(config.n_positions, config.n_embd),
             drop=nn.Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .base import CausalLM, ModelConfig
-from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, position_ids_from_mask
+from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
 
 
 @dataclass
@@ -165,7 +165,7 @@ class Mistral(CausalLM):
         super().__init__()
         self.config = config
         self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.model.embed_tokens = embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.model.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -176,6 +176,9 @@ class Mistral(CausalLM):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):  # RMSNorms keep ones
                 nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        if self.config.pad_token_id is not None:
+            with torch.no_grad():
+                self.model.embed_tokens.weight[self.config.pad_token_id].zero_()  # as HF: padding embeds to 0
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
