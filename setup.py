@@ -18,7 +18,7 @@ setup(
         "huggingface-hub>=0.25",
         "numpy",
         "tqdm",
-        "jinja2>=3.1.6"  # sandbox fixes: chat templates come from the hub,
+        "jinja2>=3.1.6",  # sandbox fixes: chat templates come from the hub
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
