@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,14 +127,14 @@ def stored_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
     declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
     if declared and declared != "auto":
         return parse_dtype(declared)
-    entries, _ = read_header(files[0])
+    entries = read_header(files[0])
     return next((e.dtype for e in entries.values() if e.dtype.is_floating_point), torch.float32)
 
 
 # A safetensors file is an 8-byte little-endian header length, a JSON header mapping each name
 # to {"dtype", "shape", "data_offsets": [start, end]} (relative to the end of the header), then
-# the raw bytes. Reading it by hand lets a tensor's bytes go straight into the parameter that
-# will hold them: no mapped file kept resident, no intermediate copy.
+# the raw bytes, little-endian. Reading it by hand lets a tensor's bytes go straight into the
+# parameter that will hold them: no mapped file kept resident, no intermediate copy.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                       "U8": torch.uint8, "BOOL": torch.bool}
@@ -147,8 +148,12 @@ class TensorEntry:
     nbytes: int
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorEntry], int]:
-    """The tensors of a safetensors file, by name, and the file's size; errors name the file and key."""
+def read_header(path: Path) -> dict[str, TensorEntry]:
+    """The tensors of a safetensors file, by name, checked as safetensors itself checks them.
+
+    Every entry must be well formed and the entries must tile the data section exactly (no
+    overlap, no gap), so that a damaged file fails here, naming the file and the tensor.
+    """
     size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
@@ -158,19 +163,37 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], int]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        if info.get("dtype") not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has dtype {info.get('dtype')!r}, which minitune does not read")
-        dtype, (start, end) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
-        entry = TensorEntry(dtype, list(info["shape"]), 8 + n + start, end - start)
-        if entry.nbytes != math.prod(entry.shape) * dtype.itemsize or entry.offset + entry.nbytes > size:
-            raise ValueError(f"{path}: tensor {key!r} has offsets {start}..{end} that do not fit its shape "
-                             f"{entry.shape} or the file (truncated?)")
-        entries[key] = entry
-    return entries, size
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
+    header.pop("__metadata__", None)
+    entries = {key: _entry(path, key, info, data_start=8 + n) for key, info in header.items()}
+    end = 8 + n
+    for key, e in sorted(entries.items(), key=lambda item: item[1].offset):
+        if e.offset != end:
+            raise ValueError(f"{path}: tensor {key!r} starts at byte {e.offset - 8 - n} of the data, expected "
+                             f"{end - 8 - n} (tensors overlap or leave a gap)")
+        end += e.nbytes
+    if end != size:
+        raise ValueError(f"{path}: the tensors end at byte {end} but the file has {size} (truncated?)")
+    return entries
+
+
+def _entry(path: Path, key: str, info, data_start: int) -> TensorEntry:
+    where = f"{path}: tensor {key!r}"
+    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+        dtype = info.get("dtype") if isinstance(info, dict) else info
+        raise ValueError(f"{where}: dtype {dtype!r} is not one minitune reads ({', '.join(SAFETENSORS_DTYPES)})")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise ValueError(f"{where}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"{where}: data_offsets {offsets!r} are not [start, end]")
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    nbytes = offsets[1] - offsets[0]
+    if nbytes != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{where}: {nbytes} bytes for shape {shape} in {info['dtype']}")
+    return TensorEntry(dtype, shape, data_start + offsets[0], nbytes)
 
 
 def read_into(path: Path, entry: TensorEntry, out: torch.Tensor) -> None:
@@ -192,35 +215,50 @@ def load_state(model, files: list[Path], threads: int = 4) -> None:
     When the stored dtype and layout are the model's and the parameter is on the CPU, the bytes
     land in the parameter itself; otherwise (a dtype cast, GPT-2's transposed Conv1D, a GPU)
     through one tensor-sized buffer. Reads run in a few threads (file reads release the GIL).
-    Raises one error listing every missing, unexpected or mis-shaped tensor with its file.
+    Raises one error listing every missing, duplicated, unexpected or mis-shaped tensor.
+
+    A tied head follows transformers: a checkpoint without lm_head.weight uses the embedding;
+    one that stores a head equal to the embedding stays tied; one whose head differs is untied
+    (with a warning), and a head stored without the embedding fills the shared matrix.
     """
-    targets = model.state_dict()
-    tied_head = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" in targets
-    if tied_head:
-        del targets["lm_head.weight"]  # the embedding is the head; a stored copy is ignored, as in HF
+    jobs: dict[str, tuple[Path, TensorEntry, str]] = {}  # our key -> (file, entry, hub key)
+    problems = []
     ignored = re.compile("|".join(model.ignored_checkpoint_keys) or r"(?!)")
-    jobs, problems = [], []
     for path in files:
-        for key, entry in read_header(path)[0].items():
+        for key, entry in read_header(path).items():
             ours = model.key_from_checkpoint(key)
-            if ignored.search(key) or (tied_head and ours == "lm_head.weight"):
+            if ignored.search(key):
                 continue
-            if ours not in targets:
-                problems.append(f"{path.name}: unexpected tensor {key!r}")
-                continue
-            want = list(model.tensor_from_checkpoint(ours, torch.empty(targets[ours].shape, device="meta")).shape)
-            if entry.shape != want:
-                problems.append(f"{path.name}: tensor {key!r} has shape {entry.shape}, the model expects {want}")
-                continue
-            jobs.append((path, entry, ours))
-    missing = sorted(set(targets) - {ours for _, _, ours in jobs})
-    problems += [f"missing tensor {k!r} (in none of {', '.join(p.name for p in files)})" for k in missing]
+            if ours in jobs:
+                problems.append(f"tensor {key!r} is stored twice: in {jobs[ours][0].name} and {path.name}")
+            jobs[ours] = (path, entry, key)
+
+    embed_key = next(k for k, p in model.named_parameters() if p is model.input_embeddings().weight)
+    untie_to_compare = model.head_is_tied and "lm_head.weight" in jobs and embed_key in jobs
+    if untie_to_compare:
+        model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
+    elif model.head_is_tied and "lm_head.weight" in jobs:
+        jobs[embed_key] = jobs.pop("lm_head.weight")  # only the head stored: it is the shared matrix
+    targets = model.state_dict()
+    if model.head_is_tied:
+        del targets["lm_head.weight"]
+
+    for ours, (path, entry, key) in list(jobs.items()):
+        if ours not in targets:
+            problems.append(f"{path.name}: unexpected tensor {key!r}")
+            del jobs[ours]
+            continue
+        want = list(model.tensor_from_checkpoint(ours, torch.empty(targets[ours].shape, device="meta")).shape)
+        if entry.shape != want:
+            problems.append(f"{path.name}: tensor {key!r} has shape {entry.shape}, the model expects {want}")
+    problems += [f"missing tensor {k!r} (in none of {', '.join(p.name for p in files)})"
+                 for k in sorted(set(targets) - set(jobs))]
     if problems:
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
         raise ValueError(f"checkpoint in {files[0].parent} does not match {type(model).__name__}:\n  {shown}")
 
-    def load_one(job):
-        path, entry, ours = job
+    def load_one(ours: str) -> None:
+        path, entry, _ = jobs[ours]
         target = targets[ours]
         probe = torch.empty(2, 3, device="meta")  # does the family change this tensor's layout?
         as_stored = model.tensor_from_checkpoint(ours, probe) is probe and entry.dtype == target.dtype
@@ -234,6 +272,14 @@ def load_state(model, files: list[Path], threads: int = 4) -> None:
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(load_one, jobs))  # list() re-raises a worker's error here
+
+    if untie_to_compare:
+        if torch.equal(model.lm_head.weight, model.input_embeddings().weight):
+            model.tie_weights()  # the stored head was a copy: share one matrix again
+        else:
+            warnings.warn(f"{files[0].parent}: config.json ties lm_head to the embedding, but the checkpoint "
+                          "stores a different lm_head.weight; using it untied, as transformers does")
+            model.config.tie_word_embeddings = False
 
 
 # ---------------------------------------------------------------- saving
@@ -273,6 +319,7 @@ def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     config = model.config.to_dict()
     config["dtype"] = str(model.dtype).removeprefix("torch.")
+    config["tie_word_embeddings"] = model.head_is_tied  # what the files hold, even if a user (un)tied it
 
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-save-") as tmp:
         tmp = Path(tmp)

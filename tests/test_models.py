@@ -235,3 +235,23 @@ def test_random_init_follows_config_initializer_range():
     embed = mistral.model.embed_tokens.weight
     assert abs(embed.std().item() - 0.01) < 0.001 and embed[3].abs().max() == 0
     assert torch.equal(mistral.model.norm.weight, torch.ones(64))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral_tied"])
+def test_meta_then_to_empty_then_init_weights_leaves_nothing_uninitialised(family):
+    """The FSDP2 way of building a model: shapes on meta, storage by to_empty, values by init_weights."""
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=16)
+    else:
+        config = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cls = GPT2 if family == "gpt2" else Mistral
+    with torch.device("meta"):
+        model = cls(config)
+    torch.manual_seed(0)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))  # what uninitialised memory may hold
+    model.init_weights()
+    assert model.head_is_tied
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -93,8 +93,8 @@ class CausalLM(nn.Module):
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """The state dict in the hub's names and layouts; a tied head is the embedding, left out."""
         state = {k: self.tensor_from_checkpoint(k, v) for k, v in self.state_dict().items()}
-        if getattr(self.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)
+        if self.head_is_tied:
+            del state["lm_head.weight"]
         return state
 
     @classmethod
@@ -102,21 +102,34 @@ class CausalLM(nn.Module):
         """A hub tensor in our layout (`key` is ours); must be its own inverse, as saving uses it too."""
         return tensor
 
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding (the family knows where it lives)."""
+        raise NotImplementedError
+
+    @property
+    def head_is_tied(self) -> bool:
+        """Whether lm_head is the embedding matrix itself (not merely equal to it)."""
+        return self.lm_head.weight is self.input_embeddings().weight
+
     def tie_weights(self) -> None:
         """Share the output projection with the input embedding when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.input_embeddings().weight
 
     def init_weights(self) -> None:
-        """Random initialisation for training from scratch (each family's own recipe)."""
+        """Random initialisation of every weight, each family's recipe (also after `to_empty`)."""
+        raise NotImplementedError
 
     def post_init(self) -> None:
-        """End of a family's __init__: random init (skipped on the meta device), then tying.
+        """End of a family's __init__: tying, then the random init (skipped on the meta device).
 
         load_model builds on the meta device, where an init would only cost time (it pulls in
-        torch's compiler stack) for weights about to be read from the checkpoint.
+        torch's compiler stack) for weights about to be read from the checkpoint. A model built
+        on meta and materialised with `to_empty` (FSDP2) gets its values from `init_weights()`.
         """
+        self.tie_weights()
         if next(self.parameters()).device.type != "meta":
             self.init_weights()
-        self.tie_weights()
 
     @property
     def device(self) -> torch.device:

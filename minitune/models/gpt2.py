@@ -125,18 +125,21 @@ class GPT2(CausalLM):
         self.post_init()
 
     def init_weights(self) -> None:
+        self.tie_weights()  # to_empty unties; the head then takes the embedding's init
         std = self.config.initializer_range
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif name.endswith("c_proj.weight"):  # GPT-2 paper: residual projections scaled by depth
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
-            elif p.dim() == 2:  # other Linear and Embedding weights; LayerNorms keep ones
-                nn.init.normal_(p, mean=0.0, std=std)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.dim() == 1:  # LayerNorm scales
+                    p.fill_(1.0)
+                elif name.endswith("c_proj.weight"):  # GPT-2 paper: residual projections scaled by depth
+                    p.normal_(0.0, std / math.sqrt(2 * self.config.n_layer))
+                else:  # the other Linear and Embedding weights
+                    p.normal_(0.0, std)
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.transformer.wte.weight
+    def input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Final hidden states (B, T, n_embd), after ln_f: the input of `lm_head`."""

@@ -173,16 +173,18 @@ class Mistral(CausalLM):
         self.post_init()
 
     def init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):  # RMSNorms keep ones
-                nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
-        if self.config.pad_token_id is not None:
-            with torch.no_grad():
+        self.tie_weights()  # to_empty unties; the head then takes the embedding's init
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Linear, nn.Embedding)):
+                    module.weight.normal_(0.0, self.config.initializer_range)
+                elif isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+            if self.config.pad_token_id is not None:
                 self.model.embed_tokens.weight[self.config.pad_token_id].zero_()  # as HF: padding embeds to 0
 
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+    def input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
         """Final hidden states (B, T, hidden_size), after the last norm: the input of `lm_head`."""
