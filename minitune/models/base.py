@@ -67,6 +67,7 @@ class CausalLM(nn.Module):
     """
 
     config_class: ClassVar[type[ModelConfig]]
+    lm_head: nn.Linear
     # keys that are buffers in some hub checkpoints and that we never load (regexes)
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
 
@@ -82,6 +83,15 @@ class CausalLM(nn.Module):
     def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB") -> None:
         from ..hub import save_model
         save_model(self, out_dir, max_shard_size=max_shard_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
+        """Final hidden states (B, T, C), the input of lm_head (the family's architecture)."""
+        raise NotImplementedError
 
     # ---- checkpoint hooks: hub key/layout <-> our key/layout ----
 

@@ -164,10 +164,6 @@ class GPT2(CausalLM):
             cache.advance(T)
         return self.transformer.ln_f(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.n_layer, batch, c.n_head, max_len, c.n_embd // c.n_head, self.dtype, self.device)

@@ -205,10 +205,6 @@ class Mistral(CausalLM):
             cache.advance(T)
         return self.model.norm(x)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
-
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim,
