@@ -278,7 +278,7 @@ def load_state(model, files: list[Path], threads: int = 4) -> None:
             model.tie_weights()  # the stored head was a copy: share one matrix again
         else:
             warnings.warn(f"{files[0].parent}: config.json ties lm_head to the embedding, but the checkpoint "
-                          "stores a different lm_head.weight; using it untied, as transformers does")
+                          "stores a different lm_head.weight; using it untied, as transformers does", stacklevel=3)
             model.config.tie_word_embeddings = False
 
 
