@@ -123,6 +123,8 @@ class Sampler(threading.Thread):
 # ---------------------------------------------------------------- the synthetic checkpoints
 
 def checkpoint_files(folder: Path) -> list[Path]:
+    """minitune.hub.checkpoint_files without importing minitune: this process must not import torch
+    (its RSS would pass to the children, and the children time their own imports)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         names = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
@@ -150,18 +152,9 @@ def write_checkpoint(folder: Path, config: dict, shard_size: str) -> None:
 
     with torch.device("meta"):
         model = Mistral(MistralConfig(**config))
-    model.to(dtype=torch.bfloat16).to_empty(device="cpu")
-    model.tie_weights()
-    gen = torch.Generator().manual_seed(SEED)
-    chunk = 1 << 24
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            flat = p.view(-1)
-            for start in range(0, flat.numel(), chunk):  # in place, 16M values at a time
-                flat[start:start + chunk].normal_(0.0, 0.02, generator=gen)
+    model.to(dtype=torch.bfloat16).to_empty(device="cpu")  # bf16 from the start: one copy at most
+    torch.manual_seed(SEED)
+    model.init_weights()  # in place
     model.save_pretrained(str(folder), max_shard_size=shard_size)
 
 
@@ -169,7 +162,7 @@ def ensure_checkpoint(folder: Path, config: dict, shard_size: str, timeout: floa
     """Write the checkpoint unless a complete one with the same spec is there. The writing runs in a
     child process: a parent that once held the model would pass its peak RSS on to every child it
     starts (Linux carries ru_maxrss across fork and exec)."""
-    spec = {"config": config, "shard_size": shard_size, "seed": SEED}
+    spec = {"config": config, "shard_size": shard_size, "seed": SEED, "init": "init_weights"}
     if checkpoint_ready(folder, spec):
         print(f"reusing {folder} ({checkpoint_bytes(folder) / 1e9:.3f} GB)")
         return

@@ -24,9 +24,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_probs = sorted_logits.softmax(dim=-1)
         # drop a token when the tokens ranked above it already reach top_p; the first always stays
-        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
@@ -58,9 +58,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temp
     repeatable sampling.
     """
     _check_args(input_ids, max_new_tokens, temperature, top_k, top_p)
-    B, T = input_ids.shape
-    device = input_ids.device
-    eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long, device=device).flatten()
+    eos = torch.as_tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
+                          device=input_ids.device).flatten()
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

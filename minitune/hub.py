@@ -2,9 +2,10 @@
 
 Reading fills a model that already exists (built on the meta device and allocated once by
 `minitune.models.load_model`), each tensor's bytes read from the file straight into its
-parameter, so the peak stays at one copy of the weights whatever the shard size. Saving writes the layout transformers writes: config.json
-plus model.safetensors, or numbered shards and model.safetensors.index.json above
-`max_shard_size`, every file written under a temporary name and renamed into place.
+parameter, so the peak stays at one copy of the weights whatever the shard size. Saving writes
+the layout transformers writes: config.json plus model.safetensors, or numbered shards and
+model.safetensors.index.json above `max_shard_size`, every file written under a temporary name
+and renamed into place.
 """
 
 from __future__ import annotations
@@ -72,9 +73,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[Path, list[Path
     folder = resolve(name_or_path, [CONFIG_FILE, INDEX_FILE])
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{folder / CONFIG_FILE}: file not found")
-    names = _shard_names(folder) if (folder / INDEX_FILE).exists() else [SINGLE_FILE]
+    names = weight_names(folder)
     folder = resolve(name_or_path, [CONFIG_FILE, INDEX_FILE, *names])
-    return folder, checkpoint_files(folder)
+    return folder, checkpoint_files(folder, names)
 
 
 def read_json(path: Path) -> dict:
@@ -87,26 +88,27 @@ def read_json(path: Path) -> dict:
         raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
 
 
-def _shard_names(folder: Path) -> list[str]:
+def weight_names(folder: Path) -> list[str]:
+    """The safetensors file names of a checkpoint: the shards its index lists, or model.safetensors."""
+    if not (folder / INDEX_FILE).exists():
+        return [SINGLE_FILE]
     index = read_json(folder / INDEX_FILE)
     if not isinstance(index.get("weight_map"), dict):
         raise ValueError(f"{folder / INDEX_FILE}: no 'weight_map' object")
     return list(dict.fromkeys(index["weight_map"].values()))
 
 
-def checkpoint_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the single file, or the shards its index names."""
-    if (folder / INDEX_FILE).exists():
-        files = [folder / name for name in _shard_names(folder)]
-        for f in files:
-            if not f.exists():
-                raise FileNotFoundError(f"{f}: shard listed in {INDEX_FILE} is missing")
-        return files
-    if (folder / SINGLE_FILE).exists():
-        return [folder / SINGLE_FILE]
-    others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
-    hint = f" (found {', '.join(others)}: minitune reads only safetensors)" if others else ""
-    raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+def checkpoint_files(folder: Path, names: list[str] | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint (`names`, or those `weight_names` finds), all present."""
+    names = names if names is not None else weight_names(folder)
+    missing = [name for name in names if not (folder / name).exists()]
+    if missing == [SINGLE_FILE] and names == [SINGLE_FILE]:
+        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        hint = f" (found {', '.join(others)}: minitune reads only safetensors)" if others else ""
+        raise FileNotFoundError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
+    if missing:
+        raise FileNotFoundError(f"{folder / missing[0]}: shard listed in {INDEX_FILE} is missing")
+    return [folder / name for name in names]
 
 
 # ---------------------------------------------------------------- loading
@@ -122,13 +124,13 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return value
 
 
-def stored_dtype(raw_config: dict, files: list[Path]) -> torch.dtype:
+def stored_dtype(raw_config: dict, headers: dict[Path, dict[str, "TensorEntry"]]) -> torch.dtype:
     """The dtype the weights were saved in: config.json's dtype, else the first float tensor's."""
     declared = raw_config.get("dtype") or raw_config.get("torch_dtype")
     if declared and declared != "auto":
         return parse_dtype(declared)
-    entries = read_header(files[0])
-    return next((e.dtype for e in entries.values() if e.dtype.is_floating_point), torch.float32)
+    entries = (e for header in headers.values() for e in header.values())
+    return next((e.dtype for e in entries if e.dtype.is_floating_point), torch.float32)
 
 
 # A safetensors file is an 8-byte little-endian header length, a JSON header mapping each name
@@ -209,8 +211,9 @@ def read_into(path: Path, entry: TensorEntry, out: torch.Tensor) -> None:
             done += got
 
 
-def load_state(model, files: list[Path], threads: int = 4) -> None:
-    """Fill the model's parameters from checkpoint files, each tensor read straight into place.
+def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int = 4) -> None:
+    """Fill the model's parameters from checkpoint files (their `read_header`s), each tensor read
+    straight into place.
 
     When the stored dtype and layout are the model's and the parameter is on the CPU, the bytes
     land in the parameter itself; otherwise (a dtype cast, GPT-2's transposed Conv1D, a GPU)
@@ -224,8 +227,9 @@ def load_state(model, files: list[Path], threads: int = 4) -> None:
     jobs: dict[str, tuple[Path, TensorEntry, str]] = {}  # our key -> (file, entry, hub key)
     problems = []
     ignored = re.compile("|".join(model.ignored_checkpoint_keys) or r"(?!)")
-    for path in files:
-        for key, entry in read_header(path).items():
+    files = list(headers)
+    for path, header in headers.items():
+        for key, entry in header.items():
             ours = model.key_from_checkpoint(key)
             if ignored.search(key):
                 continue

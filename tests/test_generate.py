@@ -107,10 +107,15 @@ def test_generated_ids_can_feed_a_training_step(tmp_path):
     assert model.lm_head.weight.grad is not None
 
 
-@pytest.mark.parametrize("eos", [2, [2, 7], torch.tensor(2), torch.tensor([2, 7]), []])
-def test_eos_ids_in_any_form(eos, tmp_path):
+@pytest.mark.parametrize("form", ["int", "list", "0-d tensor", "1-d tensor"])
+def test_eos_ids_in_any_form(form, tmp_path):
     model = mt.load_model(_saved(tmp_path))
-    assert mt.generate(model, torch.randint(3, 101, (1, 4)), 3, eos_token_id=eos).shape[1] <= 7
+    ids = torch.randint(3, 101, (1, 4))
+    first = int(mt.generate(model, ids, 3)[0, 4])  # made the EOS: generation must stop right there
+    eos = {"int": first, "list": [first, 100], "0-d tensor": torch.tensor(first),
+           "1-d tensor": torch.tensor([first, 100])}[form]
+    assert mt.generate(model, ids, 3, eos_token_id=eos).shape == (1, 5)
+    assert mt.generate(model, ids, 3, eos_token_id=[]).shape == (1, 7)  # no EOS: all 3 tokens
 
 
 def test_bad_generate_arguments(tmp_path):

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from ..hub import CONFIG_FILE, load_state, parse_dtype, read_json, resolve_checkpoint, stored_dtype
+from ..hub import CONFIG_FILE, load_state, parse_dtype, read_header, read_json, resolve_checkpoint, stored_dtype
 from .base import CausalLM, ModelConfig
 from .common import KVCache
 from .gpt2 import GPT2, GPT2Config
@@ -33,12 +33,13 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None 
                          f"expected one of {sorted(MODEL_CLASSES)}")
     cls = MODEL_CLASSES[model_type]
     config = cls.config_class.from_dict(raw, source=str(config_path))
-    dtype = parse_dtype(dtype) or stored_dtype(raw, files)
+    headers = {path: read_header(path) for path in files}  # each parsed and checked once
+    dtype = parse_dtype(dtype) or stored_dtype(raw, headers)
 
     with torch.device("meta"):
         model = cls(config)  # shapes only: no memory, no random init
     _allocate(model, dtype, torch.device(device or "cpu"))
-    load_state(model, files)
+    load_state(model, headers)
     return model.eval()
 
 

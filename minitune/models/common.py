@@ -128,8 +128,11 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
         self.length = 0  # tokens stored so far
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         end = self.length + k.size(2)
