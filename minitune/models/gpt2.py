@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from .base import CausalLM, ModelConfig
 from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
 
@@ -51,6 +52,13 @@ class GPT2Config(ModelConfig):
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(f"{source}: activation_function {self.activation_function!r} is not one of "
                              f"{sorted(ACTIVATIONS)}")
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm through minitune's kernels: fused Triton on a GPU, torch's own elsewhere."""
+
+    def forward(self, x):
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class Attention(nn.Module):
@@ -94,9 +102,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.attn = Attention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
     def forward(self, x, mask=None, cache=None):
@@ -118,7 +126,7 @@ class GPT2(CausalLM):
             wpe=embedding(config.n_positions, config.n_embd),
             drop=nn.Dropout(config.embd_pdrop),
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import kernels
 from .base import CausalLM, ModelConfig
 from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
 
@@ -79,7 +80,10 @@ class MistralConfig(ModelConfig):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, statistics in float32, cast back before the scale (as HF)."""
+    """x / sqrt(mean(x^2) + eps) * weight, statistics in float32, cast back before the scale (as HF).
+
+    The fused Triton kernel on a GPU, its PyTorch reference elsewhere (minitune/kernels/rms_norm.py).
+    """
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -87,10 +91,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):

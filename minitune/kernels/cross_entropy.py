@@ -1,0 +1,340 @@
+"""Cross-entropy over the vocabulary in Triton, and the fused `lm_head` + cross-entropy built on it.
+
+For a row of logits x (V of them), target t and label smoothing e:
+
+    lse  = log(sum_j exp(x_j))                                  float32, streamed over blocks of V
+    loss = (1 - e) * (lse - x_t) + e * (lse - mean_j x_j)
+    dloss/dx_j = softmax(x)_j - (1 - e) * [j == t] - e / V
+
+The kernel reads a row twice: once for a running (online) max and sum of exponentials, so any
+vocabulary size works with a fixed block; once more to write the gradient, which the forward
+computes when a backward will follow. The second read mostly hits L2, so the row costs about one
+read and one write of DRAM. The target's gradient p_t - 1 = -sum_{j != t} p_j is summed from the
+other classes in float32, never formed as a difference close to 1 - 1, and rounded once: a
+confident prediction keeps an accurate small gradient (rounding p_t to bf16 would give 0, and
+even a float32 p_t - 1 loses digits). Ignored rows give loss 0 and gradient 0; a mean over no
+target at all is 0, not NaN.
+
+`fused_linear_cross_entropy` never builds the [tokens, vocab] logits: it walks the tokens in
+chunks; for each chunk it computes the logits, turns them into their gradient in place with the
+kernel above, and immediately folds that into dhidden (grad @ W) and a float32 dweight
+(grad^T @ hidden). Only one chunk of logits exists at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import launch_device, tl, triton
+
+REDUCTIONS = ("mean", "sum", "none")
+MAX_BLOCK_V = 32768  # vocabulary entries one program holds per step
+NUM_WARPS = 32
+
+
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                            reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    """torch's cross_entropy in float32 (or float64), except that a mean over no target is 0, not NaN."""
+    V = logits.shape[-1]
+    flat_targets = targets.reshape(-1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(logits.reshape(-1, V), flat_targets, ignore_index=ignore_index,
+                           reduction="none" if reduction == "none" else "sum", label_smoothing=label_smoothing)
+    if reduction == "none":
+        return loss.view(targets.shape)
+    if reduction == "mean":
+        loss = loss / (flat_targets != ignore_index).sum().clamp(min=1)
+    return loss
+
+
+@triton.jit
+def _cross_entropy_kernel(LOGITS, stride_logits, TARGETS, LOSS, GRAD, stride_grad, SCALE, stride_scale, V,
+                          ignore_index, smoothing, HAS_SMOOTHING: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+                          BLOCK_V: tl.constexpr):
+    """One row per program: LOSS[row], and, when COMPUTE_GRAD, GRAD[row] = dloss/dlogits * SCALE[row].
+
+    GRAD may be LOGITS itself: each block is read before it is overwritten.
+    """
+    row = tl.program_id(0).to(tl.int64)  # 64-bit: row * stride passes 2^31 at 16k tokens x 128k vocab
+    x_row = LOGITS + row * stride_logits
+    g_row = GRAD + row * stride_grad
+    target = tl.load(TARGETS + row)
+
+    if target == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK_V):
+                cols = start + tl.arange(0, BLOCK_V)
+                tl.store(g_row + cols, tl.zeros([BLOCK_V], tl.float32).to(GRAD.dtype.element_ty), mask=cols < V)
+        return
+
+    # pass 1: running max m and sum d of exp(x - m), so lse = m + log(d) without overflow;
+    # d_other leaves the target out, for its gradient
+    m = float("-inf")
+    d = 0.0
+    d_other = 0.0
+    x_sum = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        e = tl.exp(x - m_new)
+        rescale = tl.exp(m - m_new)
+        d = d * rescale + tl.sum(e, axis=0)
+        d_other = d_other * rescale + tl.sum(tl.where(cols == target, 0.0, e), axis=0)
+        m = m_new
+        if HAS_SMOOTHING:
+            x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+    lse = m + tl.log(d)
+
+    x_target = tl.load(x_row + target).to(tl.float32)
+    loss = lse - x_target
+    if HAS_SMOOTHING:
+        loss = (1.0 - smoothing) * loss + smoothing * (lse - x_sum / V)
+    tl.store(LOSS + row, loss)
+
+    # pass 2: the gradient, formed in float32 and rounded once
+    if COMPUTE_GRAD:
+        scale = tl.load(SCALE + row * stride_scale).to(tl.float32)
+        target_grad = smoothing - d_other / d  # p_t - (1 - e), with 1 - p_t summed from the others
+        for start in range(0, V, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            g = tl.where(cols == target, target_grad, tl.exp(x - lse))
+            if HAS_SMOOTHING:
+                g = g - smoothing / V
+            tl.store(g_row + cols, (g * scale).to(GRAD.dtype.element_ty), mask=cols < V)
+
+
+def _check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if targets.is_cuda:  # no sync: the GPU raises the assert when it reaches it
+        torch._assert_async(~bad.any(), f"cross_entropy: a target is outside [0, {V}) and not {ignore_index}")
+    elif bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"cross_entropy: target {int(targets[i])} at flat position {i} is outside the "
+                         f"vocabulary [0, {V}) and is not ignore_index {ignore_index}")
+
+
+def _rows_loss_and_grad_triton(logits, targets, scale, grad, ignore_index: int, smoothing: float) -> torch.Tensor:
+    """Per-row loss (float32) of logits (M, V); fills `grad` (may be `logits`) unless it is None."""
+    M, V = logits.shape
+    loss = torch.empty(M, dtype=torch.float32, device=logits.device)
+    if M == 0:
+        return loss
+    block = min(triton.next_power_of_2(V), MAX_BLOCK_V)
+    out = grad if grad is not None else logits  # not written when COMPUTE_GRAD is off
+    with launch_device(logits):
+        _cross_entropy_kernel[(M,)](
+            logits, logits.stride(0), targets, loss, out, out.stride(0), scale, 0 if scale.numel() == 1 else 1,
+            V, ignore_index, smoothing, HAS_SMOOTHING=smoothing > 0, COMPUTE_GRAD=grad is not None,
+            BLOCK_V=block, num_warps=NUM_WARPS if logits.is_cuda else 4)
+    return loss
+
+
+def _rows_loss_and_grad_torch(logits, targets, scale, grad, ignore_index: int, smoothing: float) -> torch.Tensor:
+    """The same math as the kernel, in PyTorch: the reference the kernel is tested against."""
+    V = logits.shape[-1]
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)  # (M,)
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    loss = lse - x.gather(1, safe_targets[:, None]).squeeze(1)
+    if smoothing > 0:
+        loss = (1 - smoothing) * loss + smoothing * (lse - x.mean(-1))
+    loss = torch.where(valid, loss, 0.0)
+    if grad is not None:
+        g = torch.softmax(x, dim=-1)
+        g.scatter_(1, safe_targets[:, None], 0.0)
+        g.scatter_(1, safe_targets[:, None], (smoothing - g.sum(-1))[:, None])  # p_t - (1 - e) = e - sum_{j!=t} p_j
+        if smoothing > 0:
+            g -= smoothing / V
+        g *= (scale.float() * valid)[:, None] if scale.numel() > 1 else scale.float() * valid[:, None]
+        grad.copy_(g)
+    return loss
+
+
+# ---- plain cross-entropy: custom ops (opaque to torch.compile) and the autograd.Function ----
+
+@torch.library.custom_op("minitune::cross_entropy_forward", mutates_args=())
+def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor,
+                          ignore_index: int, label_smoothing: float,
+                          compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row loss (float32) and, if asked, dloss/dlogits * grad_scale (else an empty tensor)."""
+    _check_targets(targets, logits.shape[-1], ignore_index)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    loss = _rows_loss_and_grad_triton(logits, targets, grad_scale, grad if compute_grad else None,
+                                      ignore_index, label_smoothing)
+    return loss, grad
+
+
+@cross_entropy_forward.register_fake
+def _(logits, targets, grad_scale, ignore_index, label_smoothing, compute_grad):
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return logits.new_empty(logits.shape[0], dtype=torch.float32), grad
+
+
+@torch.library.custom_op("minitune::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad *= grad_output, skipped when that is exactly 1 (a plain `loss.backward()`): the skip saves
+    a full pass over [tokens, vocab]; the check costs one sync."""
+    if grad_output.numel() == 1 and bool(grad_output == 1):
+        return
+    grad.mul_(grad_output.reshape(-1, 1) if grad_output.numel() > 1 else grad_output)
+
+
+@scale_grad_.register_fake
+def _(grad, grad_output):
+    return None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing):
+        n_valid = (targets != ignore_index).sum().clamp(min=1)  # a tensor: no sync
+        scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=logits.device)
+        loss, grad = torch.ops.minitune.cross_entropy_forward(
+            logits, targets, scale.reshape(1), ignore_index, label_smoothing, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad)
+        if reduction == "none":
+            return loss
+        return loss.sum() / n_valid if reduction == "mean" else loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        torch.ops.minitune.scale_grad_(grad, grad_output)
+        return grad, None, None, None, None
+
+
+def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
+    _check_args(logits, targets, reduction, label_smoothing, "cross_entropy")
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    loss = CrossEntropyFunction.apply(flat, targets.reshape(-1), ignore_index, reduction, label_smoothing)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def _check_args(x, targets, reduction, label_smoothing, what):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{what}: reduction {reduction!r} is not one of {REDUCTIONS}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{what}: label_smoothing {label_smoothing} is not in [0, 1]")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what}: targets must hold class indices (int64); got {targets.dtype}")
+    if x.shape[:-1] != targets.shape:
+        raise ValueError(f"{what}: input {tuple(x.shape)} and targets {tuple(targets.shape)} disagree: "
+                         f"expected targets of shape {tuple(x.shape[:-1])}")
+
+
+# ---- fused linear + cross-entropy ----
+
+def default_chunk_rows(M: int, H: int, V: int) -> int:
+    """Rows per chunk so that a chunk of logits (rows x V) is about as large as the hidden states."""
+    return max(16, triton.next_power_of_2(max(1, -(-M // -(-V // H)))))
+
+
+@torch.library.custom_op("minitune::fused_linear_cross_entropy_chunks", mutates_args=())
+def fused_linear_cross_entropy_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                      grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
+                                      compute_dhidden: bool, compute_dweight: bool, chunk_rows: int,
+                                      use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss of hidden (M, H) @ weight (V, H)^T, and dhidden, dweight scaled row-wise by grad_scale
+    (one value, or one per row); a gradient not asked for comes back empty."""
+    M, H = hidden.shape
+    V = weight.shape[0]
+    _check_targets(targets, V, ignore_index)
+    rows_loss_and_grad = _rows_loss_and_grad_triton if use_triton else _rows_loss_and_grad_torch
+    compute_grad = compute_dhidden or compute_dweight
+    loss = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    dhidden = torch.empty_like(hidden) if compute_dhidden else hidden.new_empty(0)
+    dweight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if compute_dweight else None
+    with torch.autocast(hidden.device.type, enabled=False):  # the caller cast both inputs already
+        for start in range(0, M, chunk_rows):
+            end = min(start + chunk_rows, M)
+            h = hidden[start:end]  # (c, H)
+            logits = h @ weight.t()  # (c, V): the only vocabulary-sized buffer, one chunk at a time
+            scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:end]
+            loss[start:end] = rows_loss_and_grad(logits, targets[start:end], scale,
+                                                 logits if compute_grad else None, ignore_index, label_smoothing)
+            if compute_dhidden:
+                torch.mm(logits, weight, out=dhidden[start:end])  # (c, V) @ (V, H)
+            if compute_dweight:  # float32 sum over chunks; each chunk's product is rounded once
+                if logits.dtype == torch.float32:
+                    dweight.addmm_(logits.t(), h)
+                else:
+                    dweight += logits.t() @ h
+    dweight = dweight.to(weight.dtype) if compute_dweight else weight.new_empty(0)
+    return loss, dhidden, dweight
+
+
+@fused_linear_cross_entropy_chunks.register_fake
+def _(hidden, weight, targets, grad_scale, ignore_index, label_smoothing, compute_dhidden, compute_dweight,
+      chunk_rows, use_triton):
+    return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+            torch.empty_like(hidden) if compute_dhidden else hidden.new_empty(0),
+            torch.empty_like(weight) if compute_dweight else weight.new_empty(0))
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """mean and sum: the gradients are computed in the forward and only scaled in the backward.
+    none: each row has its own upstream gradient, so the backward walks the chunks again."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, chunk_rows, use_triton):
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
+        scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=hidden.device)
+        now = reduction != "none"
+        loss, dh, dw = torch.ops.minitune.fused_linear_cross_entropy_chunks(
+            hidden, weight, targets, scale.reshape(1), ignore_index, label_smoothing,
+            need_dh and now, need_dw and now, chunk_rows, use_triton)
+        ctx.args = (ignore_index, label_smoothing, chunk_rows, use_triton)
+        ctx.reduction = reduction
+        if now:
+            ctx.save_for_backward(dh, dw)
+            return loss.sum() / n_valid if reduction == "mean" else loss.sum()
+        ctx.save_for_backward(hidden, weight, targets)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.reduction != "none":
+            dh, dw = ctx.saved_tensors
+            dh = dh * grad_output if ctx.needs_input_grad[0] else None
+            dw = dw * grad_output if ctx.needs_input_grad[1] else None
+        else:
+            hidden, weight, targets = ctx.saved_tensors
+            ignore_index, label_smoothing, chunk_rows, use_triton = ctx.args
+            _, dh, dw = torch.ops.minitune.fused_linear_cross_entropy_chunks(
+                hidden, weight, targets, grad_output.float().contiguous(), ignore_index, label_smoothing,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk_rows, use_triton)
+            dh = dh if ctx.needs_input_grad[0] else None
+            dw = dw if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                               ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                               chunk_rows: int | None = None, use_triton: bool = True) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, targets) without the full logits; see the module docstring."""
+    _check_args(hidden, targets, reduction, label_smoothing, "fused_linear_cross_entropy")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"fused_linear_cross_entropy: weight {tuple(weight.shape)} must be (vocab, "
+                         f"{hidden.shape[-1]}) for hidden states of width {hidden.shape[-1]}")
+    if torch.is_autocast_enabled(hidden.device.type):  # what autocast would give the matmul
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        raise TypeError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    H = hidden.shape[-1]
+    flat = hidden.reshape(-1, H)
+    M, V = flat.shape[0], weight.shape[0]
+    chunk_rows = chunk_rows or default_chunk_rows(M, H, V)
+    loss = FusedLinearCrossEntropyFunction.apply(flat, weight, targets.reshape(-1), ignore_index, reduction,
+                                                 label_smoothing, chunk_rows, use_triton)
+    return loss.view(targets.shape) if reduction == "none" else loss

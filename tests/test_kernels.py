@@ -1,0 +1,398 @@
+"""The Triton kernels against float64 PyTorch references, forward and backward.
+
+Without a GPU they run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1);
+with one, on CUDA tensors, compiled. bf16 results are held to one unit in the last place (ulp) of
+the exact value: the kernels keep their statistics in float32 and round once. The reference rounds
+where the kernel rounds, in the kernel's way: to nearest on a GPU; the interpreter truncates
+float32 -> bf16 casts, so there the reference truncates too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import minitune as mt
+from minitune import kernels
+from minitune.kernels.cross_entropy import cross_entropy_reference
+from minitune.kernels.layer_norm import layer_norm_reference
+from minitune.kernels.rms_norm import rms_norm_reference
+from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
+
+# the module, not the function of the same name that minitune.kernels exports
+ce_module = importlib.import_module("minitune.kernels.cross_entropy")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _triton(monkeypatch):
+    monkeypatch.setenv("MINITUNE_KERNELS", "triton")
+
+
+def kernel_round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t (float64) rounded to `dtype` the way a kernel's float32 -> dtype cast does, back in float64."""
+    t32 = t.float()
+    if dtype == torch.bfloat16 and not CUDA:  # the interpreter truncates toward zero
+        return (t32.view(torch.int32) & -65536).view(torch.float32).double()
+    return t32.to(dtype).double()
+
+
+def assert_close_ulp(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 1.0, what: str = ""):
+    """|actual - expected| within `ulps` units in the last place of actual's dtype at expected's size,
+    plus float32 rounding of the internal arithmetic (1e-5 of the largest value)."""
+    expected = expected.double()
+    bits = {torch.bfloat16: 8, torch.float32: 24}[actual.dtype]
+    _, exponent = torch.frexp(expected)
+    ulp = torch.ldexp(torch.ones_like(expected), exponent - bits)  # spacing of dtype values at |expected|
+    slack = 1e-5 * expected.abs().max().item() + 1e-12
+    err = (actual.double() - expected).abs()
+    bad = err > ulps * ulp + slack
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} values off by more than {ulps} ulp; "
+                           f"worst |error| {err.max().item():.3e}")
+
+
+# ---- RMSNorm and LayerNorm ----
+
+def rms_norm_exact(x, w, eps):
+    """float64 RMSNorm with the kernel's one intermediate rounding (the normalised x, to x's dtype)."""
+    x64 = x.double()
+    rstd = torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
+    return kernel_round(x64 * rstd, x.dtype) * w.double()
+
+
+NORM_SHAPES = [(3, 5, 129), (1, 64), (4, 1000)]  # odd widths, a 3-D batch, a non-power-of-two row
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+def test_rms_norm_forward_and_backward(dtype, shape):
+    x = (torch.randn(shape, device=DEVICE) * 2).to(dtype).requires_grad_()
+    w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(dtype).requires_grad_()
+    y = kernels.rms_norm(x, w, 1e-6)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close_ulp(y, rms_norm_exact(x.detach(), w.detach(), 1e-6), what="y")
+
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    rms_norm_reference(x64, w64, 1e-6).backward(dy.double())  # float64: no rounding anywhere
+    assert_close_ulp(x.grad, x64.grad, what="dx")
+    # dw sums dy * (normalised x, rounded as in the forward)
+    xhat = kernel_round(x64.detach() * torch.rsqrt(x64.detach().pow(2).mean(-1, keepdim=True) + 1e-6), dtype)
+    dw = (dy.double() * xhat).reshape(-1, shape[-1]).sum(0)
+    assert_close_ulp(w.grad, dw, what="dw")
+
+
+def test_rms_norm_float32_weight_promotes_like_the_reference():
+    x = torch.randn(4, 48, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.rand(48, device=DEVICE)
+    y = kernels.rms_norm(x, w, 1e-5)
+    assert y.dtype == torch.float32  # as weight * x.to(bf16) in the reference
+    torch.testing.assert_close(y, rms_norm_exact(x, w, 1e-5).float())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=str)
+def test_layer_norm_forward_and_backward(dtype, shape):
+    x = (torch.randn(shape, device=DEVICE) * 3 + 1).to(dtype).requires_grad_()
+    w = (torch.rand(shape[-1], device=DEVICE) + 0.5).to(dtype).requires_grad_()
+    b = torch.randn(shape[-1], device=DEVICE).to(dtype).requires_grad_()
+    y = kernels.layer_norm(x, w, b, 1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = layer_norm_reference(*ref, 1e-5)
+    y64.backward(dy.double())
+    assert y.dtype == dtype
+    assert_close_ulp(y, y64, what="y")
+    for name, ours, exact in zip(("dx", "dw", "db"), (x.grad, w.grad, b.grad), ref):
+        assert_close_ulp(ours, exact.grad, what=name)
+
+
+def test_norms_reject_a_weight_of_the_wrong_width():
+    x = torch.randn(2, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="last dim 8"):
+        kernels.rms_norm(x, torch.ones(6, device=DEVICE), 1e-6)
+    with pytest.raises(ValueError, match="last dim 8"):
+        kernels.layer_norm(x, torch.ones(8, device=DEVICE), torch.zeros(7, device=DEVICE), 1e-5)
+
+
+# ---- cross-entropy ----
+
+def _ce_inputs(dtype, shape=(2, 7), V=301, ignored=((0, 3), (1, 0)), scale=3.0):
+    logits = (torch.randn(*shape, V, device=DEVICE) * scale).to(dtype).requires_grad_()
+    targets = torch.randint(0, V, shape, device=DEVICE)
+    for index in ignored:
+        targets[index] = -100
+    return logits, targets
+
+
+def _upstream(loss, kind):
+    if kind == "one":
+        return torch.ones_like(loss)
+    return torch.randn_like(loss) if loss.dim() else torch.full_like(loss, 0.37)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 64 vocabulary entries, so a 301-wide row takes the online log-sum-exp over 5 blocks."""
+    monkeypatch.setattr(ce_module, "MAX_BLOCK_V", 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("upstream", ["one", "other"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_against_float64(dtype, reduction, upstream, smoothing, small_blocks):
+    logits, targets = _ce_inputs(dtype)
+    loss = kernels.cross_entropy(logits, targets, reduction=reduction, label_smoothing=smoothing)
+    assert loss.dtype == torch.float32 and loss.shape == (targets.shape if reduction == "none" else ())
+    go = _upstream(loss, upstream)
+    loss.backward(go)
+
+    x64 = logits.detach().double().requires_grad_()
+    ref = cross_entropy_reference(x64, targets, reduction=reduction, label_smoothing=smoothing)
+    ref.backward(go.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    # an upstream gradient other than 1 is applied after the kernel's rounding: a second rounding
+    ulps = 1 if upstream == "one" or reduction == "none" and dtype == torch.float32 else 2
+    assert_close_ulp(logits.grad, x64.grad, ulps=ulps, what="dlogits")
+    assert (logits.grad[targets == -100] == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cross_entropy_all_targets_ignored_is_zero_not_nan(reduction, backend, monkeypatch):
+    monkeypatch.setenv("MINITUNE_KERNELS", backend)
+    logits = torch.randn(3, 5, 40, device=DEVICE, requires_grad=True)
+    loss = kernels.cross_entropy(logits, torch.full((3, 5), -100, device=DEVICE), reduction=reduction)
+    loss.sum().backward()
+    assert (loss == 0).all() and (logits.grad == 0).all()
+
+
+def test_cross_entropy_confident_bf16_keeps_the_target_gradient():
+    """p_target = 1 - 3e-7: bf16 softmax would round it to 1 and the gradient to 0; a float32 p - 1
+    would keep one digit. The kernel keeps all of bf16's."""
+    V = 301
+    logits = torch.zeros(4, V, device=DEVICE)
+    targets = torch.tensor([0, 7, 150, 300], device=DEVICE)
+    logits[torch.arange(4), targets] = torch.tensor([21.0, 20.0, 18.0, 22.0], device=DEVICE)
+    logits = logits.to(torch.bfloat16).requires_grad_()
+    kernels.cross_entropy(logits, targets, reduction="sum").backward()
+    x64 = logits.detach().double().requires_grad_()
+    cross_entropy_reference(x64, targets, reduction="sum").backward()
+    rows = torch.arange(4)
+    assert (logits.grad[rows, targets] < 0).all()
+    assert_close_ulp(logits.grad[rows, targets], x64.grad[rows, targets], what="target gradient")
+
+
+def test_cross_entropy_bad_inputs():
+    logits = torch.randn(2, 4, 10, device=DEVICE)
+    with pytest.raises(ValueError, match="reduction 'avg'"):
+        kernels.cross_entropy(logits, torch.zeros(2, 4, dtype=torch.long, device=DEVICE), reduction="avg")
+    with pytest.raises(ValueError, match=r"expected targets of shape \(2, 4\)"):
+        kernels.cross_entropy(logits, torch.zeros(2, 5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match="class indices"):
+        kernels.cross_entropy(logits, torch.zeros(2, 4, device=DEVICE))
+    if not CUDA:  # on a GPU the same check is an asynchronous device assert
+        bad = torch.zeros(2, 4, dtype=torch.long)
+        bad[1, 2] = 10
+        with pytest.raises(ValueError, match="target 10 at flat position 6 is outside the vocabulary"):
+            kernels.cross_entropy(logits, bad)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a GPU with about 10 GB free: 2^31 logits")
+def test_cross_entropy_more_than_2_31_logits():
+    M, V = 16400, 131072  # M * V > 2^31: row offsets need 64 bits
+    logits = torch.randn(M, V, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, V, (M,), device="cuda")
+    loss = kernels.cross_entropy(logits, targets, reduction="none")
+    loss[-3:].sum().backward()
+    tail = logits.detach()[-3:].double().requires_grad_()
+    ref = cross_entropy_reference(tail, targets[-3:], reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss[-3:].double(), ref, rtol=1e-5, atol=1e-5)
+    assert_close_ulp(logits.grad[-3:], tail.grad, what="last rows' gradient")
+
+
+# ---- fused linear cross-entropy ----
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_linear_cross_entropy_float32(backend, reduction, smoothing, monkeypatch):
+    monkeypatch.setenv("MINITUNE_KERNELS", backend)
+    hidden = torch.randn(3, 13, 24, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(301, 24, device=DEVICE) * 0.3).requires_grad_()
+    targets = torch.randint(0, 301, (3, 13), device=DEVICE)
+    targets[0, :4] = -100
+    loss = kernels.fused_linear_cross_entropy(hidden, weight, targets, reduction=reduction,
+                                              label_smoothing=smoothing, chunk_rows=8)  # 5 chunks, the last short
+    go = _upstream(loss, "other")
+    loss.backward(go)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    ref = cross_entropy_reference(h64 @ w64.t(), targets, reduction=reduction, label_smoothing=smoothing)
+    ref.backward(go.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fused_linear_cross_entropy_bf16(backend, monkeypatch):
+    """bf16 matmuls round the logits and each chunk's dweight; compare with the same bf16 logits."""
+    monkeypatch.setenv("MINITUNE_KERNELS", backend)
+    hidden = torch.randn(40, 32, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(301, 32, device=DEVICE) * 0.2).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 301, (40,), device=DEVICE)
+    targets[::7] = -100
+    loss = kernels.fused_linear_cross_entropy(hidden, weight, targets, chunk_rows=16)
+    loss.backward()
+    h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    ref = cross_entropy_reference(h32 @ w32.t(), targets)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-2, atol=1e-2)
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.float(), h32.grad, rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(weight.grad.float(), w32.grad, rtol=2e-2, atol=2e-4)
+
+
+def test_fused_linear_cross_entropy_gradients_only_where_asked():
+    hidden = torch.randn(20, 16, device=DEVICE, requires_grad=True)
+    frozen = torch.randn(50, 16, device=DEVICE)  # a frozen head (LoRA): no dweight is computed
+    targets = torch.randint(0, 50, (20,), device=DEVICE)
+    kernels.fused_linear_cross_entropy(hidden, frozen, targets).backward()
+    h = hidden.detach().requires_grad_()
+    torch.nn.functional.cross_entropy(h @ frozen.t(), targets).backward()
+    torch.testing.assert_close(hidden.grad, h.grad)
+    with torch.no_grad():
+        loss = kernels.fused_linear_cross_entropy(hidden, frozen, targets)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(hidden @ frozen.t(), targets))
+
+
+def test_fused_linear_cross_entropy_under_autocast_matches_autocast_logits():
+    device = "cuda" if CUDA else "cpu"
+    hidden = torch.randn(24, 32, device=device, requires_grad=True)
+    weight = torch.randn(97, 32, device=device, requires_grad=True)
+    targets = torch.randint(0, 97, (24,), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = kernels.fused_linear_cross_entropy(hidden, weight, targets)
+        ref = cross_entropy_reference(hidden @ weight.t(), targets)
+    assert weight.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    loss.backward()
+    assert weight.grad.dtype == hidden.grad.dtype == torch.float32
+
+
+def test_fused_linear_cross_entropy_bad_inputs():
+    h = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"must be \(vocab, 8\)"):
+        kernels.fused_linear_cross_entropy(h, torch.randn(10, 6, device=DEVICE), torch.zeros(4, dtype=torch.long,
+                                                                                             device=DEVICE))
+    with pytest.raises(TypeError, match="hidden is torch.float32 but weight is torch.bfloat16"):
+        kernels.fused_linear_cross_entropy(h, torch.randn(10, 8, device=DEVICE, dtype=torch.bfloat16),
+                                           torch.zeros(4, dtype=torch.long, device=DEVICE))
+
+
+# ---- dispatch ----
+
+def test_backend_choice(monkeypatch):
+    x = torch.zeros(1, device=DEVICE)
+    monkeypatch.setenv("MINITUNE_KERNELS", "torch")
+    assert kernels.backend(x) == "torch"
+    monkeypatch.setenv("MINITUNE_KERNELS", "auto")
+    assert kernels.backend(x) == ("triton" if CUDA else "torch")
+    assert kernels.backend(torch.zeros(1)) == "torch"
+    monkeypatch.setenv("MINITUNE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="expected one of auto, triton, torch"):
+        kernels.backend(x)
+    monkeypatch.setenv("MINITUNE_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor, or TRITON_INTERPRET=1"):
+        kernels.backend(torch.zeros(1))
+
+
+def test_without_triton_the_pytorch_path_still_works():
+    """macOS and Windows have no Triton wheel: minitune must import and run without it."""
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, minitune as mt\n"
+            "assert not mt.kernels.HAVE_TRITON\n"
+            "x = torch.randn(3, 8)\n"
+            "print(float(mt.kernels.rms_norm(x, torch.ones(8), 1e-6).sum()),"
+            " float(mt.kernels.fused_linear_cross_entropy(x, torch.randn(11, 8), torch.tensor([1, 2, -100]))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "MINITUNE_KERNELS"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+# ---- the models on either backend ----
+
+MODELS = {"mistral": lambda: tiny_mistral_config(), "gpt2": lambda: tiny_gpt2_config()}  # gpt2: tied head
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_models_give_the_same_logits_loss_and_gradients_on_either_backend(name, tmp_path, monkeypatch):
+    save_hf(MODELS[name](), tmp_path)
+    model = mt.load_model(tmp_path, device=DEVICE)
+    ids = torch.randint(3, 101, (2, 12), device=DEVICE)
+    labels = ids.clone()
+    labels[:, :4] = -100  # a prompt without loss
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MINITUNE_KERNELS", backend)
+        model.zero_grad()
+        logits = model(ids)
+        loss = mt.losses.causal_lm_loss(model, ids, labels)
+        loss.backward()
+        results[backend] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    (logits_t, loss_t, grads_t), (logits_k, loss_k, grads_k) = results["torch"], results["triton"]
+    torch.testing.assert_close(logits_k, logits_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_k, loss_t, rtol=1e-6, atol=1e-6)
+    # the loss is the cross-entropy of the model's own logits, shifted
+    shifted = torch.nn.functional.cross_entropy(logits_t[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss_t, shifted, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_t.items():
+        torch.testing.assert_close(grads_k[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_causal_lm_loss_without_labels_skips_padding(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINITUNE_KERNELS", "torch")
+    save_hf(tiny_mistral_config(), tmp_path)
+    model = mt.load_model(tmp_path, device=DEVICE)
+    ids = torch.randint(3, 101, (2, 10), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    loss = mt.losses.causal_lm_loss(model, ids, attention_mask=mask, reduction="none")
+    assert loss.shape == (2, 10)
+    assert (loss[1, 6:] == 0).all() and (loss[0, :-1] > 0).all() and loss[0, -1] == 0
+    with pytest.raises(ValueError, match="labels"):
+        mt.losses.causal_lm_loss(model, ids, labels=ids[:, :5])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torch_compile_traces_the_kernels_without_graph_breaks(name, tmp_path):
+    """fullgraph=True fails on any graph break: the custom ops keep the Triton launches opaque."""
+    save_hf(MODELS[name](), tmp_path)
+    model = mt.load_model(tmp_path, device=DEVICE)
+    ids = torch.randint(3, 101, (2, 8), device=DEVICE)
+
+    def step(ids):
+        return model(ids), mt.losses.causal_lm_loss(model, ids)
+
+    logits, loss = step(ids)
+    torch._dynamo.reset()
+    compiled_logits, compiled_loss = torch.compile(step, backend="aot_eager", fullgraph=True)(ids)
+    torch.testing.assert_close(compiled_logits, logits)
+    torch.testing.assert_close(compiled_loss, loss)
+    grads = torch.autograd.grad(compiled_loss, list(model.parameters()))
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
