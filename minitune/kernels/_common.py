@@ -54,11 +54,19 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+PROGRAMS_PER_SM = 4  # loop-over-rows kernels: enough programs per SM to keep loads in flight
+
+
 def persistent_programs(device: torch.device, rows: int) -> int:
-    """Programs for a loop-over-rows kernel: one per SM on a GPU, a few in the CPU interpreter."""
-    per_device = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
-    return max(1, min(rows, per_device))
+    """Programs for a loop-over-rows kernel: a few per SM on a GPU, four in the CPU interpreter.
+
+    Each program writes one float32 partial sum of the weight gradient, so more programs cost a
+    larger final reduction: at 4 per SM on an H100, M=16384 rows of 4096, about 4% of the
+    backward's memory traffic."""
+    if device.type != "cuda":
+        return max(1, min(rows, 4))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(rows, PROGRAMS_PER_SM * _sm_count(index)))
 
 
 def launch_device(t: torch.Tensor):

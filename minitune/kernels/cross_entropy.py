@@ -18,7 +18,8 @@ target at all is 0, not NaN.
 `fused_linear_cross_entropy` never builds the [tokens, vocab] logits: it walks the tokens in
 chunks; for each chunk it computes the logits, turns them into their gradient in place with the
 kernel above, and immediately folds that into dhidden (grad @ W) and a float32 dweight
-(grad^T @ hidden). Only one chunk of logits exists at a time.
+(grad^T @ hidden). Only one chunk of logits exists at a time; the float32 dweight (V x H) is the
+price of an exact sum over chunks.
 """
 
 from __future__ import annotations
@@ -238,6 +239,18 @@ def default_chunk_rows(M: int, H: int, V: int) -> int:
     return max(16, triton.next_power_of_2(max(1, -(-M // -(-V // H)))))
 
 
+def _add_matmul_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (float32) += a @ b. For bf16/fp16 a and b on CUDA, one GEMM that reads and writes acc in
+    float32 (aten's addmm with out_dtype); elsewhere the product is rounded to a's dtype once per
+    chunk before it is added."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
+        torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+    else:
+        acc += a @ b
+
+
 @torch.library.custom_op("minitune::fused_linear_cross_entropy_chunks", mutates_args=())
 def fused_linear_cross_entropy_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                       grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
@@ -263,11 +276,8 @@ def fused_linear_cross_entropy_chunks(hidden: torch.Tensor, weight: torch.Tensor
                                                  logits if compute_grad else None, ignore_index, label_smoothing)
             if compute_dhidden:
                 torch.mm(logits, weight, out=dhidden[start:end])  # (c, V) @ (V, H)
-            if compute_dweight:  # float32 sum over chunks; each chunk's product is rounded once
-                if logits.dtype == torch.float32:
-                    dweight.addmm_(logits.t(), h)
-                else:
-                    dweight += logits.t() @ h
+            if compute_dweight:
+                _add_matmul_float32(dweight, logits.t(), h)  # (V, c) @ (c, H)
     dweight = dweight.to(weight.dtype) if compute_dweight else weight.new_empty(0)
     return loss, dhidden, dweight
 
