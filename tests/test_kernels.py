@@ -396,3 +396,12 @@ def test_torch_compile_traces_the_kernels_without_graph_breaks(name, tmp_path):
     expected = torch.autograd.grad(loss, list(model.parameters()))
     for g, e in zip(grads, expected):
         torch.testing.assert_close(g, e)
+
+
+def test_fused_linear_cross_entropy_second_backward_is_a_clear_error():
+    hidden = torch.randn(8, 4, device=DEVICE, requires_grad=True)
+    loss = kernels.fused_linear_cross_entropy(hidden, torch.randn(10, 4, device=DEVICE),
+                                              torch.randint(0, 10, (8,), device=DEVICE))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

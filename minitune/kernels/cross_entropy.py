@@ -234,9 +234,13 @@ def _check_args(x, targets, reduction, label_smoothing, what):
 
 # ---- fused linear + cross-entropy ----
 
+MIN_CHUNK_ROWS = 256  # fewer rows make the three matmuls per chunk too thin to run at speed
+
+
 def default_chunk_rows(M: int, H: int, V: int) -> int:
-    """Rows per chunk so that a chunk of logits (rows x V) is about as large as the hidden states."""
-    return max(16, triton.next_power_of_2(max(1, -(-M // -(-V // H)))))
+    """Rows per chunk so that a chunk of logits (rows x V) is about as large as the hidden states,
+    but never thinner than MIN_CHUNK_ROWS."""
+    return max(MIN_CHUNK_ROWS, triton.next_power_of_2(max(1, -(-M // -(-V // H)))))
 
 
 def _add_matmul_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -305,6 +309,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             need_dh and now, need_dw and now, chunk_rows, use_triton)
         ctx.args = (ignore_index, label_smoothing, chunk_rows, use_triton)
         ctx.reduction = reduction
+        ctx.consumed = False
         if now:
             ctx.save_for_backward(dh, dw)
             return loss.sum() / n_valid if reduction == "mean" else loss.sum()
@@ -314,9 +319,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.reduction != "none":
-            dh, dw = ctx.saved_tensors
-            dh = dh * grad_output if ctx.needs_input_grad[0] else None
-            dw = dw * grad_output if ctx.needs_input_grad[1] else None
+            if ctx.consumed:
+                raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
+                                   "(retain_graph=True) is not supported; its gradients were used up")
+            ctx.consumed = True
+            dh, dw = ctx.saved_tensors  # scaled in place: a copy would add a weight-sized buffer to the peak
+            dh = dh.mul_(grad_output) if ctx.needs_input_grad[0] else None
+            dw = dw.mul_(grad_output) if ctx.needs_input_grad[1] else None
         else:
             hidden, weight, targets = ctx.saved_tensors
             ignore_index, label_smoothing, chunk_rows, use_triton = ctx.args
