@@ -1,0 +1,695 @@
+"""Kernels: minitune's rms_norm, layer_norm, cross_entropy and fused_linear_cross_entropy, forward + backward.
+
+    python benchmarks/bench_kernels.py --out benchmarks/out            # CPU: about 2 minutes on 2 cores
+    python benchmarks/bench_kernels.py --sweep --out benchmarks/out    # GPU, plus the cross-entropy constants
+
+One measured call is the forward and its backward (`out.backward(dy)` with a fixed upstream gradient
+for the norms, `loss.backward()` for the losses). For each kernel and size, every variant is timed
+on the same inputs: minitune (the default dispatch: Triton on CUDA tensors, PyTorch elsewhere),
+PyTorch eager (minitune's references; for the fused linear CE, `F.cross_entropy(hidden @ weight.T,
+targets)`), `torch.compile` of that eager function (GPU), Liger Kernel (GPU, when installed) and
+torch's `F.linear_cross_entropy` with `LinearCrossEntropyOptions()` (fused linear CE, when this torch
+has it). Reported:
+
+- time: the median. GPU: `triton.testing.do_bench(return_mode="median")`, which resets the inputs'
+  .grad (grad_to_none) and flushes the L2 cache before each call, outside the timed region; inputs,
+  targets and upstream gradients are allocated once, before. CPU: the median of time.perf_counter()
+  around each call, after warm-up calls for half a second (at least one), 2 to 20 calls, about a
+  second of them.
+- bandwidth from the minimum bytes a forward + backward must move, b = bytes per element:
+  RMSNorm/LayerNorm 5*M*N*b (forward reads x, writes y: 2*M*N*b; backward reads x and dy, writes
+  dx: 3*M*N*b); cross-entropy 2*M*V*b (read the logits, write their gradient). Also as a fraction of
+  the copy bandwidth measured in the same run: dst.copy_(src) of a 1 GiB tensor moves 2 * 1 GiB.
+  The fused linear CE is bound by its matmuls: no bandwidth.
+- minitune speed-up: a variant's time divided by minitune's (above 1: minitune is faster).
+- peak memory (GPU): torch.cuda.max_memory_allocated during one call minus the memory allocated
+  before it (the inputs). On the CPU only the fused linear CE goal's: the peak RSS increase (VmHWM
+  after resetting it through /proc/self/clear_refs) of one call, in a fresh process per variant.
+
+Liger's cross_entropy writes the gradient into its input logits. Its logits are restored from a
+copy before each timed call, outside the timed region (through do_bench's grad_to_none hook).
+
+--sweep (GPU): cross_entropy forward + backward at M=8192 for V=32000 and 128256 over
+MAX_BLOCK_V x NUM_WARPS (module constants of minitune.kernels.cross_entropy, restored afterwards).
+
+Writes <out>/bench_kernels.json and <out>/bench_kernels.md (rewritten after each size, so a run
+cut short keeps what it measured), ending with the goals and whether the numbers meet them.
+MB is 10**6 bytes, GB/s 10**9 bytes per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # minitune from this checkout, installed or not
+
+from bench_load import child_env, proc_status, reset_peak  # benchmarks/ is on sys.path
+
+from minitune import kernels
+from minitune.kernels.cross_entropy import cross_entropy_reference
+from minitune.kernels.layer_norm import layer_norm_reference
+from minitune.kernels.rms_norm import rms_norm_reference
+
+try:
+    from liger_kernel.transformers import functional as liger
+except ImportError:  # optional: the GPU machine gets it from benchmarks/vendor (see gpu_run.sh)
+    liger = None
+
+TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
+
+EPS = 1e-5
+KERNELS = ("rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy")
+COPY_BYTES = 1 << 30
+
+# Default sizes: the GPU set holds every goal point and fits gpu_run.sh's time budget.
+GPU_SIZES = {
+    "rms_norm": [{"M": 16384, "N": 4096}, {"M": 32768, "N": 8192}],
+    "layer_norm": [{"M": 16384, "N": 4096}],
+    "cross_entropy": [{"M": 8192, "V": 32000}, {"M": 8192, "V": 128256}],
+    "fused_linear_cross_entropy": [{"M": 8192, "H": 4096, "V": 32000}, {"M": 16384, "H": 4096, "V": 32000}],
+}
+NORM_GRID = [{"M": m, "N": n} for m in (4096, 16384, 32768) for n in (1024, 2048, 4096, 8192)]
+GPU_SIZES_ALL = {  # --all-sizes: the whole grid (a few minutes more, mostly torch.compile)
+    "rms_norm": NORM_GRID,
+    "layer_norm": NORM_GRID,
+    "cross_entropy": [{"M": m, "V": v} for m in (4096, 8192, 16384, 32768) for v in (32000, 50257, 128256)],
+    "fused_linear_cross_entropy": [{"M": m, "H": 4096, "V": v} for m in (4096, 8192, 16384)
+                                   for v in (32000, 50257, 128256)],
+}
+CPU_SIZES = {
+    "rms_norm": [{"M": 4096, "N": 1024}, {"M": 4096, "N": 4096}],
+    "layer_norm": [{"M": 4096, "N": 1024}, {"M": 4096, "N": 4096}],
+    "cross_entropy": [{"M": 2048, "V": 32000}, {"M": 2048, "V": 50257}],
+    "fused_linear_cross_entropy": [{"M": 1024, "H": 256, "V": 32000}],
+}
+
+# The goals (from the issue). GPU ones at these sizes in the run's dtype (bf16 by default).
+GOAL_RMS = ("rms_norm", {"M": 16384, "N": 4096})
+GOAL_CE = ("cross_entropy", {"M": 8192, "V": 32000})
+# the fused linear CE's memory goal is checked at two batch sizes: its float32 dweight (V x H) is a fixed
+# cost, so its ratio to the eager path's peak (which grows with M x V) depends on M / H
+GOAL_FLCE = [("fused_linear_cross_entropy", {"M": 8192, "H": 4096, "V": 32000}),
+             ("fused_linear_cross_entropy", {"M": 16384, "H": 4096, "V": 32000})]
+GOAL_BANDWIDTH_FRACTION = 0.80
+GOAL_FLCE_GPU_PEAK_RATIO = 1 / 4
+CPU_MEMORY_SIZE = {"M": 8192, "H": 256, "V": 32000}  # float32, peak RSS in fresh processes
+CPU_MEMORY_VARIANTS = ("minitune", "eager")
+GOAL_FLCE_CPU_PEAK_RATIO = 1 / 10
+
+SWEEP_M = 8192
+SWEEP_VOCABS = (32000, 128256)
+SWEEP_BLOCKS = (4096, 8192, 16384, 32768)
+SWEEP_WARPS = (8, 16, 32)
+SWEEP_NORM_SIZE = {"M": 16384, "N": 4096}
+SWEEP_PROGRAMS_PER_SM = (1, 2, 4, 8)  # the norm backward's loop-over-rows programs
+
+CPU_WARMUP_S, CPU_TIME_BUDGET_S, CPU_MIN_REPS, CPU_MAX_REPS = 0.5, 1.0, 2, 20
+
+
+# ---------------------------------------------------------------- what is timed
+
+@dataclass
+class Case:
+    """One kernel at one size: the forward's inputs, the leaves that get gradients, the upstream gradient."""
+    kernel: str
+    size: dict
+    args: tuple
+    leaves: list
+    grad_out: torch.Tensor | None = None  # None: the output is a scalar loss
+    bytes_moved: int | None = None
+
+
+@dataclass
+class Variant:
+    name: str
+    fn: Callable
+    overwrites_input: bool = False  # Liger's cross-entropy writes its gradient into the logits
+
+
+def size_label(size: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in size.items())
+
+
+def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device) -> Case:
+    torch.manual_seed(0)
+    b = torch.empty((), dtype=dtype).element_size()
+
+    def leaf(*shape, scale=1.0, offset=0.0):
+        return (torch.randn(*shape, device=device) * scale + offset).to(dtype).requires_grad_()
+
+    if kernel in ("rms_norm", "layer_norm"):
+        M, N = size["M"], size["N"]
+        x, w = leaf(M, N), leaf(N, scale=0.1, offset=1.0)
+        leaves = [x, w] + ([leaf(N, scale=0.1)] if kernel == "layer_norm" else [])
+        return Case(kernel, size, tuple(leaves), leaves, torch.randn(M, N, device=device).to(dtype), 5 * M * N * b)
+    if kernel == "cross_entropy":
+        M, V = size["M"], size["V"]
+        logits = leaf(M, V, scale=2.0)
+        targets = torch.randint(0, V, (M,), device=device)
+        return Case(kernel, size, (logits, targets), [logits], None, 2 * M * V * b)
+    M, H, V = size["M"], size["H"], size["V"]
+    hidden, weight = leaf(M, H), leaf(V, H, scale=H ** -0.5)
+    targets = torch.randint(0, V, (M,), device=device)
+    return Case(kernel, size, (hidden, weight, targets), [hidden, weight])
+
+
+def rms_norm_eager(x, w):
+    return rms_norm_reference(x, w, EPS)
+
+
+def layer_norm_eager(x, w, b):
+    return layer_norm_reference(x, w, b, EPS)
+
+
+def linear_cross_entropy_eager(hidden, weight, targets):
+    """The path the fused kernel replaces: the full [tokens, vocab] logits, then torch's cross-entropy."""
+    return F.cross_entropy(hidden @ weight.T, targets)
+
+
+def torch_linear_cross_entropy(hidden, weight, targets):
+    return F.linear_cross_entropy(hidden, weight, targets, options=torch.nn.LinearCrossEntropyOptions())
+
+
+MINITUNE = {
+    "rms_norm": lambda x, w: kernels.rms_norm(x, w, EPS),
+    "layer_norm": lambda x, w, b: kernels.layer_norm(x, w, b, EPS),
+    "cross_entropy": kernels.cross_entropy,
+    "fused_linear_cross_entropy": kernels.fused_linear_cross_entropy,
+}
+EAGER = {
+    "rms_norm": rms_norm_eager,
+    "layer_norm": layer_norm_eager,
+    "cross_entropy": cross_entropy_reference,
+    "fused_linear_cross_entropy": linear_cross_entropy_eager,
+}
+
+
+def liger_variant(kernel: str) -> Variant | None:
+    if liger is None:
+        return None
+    return {
+        "rms_norm": Variant("liger", lambda x, w: liger.liger_rms_norm(x, w, EPS, casting_mode="llama",
+                                                                       in_place=False)),
+        "layer_norm": Variant("liger", lambda x, w, b: liger.liger_layer_norm(x, w, b, EPS)),
+        "cross_entropy": Variant("liger", liger.liger_cross_entropy, overwrites_input=True),
+        "fused_linear_cross_entropy": Variant("liger", liger.liger_fused_linear_cross_entropy),
+    }[kernel]
+
+
+def variants(kernel: str, device: torch.device, use_compile: bool) -> list[Variant]:
+    out = [Variant("minitune", MINITUNE[kernel]), Variant("eager", EAGER[kernel])]
+    if device.type == "cuda":
+        if use_compile:
+            torch._dynamo.reset()  # a fresh, static compile for each size
+            out.append(Variant("compile", torch.compile(EAGER[kernel], dynamic=False)))
+        if (lv := liger_variant(kernel)) is not None:
+            out.append(lv)
+    if kernel == "fused_linear_cross_entropy" and TORCH_LCE:
+        out.append(Variant("torch_lce", torch_linear_cross_entropy))
+    return out
+
+
+class Step:
+    """One forward + backward of `fn` on the case's inputs; keeps the last scalar loss (a tensor: no sync)."""
+
+    def __init__(self, fn: Callable, case: Case):
+        self.fn, self.case, self.value = fn, case, None
+
+    def __call__(self) -> None:
+        out = self.fn(*self.case.args)
+        out.backward(self.case.grad_out)
+        self.value = out.detach() if out.numel() == 1 else None
+
+
+class RestoreInput:
+    """A grad_to_none entry: do_bench sets `.grad = None` on each entry before every timed call, outside
+    the timed region; setting it here copies the saved input back (Liger overwrote it)."""
+
+    def __init__(self, target: torch.Tensor):
+        self.target, self.saved = target, target.detach().clone()
+
+    @property
+    def grad(self):
+        return None
+
+    @grad.setter
+    def grad(self, _):
+        with torch.no_grad():
+            self.target.copy_(self.saved)
+
+
+def clear(resets: list) -> None:
+    for r in resets:
+        r.grad = None
+
+
+# ---------------------------------------------------------------- timing and memory
+
+def time_ms(fn: Callable, resets: list, device: torch.device) -> float:
+    """Median milliseconds of fn(), each call after `clear(resets)`, which is not timed."""
+    if device.type == "cuda":
+        import triton.testing
+        return triton.testing.do_bench(fn, grad_to_none=resets, return_mode="median")
+
+    def once() -> float:
+        clear(resets)
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    warm_until = time.perf_counter() + CPU_WARMUP_S  # the first few calls of a process run slower
+    last = once()
+    while time.perf_counter() < warm_until:
+        last = once()
+    reps = min(CPU_MAX_REPS, max(CPU_MIN_REPS, int(CPU_TIME_BUDGET_S / last)))
+    return 1e3 * statistics.median(once() for _ in range(reps))
+
+
+def cuda_peak_bytes(fn: Callable, resets: list) -> int:
+    """Peak bytes allocated during one call, above what was allocated before it (the inputs)."""
+    clear(resets)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def copy_bandwidth_gbps(device: torch.device, dtype: torch.dtype) -> float:
+    """dst.copy_(src) of a 1 GiB tensor: 2 * bytes / time."""
+    src = torch.ones(COPY_BYTES // torch.empty((), dtype=dtype).element_size(), dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), [], device)
+    return 2 * COPY_BYTES / (ms * 1e-3) / 1e9
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def error_text(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def measure(case: Case, variant: Variant, device: torch.device) -> dict:
+    row = {"kernel": case.kernel, "size": case.size, "variant": variant.name,
+           "backend": kernels.backend(case.args[0]) if variant.name == "minitune" else None}
+    resets = list(case.leaves)
+    step = Step(variant.fn, case)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if variant.overwrites_input:
+                resets.append(RestoreInput(case.args[0]))
+            row["ms"] = time_ms(step, resets, device)
+            if device.type == "cuda":
+                row["peak_bytes"] = cuda_peak_bytes(step, resets)
+            if step.value is not None:
+                row["loss"] = float(step.value)
+        except Exception as e:  # noqa: BLE001  one failure (an OOM, a missing kernel) must not lose the rest
+            row["error"] = error_text(e)
+    row["warnings"] = sorted({str(w.message).splitlines()[0][:160] for w in caught})
+    clear(resets)  # also puts back an input the variant overwrote, for the variants after it
+    del resets, step
+    free_memory(device)
+    return row
+
+
+def bench_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device, use_compile: bool,
+               copy_gbps: float) -> list[dict]:
+    try:
+        case = make_case(kernel, size, dtype, device)
+    except Exception as e:  # noqa: BLE001  (an OOM for the inputs: recorded as the case's row)
+        free_memory(device)
+        return [{"kernel": kernel, "size": size, "variant": "inputs", "error": error_text(e), "warnings": []}]
+    rows = []
+    for v in variants(kernel, device, use_compile):
+        rows.append(measure(case, v, device))
+        r = rows[-1]
+        print(f"  {kernel:27s} {size_label(size):22s} {v.name:10s} "
+              + (f"{r['ms']:9.3f} ms" if "ms" in r else r["error"]), flush=True)
+    ours = rows[0].get("ms")
+    for r in rows:
+        if "ms" in r and case.bytes_moved:
+            r["gbps"] = case.bytes_moved / (r["ms"] * 1e-3) / 1e9
+            r["of_copy"] = r["gbps"] / copy_gbps
+        if "ms" in r and ours:
+            r["minitune_speedup"] = r["ms"] / ours
+    del case
+    free_memory(device)
+    return rows
+
+
+# ---------------------------------------------------------------- the cross-entropy constants sweep (GPU)
+
+def sweep(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
+    """cross_entropy forward + backward over MAX_BLOCK_V x NUM_WARPS; the constants are restored after."""
+    ce = importlib.import_module("minitune.kernels.cross_entropy")  # kernels.cross_entropy is the function
+    saved = ce.MAX_BLOCK_V, ce.NUM_WARPS
+    rows = []
+    try:
+        for V in SWEEP_VOCABS:
+            case = make_case("cross_entropy", {"M": SWEEP_M, "V": V}, dtype, device)
+            step = Step(kernels.cross_entropy, case)
+            for block in SWEEP_BLOCKS:
+                for warps in SWEEP_WARPS:
+                    ce.MAX_BLOCK_V, ce.NUM_WARPS = block, warps
+                    row = {"M": SWEEP_M, "V": V, "MAX_BLOCK_V": block, "NUM_WARPS": warps}
+                    try:
+                        row["ms"] = time_ms(step, case.leaves, device)
+                        row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
+                        row["of_copy"] = row["gbps"] / copy_gbps
+                    except Exception as e:  # noqa: BLE001  recorded in the table
+                        row["error"] = error_text(e)
+                    rows.append(row)
+                    print(f"  sweep V={V:6d} MAX_BLOCK_V={block:5d} NUM_WARPS={warps:2d} "
+                          + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
+            del case, step
+            free_memory(device)
+    finally:
+        ce.MAX_BLOCK_V, ce.NUM_WARPS = saved
+    return rows
+
+
+def sweep_norm_programs(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
+    """rms_norm forward + backward over the backward's programs per SM (restored after)."""
+    common = importlib.import_module("minitune.kernels._common")
+    saved = common.PROGRAMS_PER_SM
+    case = make_case("rms_norm", SWEEP_NORM_SIZE, dtype, device)
+    step = Step(MINITUNE["rms_norm"], case)
+    rows = []
+    try:
+        for per_sm in SWEEP_PROGRAMS_PER_SM:
+            common.PROGRAMS_PER_SM = per_sm
+            row = {"PROGRAMS_PER_SM": per_sm, **SWEEP_NORM_SIZE}
+            try:
+                row["ms"] = time_ms(step, case.leaves, device)
+                row["of_copy"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9 / copy_gbps
+            except Exception as e:  # noqa: BLE001  recorded in the table
+                row["error"] = error_text(e)
+            rows.append(row)
+            print(f"  sweep rms_norm PROGRAMS_PER_SM={per_sm} "
+                  + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
+    finally:
+        common.PROGRAMS_PER_SM = saved
+    del case, step
+    free_memory(device)
+    return rows
+
+
+# ---------------------------------------------------------------- the CPU memory goal, one process per variant
+
+def child_cpu_memory(variant: str) -> dict:
+    """Peak RSS increase of one fused-linear-CE forward + backward at CPU_MEMORY_SIZE in float32."""
+    device = torch.device("cpu")
+    case = make_case("fused_linear_cross_entropy", CPU_MEMORY_SIZE, torch.float32, device)
+    fn = {"minitune": MINITUNE, "eager": EAGER}[variant]["fused_linear_cross_entropy"]
+    step = Step(fn, case)
+    gc.collect()
+    base = proc_status()["VmRSS"]
+    peak_reset = reset_peak()
+    t0 = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - t0
+    import resource
+    peak = proc_status()["VmHWM"] if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    backend = kernels.backend(case.args[0]) if variant == "minitune" else None
+    return {"variant": variant, "size": CPU_MEMORY_SIZE, "dtype": "float32", "backend": backend,
+            "peak_increase_bytes": peak - base, "baseline_rss_bytes": base, "seconds": seconds,
+            "loss": float(step.value), "peak_source": "VmHWM after clear_refs" if peak_reset else "ru_maxrss"}
+
+
+def cpu_memory_goal(timeout: float) -> list[dict]:
+    rows = []
+    for variant in CPU_MEMORY_VARIANTS:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child-cpu-memory", variant]
+        try:
+            proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(), timeout=timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+            rows.append(json.loads(lines[-1].removeprefix("RESULT ")))
+            print(f"  cpu memory {variant:9s} peak +{rows[-1]['peak_increase_bytes'] / 1e6:8.1f} MB "
+                  f"({rows[-1]['seconds']:.1f} s)", flush=True)
+        except Exception as e:  # noqa: BLE001  recorded in the table
+            rows.append({"variant": variant, "size": CPU_MEMORY_SIZE, "error": error_text(e)})
+            print(f"  cpu memory {variant}: {rows[-1]['error']}", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- goals
+
+def find(rows: list[dict], kernel: str, size: dict, variant: str) -> dict | None:
+    return next((r for r in rows if r["kernel"] == kernel and r["size"] == size and r["variant"] == variant
+                 and "error" not in r), None)
+
+
+def goal(text: str, met: bool | None, detail: str) -> dict:
+    return {"goal": text, "met": met, "detail": detail}
+
+
+def bandwidth_goals(rows: list[dict], kernel: str, size: dict, name: str) -> list[dict]:
+    ours, theirs = find(rows, kernel, size, "minitune"), find(rows, kernel, size, "liger")
+    where = f"{name} forward + backward at {size_label(size)}"
+    out = [goal(f"{where}: at least {GOAL_BANDWIDTH_FRACTION:.0%} of the copy bandwidth",
+                None if ours is None else ours["of_copy"] >= GOAL_BANDWIDTH_FRACTION,
+                "not measured" if ours is None else
+                f"{ours['gbps']:.0f} GB/s = {ours['of_copy']:.1%} of the copy bandwidth")]
+    if ours is None or theirs is None:
+        out.append(goal(f"{where}: at least as fast as Liger", None,
+                        "Liger Kernel not installed" if liger is None else "not measured"))
+    else:
+        out.append(goal(f"{where}: at least as fast as Liger", ours["ms"] <= theirs["ms"],
+                        f"minitune {ours['ms']:.3f} ms, Liger {theirs['ms']:.3f} ms"))
+    return out
+
+
+def gpu_goals(rows: list[dict]) -> list[dict]:
+    out = bandwidth_goals(rows, *GOAL_RMS, "RMSNorm") + bandwidth_goals(rows, *GOAL_CE, "cross-entropy")
+    for kernel, size in GOAL_FLCE:
+        out += flce_goals(rows, kernel, size)
+    return out
+
+
+def flce_goals(rows: list[dict], kernel: str, size: dict) -> list[dict]:
+    out = []
+    ours, eager, tl = (find(rows, kernel, size, v) for v in ("minitune", "eager", "torch_lce"))
+    where = f"fused linear CE at {size_label(size)}"
+    if ours is None or eager is None:
+        out.append(goal(f"{where}: peak memory at most 1/4 of the eager path's", None, "not measured"))
+    else:
+        ratio = ours["peak_bytes"] / eager["peak_bytes"]
+        out.append(goal(f"{where}: peak memory at most 1/4 of the eager path's", ratio <= GOAL_FLCE_GPU_PEAK_RATIO,
+                        f"minitune {ours['peak_bytes'] / 1e6:.0f} MB, F.cross_entropy(hidden @ weight.T) "
+                        f"{eager['peak_bytes'] / 1e6:.0f} MB: {ratio:.3f}x"))
+    if ours is None or tl is None:
+        out.append(goal(f"{where}: no slower than torch's linear_cross_entropy", None,
+                        "torch.nn.functional.linear_cross_entropy not in this torch" if not TORCH_LCE
+                        else "not measured"))
+    else:
+        out.append(goal(f"{where}: no slower than torch's linear_cross_entropy", ours["ms"] <= tl["ms"],
+                        f"minitune {ours['ms']:.2f} ms, torch {tl['ms']:.2f} ms"))
+    return out
+
+
+def cpu_goals(memory: list[dict]) -> list[dict]:
+    by = {r["variant"]: r for r in memory if "error" not in r}
+    text = (f"CPU fused linear CE at {size_label(CPU_MEMORY_SIZE)} float32: peak at most 1/10 of "
+            "F.cross_entropy(hidden @ weight.T, targets)'s")
+    if "minitune" not in by or "eager" not in by:
+        return [goal(text, None, "not measured")]
+    ours, eager = by["minitune"]["peak_increase_bytes"], by["eager"]["peak_increase_bytes"]
+    return [goal(text, ours <= GOAL_FLCE_CPU_PEAK_RATIO * eager,
+                 f"peak RSS increase: minitune {ours / 1e6:.0f} MB, eager {eager / 1e6:.0f} MB: {ours / eager:.3f}x")]
+
+
+# ---------------------------------------------------------------- report
+
+def version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def environment(device: torch.device, dtype: torch.dtype | None) -> dict:
+    """The machine and packages a result came from (also used by bench_train.py)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{cpu_name()} ({len(os.sched_getaffinity(0))} cores usable)"
+    return {"device": name, "device_type": device.type, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
+            "transformers": version("transformers"), "liger_kernel": version("liger_kernel"),
+            "python": platform.python_version(), "MINITUNE_KERNELS": os.environ.get("MINITUNE_KERNELS", "auto")}
+
+
+def environment_line(env: dict) -> str:
+    return (f"Device: **{env['device']}**; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
+            f"transformers {env['transformers']}, liger-kernel {env['liger_kernel']}; Python {env['python']}; "
+            f"dtype **{env['dtype']}**; MINITUNE_KERNELS={env['MINITUNE_KERNELS']}.")
+
+
+def cell(r: dict, key: str, fmt: str) -> str:
+    return format(r[key], fmt) if r.get(key) is not None else "—"
+
+
+def goal_lines(goals: list[dict]) -> list[str]:
+    verdict = {True: "**met**", False: "**NOT met**", None: "n/a"}
+    return [f"- {g['goal']}: {g['detail']} -> {verdict[g['met']]}" for g in goals]
+
+
+def markdown(result: dict) -> str:
+    how = (f"Copy bandwidth (dst.copy_(src), 1 GiB): **{result['copy_gbps']:.0f} GB/s**. One call = forward + "
+           "backward. ms: median; GB/s from the minimum bytes moved (norms 5·M·N·b, cross-entropy 2·M·V·b); "
+           "speed-up: the variant's time / minitune's; peak: memory allocated above the inputs (GPU).")
+    lines = ["# Kernels: minitune against PyTorch eager, torch.compile, Liger Kernel and torch's linear_cross_entropy",
+             "", environment_line(result["environment"]), "", how, "",
+             "| kernel | size | variant | backend | ms | GB/s | % of copy | minitune speed-up | peak MB | note |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in result["rows"]:
+        note = r.get("error") or "; ".join(r.get("warnings", []))
+        peak = f"{r['peak_bytes'] / 1e6:.0f}" if r.get("peak_bytes") is not None else "—"
+        pct = f"{100 * r['of_copy']:.1f}%" if r.get("of_copy") is not None else "—"
+        speedup = f"{r['minitune_speedup']:.2f}x" if r.get("minitune_speedup") is not None else "—"
+        lines.append(f"| {r['kernel']} | {size_label(r['size'])} | {r['variant']} | {r.get('backend') or '—'} | "
+                     f"{cell(r, 'ms', '.3f')} | {cell(r, 'gbps', '.1f')} | {pct} | {speedup} | {peak} | {note} |")
+    if result.get("cpu_memory"):
+        lines += ["", f"## CPU peak memory: fused linear CE at {size_label(CPU_MEMORY_SIZE)}, float32", "",
+                  "One forward + backward in a fresh process per variant; peak RSS increase over the RSS before it.",
+                  "",
+                  "| variant | backend | peak +MB | s | loss | note |", "|---|---|---:|---:|---:|---|"]
+        for r in result["cpu_memory"]:
+            peak = f"{r['peak_increase_bytes'] / 1e6:.0f}" if "peak_increase_bytes" in r else "—"
+            lines.append(f"| {r['variant']} | {r.get('backend') or '—'} | {peak} | {cell(r, 'seconds', '.1f')} | "
+                         f"{cell(r, 'loss', '.4f')} | {r.get('error', '')} |")
+    if result.get("sweep"):
+        constants = result["constants"]
+        how = ("ms (% of copy bandwidth) per MAX_BLOCK_V (rows) and NUM_WARPS (columns); the constants in this run "
+               f"were MAX_BLOCK_V={constants['MAX_BLOCK_V']}, NUM_WARPS={constants['NUM_WARPS']}; "
+               "* marks the fastest per vocabulary.")
+        lines += ["", f"## cross_entropy constants sweep: M={SWEEP_M}, forward + backward", "", how, ""]
+        for V in SWEEP_VOCABS:
+            rows = [r for r in result["sweep"] if r["V"] == V]
+            best = min((r["ms"] for r in rows if "ms" in r), default=None)
+            lines += [f"V={V}:", "", "| MAX_BLOCK_V | " + " | ".join(f"{w} warps" for w in SWEEP_WARPS) + " |",
+                      "|---:|" + "---:|" * len(SWEEP_WARPS)]
+            for block in SWEEP_BLOCKS:
+                cells = []
+                for r in (r for r in rows if r["MAX_BLOCK_V"] == block):
+                    cells.append(r["error"] if "error" in r else
+                                 f"{r['ms']:.3f} ({100 * r['of_copy']:.0f}%){' *' if r['ms'] == best else ''}")
+                lines.append(f"| {block} | " + " | ".join(cells) + " |")
+            lines.append("")
+    if result.get("sweep_norm"):
+        lines += [f"## rms_norm backward programs per SM: {size_label(SWEEP_NORM_SIZE)}, forward + backward", "",
+                  f"(this run's constant: {result['constants']['PROGRAMS_PER_SM']})", "",
+                  "| programs per SM | ms | % of copy |", "|---:|---:|---:|"]
+        lines += [f"| {r['PROGRAMS_PER_SM']} | {cell(r, 'ms', '.3f')} | "
+                  + (f"{100 * r['of_copy']:.1f}%" if "of_copy" in r else r.get("error", "—")) + " |"
+                  for r in result["sweep_norm"]]
+    lines += ["", "## Goals", ""] + goal_lines(result["goals"])
+    lines += ["", f"Reproduce: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def write(result: dict, out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_kernels.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (out / "bench_kernels.md").write_text(md)
+    return md
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/out", help="where bench_kernels.json and bench_kernels.md go")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                    help="default: bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
+    ap.add_argument("--all-sizes", action="store_true", help="GPU: the whole size grid, not the default set")
+    ap.add_argument("--no-compile", action="store_true", help="GPU: leave out torch.compile")
+    ap.add_argument("--sweep", action="store_true", help="GPU: also sweep cross_entropy's MAX_BLOCK_V x NUM_WARPS")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per CPU memory child process")
+    ap.add_argument("--child-cpu-memory", choices=CPU_MEMORY_VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child_cpu_memory:
+        print("RESULT " + json.dumps(child_cpu_memory(args.child_cpu_memory)), flush=True)
+        return
+
+    device = torch.device(args.device)
+    on_gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    chosen = [k for k in args.kernels.split(",") if k]
+    if bad := [k for k in chosen if k not in KERNELS]:
+        ap.error(f"--kernels: unknown {bad}; choose from {KERNELS}")
+    sizes = (GPU_SIZES_ALL if args.all_sizes else GPU_SIZES) if on_gpu else CPU_SIZES
+    out = Path(args.out)
+    ce = importlib.import_module("minitune.kernels.cross_entropy")
+    common = importlib.import_module("minitune.kernels._common")
+    constants = {"MAX_BLOCK_V": ce.MAX_BLOCK_V, "NUM_WARPS": ce.NUM_WARPS, "PROGRAMS_PER_SM": common.PROGRAMS_PER_SM}
+    result = {"command": ("python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])).strip(),
+              "environment": environment(device, dtype), "constants": constants,
+              "torch_linear_cross_entropy": TORCH_LCE, "rows": [], "cpu_memory": [], "sweep": [], "goals": []}
+    print(environment_line(result["environment"]), flush=True)
+
+    t_start = time.perf_counter()
+    result["copy_gbps"] = copy_bandwidth_gbps(device, dtype)
+    free_memory(device)
+    print(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s", flush=True)
+    for kernel in chosen:
+        for size in sizes[kernel]:
+            result["rows"] += bench_case(kernel, size, dtype, device, on_gpu and not args.no_compile,
+                                         result["copy_gbps"])
+            result["goals"] = gpu_goals(result["rows"]) if on_gpu else []
+            write(result, out)  # after each size: a run cut short keeps what it measured
+    if not on_gpu and "fused_linear_cross_entropy" in chosen:
+        result["cpu_memory"] = cpu_memory_goal(args.timeout)
+    if args.sweep:
+        if on_gpu:
+            result["sweep"] = sweep(dtype, device, result["copy_gbps"])
+            result["sweep_norm"] = sweep_norm_programs(dtype, device, result["copy_gbps"])
+        else:
+            print("--sweep needs a GPU: skipped", flush=True)
+    result["goals"] = gpu_goals(result["rows"]) if on_gpu else cpu_goals(result["cpu_memory"])
+    result["seconds"] = time.perf_counter() - t_start
+    md = write(result, out)
+    print()
+    print(md)
+    print(f"wrote {out / 'bench_kernels.json'} and {out / 'bench_kernels.md'} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
