@@ -1,0 +1,440 @@
+"""Training step: minitune (causal_lm_loss) against transformers (model(labels=ids).loss), same weights and data.
+
+    python benchmarks/bench_train.py --out benchmarks/out      # CPU: about 2 to 2.5 minutes on 2 cores
+    python benchmarks/bench_train.py --out benchmarks/out      # on a GPU: the ~1B Mistral config, bf16
+
+For each config, a random transformers model is built from the config with a fixed seed and saved
+(config.json + model.safetensors) to a temporary folder. Every run trains on those weights and the
+same batch of random token ids, with full training steps:
+
+    minitune:      loss = minitune.losses.causal_lm_loss(model, ids, labels=ids)
+    transformers:  loss = model(input_ids=ids, labels=ids).loss
+    both:          loss.backward(); AdamW.step(); zero_grad()
+
+Speed: ONE process loads every library's model (each with its own AdamW), runs --warmup rounds,
+then --steps timed rounds; a round is one step of each library, back to back, the order rotated
+each round (with two libraries: A B, B A, A B, ...), so a slow patch of a noisy machine hits both.
+Each step ends with loss.item() (and on a GPU a synchronize), so its time is the step's.
+- ms / step and tokens per second (batch x seq / that): each library's median over the timed rounds;
+- the paired ratio: in each round, minitune's step time / transformers' step time; its median over
+  the rounds (the machine's drift cancels within a round) decides the goal, and its spread
+  (interquartile range, min-max) shows the noise; "vs transformers" is 1 / that median;
+- the first step's loss of each library: the same weights and data give the same loss, which shows
+  that both train the same model.
+Memory: one fresh process per library (so the peak is its own), --mem-warmup + --mem-steps steps:
+GPU: torch.cuda.max_memory_allocated over the steps (all of it, and the increase over the weights);
+CPU: the peak RSS increase over the steps (VmHWM after resetting it through /proc/self/clear_refs)
+above the RSS after loading the model; the optimizer's state is in it.
+
+On the CPU, small GPT-2 and Mistral configs in float32; on a GPU, a ~1B Mistral-architecture config
+in bf16, plus minitune with MINITUNE_KERNELS=torch (its PyTorch paths instead of the Triton kernels;
+its own model and AdamW, the variable set around its steps only), so the kernels' share is visible.
+Writes <out>/bench_train.json and <out>/bench_train.md (after each stage, so a run cut short keeps
+what it measured), which state whether "a minitune training step is at least as fast as
+transformers' on the same config" holds (the goal is the CPU's; a GPU run reports it for
+information). MB is 10**6 bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # minitune from this checkout, installed or not
+
+from bench_load import child_env, proc_status, reset_peak  # benchmarks/ is on sys.path
+
+SEED = 0
+LR = 1e-4
+# name: (transformers config class, its arguments, batch, sequence length, device type)
+CONFIGS = {
+    "gpt2-small": ("GPT2Config", {"vocab_size": 50257, "n_embd": 256, "n_layer": 4, "n_head": 4,
+                                  "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+                   4, 256, "cpu"),
+    "mistral-small": ("MistralConfig", {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 688,
+                                        "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                        "max_position_embeddings": 1024, "sliding_window": None,
+                                        "tie_word_embeddings": False},
+                      4, 256, "cpu"),
+    "mistral-1b": ("MistralConfig", {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+                                     "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                     "max_position_embeddings": 4096, "sliding_window": None, "rms_norm_eps": 1e-5,
+                                     "tie_word_embeddings": False},
+                   8, 1024, "cuda"),
+}
+LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}  # first-step losses "agree" within this
+LIBRARIES = ("transformers", "minitune", "minitune-torch")  # minitune-torch: minitune with MINITUNE_KERNELS=torch
+
+
+# ---------------------------------------------------------------- one library's model and step (child processes)
+
+@contextmanager
+def kernels_env(library: str):
+    """MINITUNE_KERNELS=torch while minitune-torch runs (minitune reads it at each kernel call); else nothing."""
+    if library != "minitune-torch":
+        yield
+        return
+    old = os.environ.get("MINITUNE_KERNELS")
+    os.environ["MINITUNE_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MINITUNE_KERNELS", None)
+        else:
+            os.environ["MINITUNE_KERNELS"] = old
+
+
+class Trainer:
+    """One library's model (loaded from the checkpoint), its AdamW and its loss: step() is one timed step."""
+
+    def __init__(self, library: str, folder: str, ids, dtype, device):
+        import torch
+        self.library, self.ids, self.on_gpu = library, ids, device.type == "cuda"
+        if library == "transformers":
+            import transformers
+            transformers.logging.set_verbosity_error()
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+            self.compute_loss = lambda model, ids: model(input_ids=ids, labels=ids).loss
+        else:
+            import minitune
+            from minitune.losses import causal_lm_loss
+            self.model = minitune.load_model(folder, dtype=dtype, device=device)
+            self.compute_loss = lambda model, ids: causal_lm_loss(model, ids, labels=ids)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
+
+    def step(self) -> tuple[float, float]:
+        """(seconds, loss) of forward, backward, AdamW step, zero_grad."""
+        import torch
+        with kernels_env(self.library):
+            if self.on_gpu:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss = self.compute_loss(self.model, self.ids)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            value = loss.item()
+            if self.on_gpu:
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0, value
+
+    def info(self) -> dict:
+        params = {id(p): p for p in self.model.parameters()}.values()
+        out = {"params": sum(p.numel() for p in params)}
+        with kernels_env(self.library):
+            out["MINITUNE_KERNELS"] = os.environ.get("MINITUNE_KERNELS", "auto")
+            if self.library == "transformers":
+                out["attn_implementation"] = self.model.config._attn_implementation
+            else:
+                from minitune import kernels
+                out["backend"] = kernels.backend(next(self.model.parameters()))  # triton or torch
+        return out
+
+
+def batch_ids(vocab: int, batch: int, seq: int, device):
+    import torch
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(SEED)).to(device)
+
+
+def child_paired(libraries: list[str], folder: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
+                 dtype_name: str, device_name: str) -> dict:
+    """Speed: every library in this one process, one step of each per round, the order rotated each round."""
+    import torch
+    dtype, device = getattr(torch, dtype_name), torch.device(device_name)
+    ids = batch_ids(vocab, batch, seq, device)
+    trainers = [Trainer(library, folder, ids, dtype, device) for library in libraries]
+    losses = {t.library: [] for t in trainers}
+    rounds = []
+    for r in range(warmup + steps):
+        shift = (r - warmup) % len(trainers)  # timed round 0 starts with the first library
+        order = trainers[shift:] + trainers[:shift]
+        seconds = {}
+        for t in order:
+            seconds[t.library], loss = t.step()
+            losses[t.library].append(loss)
+        if r >= warmup:
+            rounds.append({"order": [t.library for t in order], "seconds": seconds})
+    per_library = {}
+    for t in trainers:
+        timed = [rd["seconds"][t.library] for rd in rounds]
+        per_library[t.library] = {**t.info(), "losses": losses[t.library], "step_seconds": timed,
+                                  "median_step_s": statistics.median(timed)}
+    return {"libraries": per_library, "rounds": rounds}
+
+
+def child_memory(library: str, folder: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
+                 dtype_name: str, device_name: str) -> dict:
+    """Memory: this library alone in a fresh process; the peak over its steps."""
+    import torch
+    dtype, device = getattr(torch, dtype_name), torch.device(device_name)
+    on_gpu = device.type == "cuda"
+    trainer = Trainer(library, folder, batch_ids(vocab, batch, seq, device), dtype, device)
+    if on_gpu:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = proc_status()["VmRSS"]
+        peak_reset = reset_peak()
+    seconds, losses = zip(*(trainer.step() for _ in range(warmup + steps)))
+    result = {"library": library, **trainer.info(), "losses": list(losses), "step_seconds": list(seconds)}
+    if on_gpu:
+        result.update(peak_bytes=torch.cuda.max_memory_allocated(), peak_increase_bytes=
+                      torch.cuda.max_memory_allocated() - base, weights_bytes=base, peak_source="max_memory_allocated")
+    else:
+        import resource
+        peak = proc_status()["VmHWM"] if peak_reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result.update(peak_increase_bytes=peak - base, baseline_rss_bytes=base,
+                      peak_source="VmHWM after clear_refs" if peak_reset else "ru_maxrss")
+    return result
+
+
+# ---------------------------------------------------------------- the parent: checkpoints, children, report
+
+def write_checkpoint(config_class: str, config_args: dict, folder: str, dtype_name: str) -> None:
+    """A random transformers model of this config (seeded), saved in the Hugging Face layout."""
+    import torch
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(SEED)
+    config = getattr(transformers, config_class)(**config_args)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
+    model.save_pretrained(folder)
+
+
+def run_child(mode: str, libraries: list[str], folder: str, name: str, steps: int, warmup: int, args) -> dict:
+    _, config_args, batch, seq, _ = CONFIGS[name]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--libraries", ",".join(libraries),
+           "--dir", folder, "--vocab", str(config_args["vocab_size"]), "--batch", str(batch), "--seq", str(seq),
+           "--steps", str(steps), "--warmup", str(warmup), "--dtype", args.dtype, "--device", args.device]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(), timeout=args.timeout)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-600:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def spread(values: list[float]) -> dict:
+    """Median, quartiles (inclusive method) and range of per-round ratios."""
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "min": min(values), "max": max(values),
+            "n": len(values)}
+
+
+def bench_config(name: str, args, save) -> dict:
+    """Timing in one process (all libraries interleaved), then memory in one fresh process per library."""
+    config_class, config_args, batch, seq, _ = CONFIGS[name]
+    libraries = list(LIBRARIES if args.device.startswith("cuda") else LIBRARIES[:2])
+    entry = {"config": name, "config_class": config_class, "config_args": config_args, "batch": batch, "seq": seq,
+             "runs": [{"library": library} for library in libraries]}
+    save(entry)
+    rows = {r["library"]: r for r in entry["runs"]}
+    with tempfile.TemporaryDirectory(prefix="minitune-bench-train-") as folder:
+        t0 = time.perf_counter()
+        write_checkpoint(config_class, config_args, folder, args.dtype)
+        print(f"{name}: wrote a random {config_class} checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
+
+        t0 = time.perf_counter()
+        try:
+            paired = run_child("paired", libraries, folder, name, args.steps, args.warmup, args)
+            entry["rounds"] = paired["rounds"]
+            for library, r in paired["libraries"].items():
+                rows[library].update(r, tokens_per_s=batch * seq / r["median_step_s"])
+            print(f"  timing, {len(libraries)} libraries interleaved in one process, {args.warmup} + {args.steps} "
+                  f"rounds: {time.perf_counter() - t0:.1f} s", flush=True)
+            for library in libraries:
+                r = rows[library]
+                print(f"  {library:15s} {r['median_step_s'] * 1e3:8.1f} ms/step {r['tokens_per_s']:9.0f} tokens/s  "
+                      f"first loss {r['losses'][0]:.6f}", flush=True)
+        except Exception as e:  # noqa: BLE001  the memory runs still give their numbers
+            entry["timing_error"] = f"{type(e).__name__}: {e}"
+            print(f"  timing: {entry['timing_error']}", flush=True)
+        if "rounds" in entry:
+            base = [rd["seconds"]["transformers"] for rd in entry["rounds"]]
+            for library in libraries[1:]:
+                ratios = [rd["seconds"][library] / b for rd, b in zip(entry["rounds"], base)]
+                rows[library].update(time_ratios=ratios, time_ratio=spread(ratios))
+                rows[library]["speed_ratio"] = 1 / rows[library]["time_ratio"]["median"]
+                s = rows[library]["time_ratio"]
+                print(f"  {library} / transformers step time, per round: median {s['median']:.3f} "
+                      f"[IQR {s['q1']:.3f}-{s['q3']:.3f}, range {s['min']:.3f}-{s['max']:.3f}]", flush=True)
+            ours, theirs = rows["minitune"]["losses"][0], rows["transformers"]["losses"][0]
+            entry["first_loss_diff"] = diff = abs(ours - theirs)
+            entry["losses_agree"] = diff <= LOSS_RTOL[args.dtype] * abs(theirs)
+            ratio = rows["minitune"]["time_ratio"]
+            entry["time_ratio"] = ratio["median"]
+            entry["speed_ratio"] = 1 / ratio["median"]
+            entry["at_least_as_fast"] = ratio["median"] <= 1.0
+            entry["iqr_straddles_1"] = ratio["q1"] <= 1.0 <= ratio["q3"]
+            print(f"  first-step loss: transformers {theirs:.6f}, minitune {ours:.6f} "
+                  f"(|diff| {diff:.2e}: {'agree' if entry['losses_agree'] else 'DIFFER'})", flush=True)
+        save(entry)
+
+        for library in libraries:
+            try:
+                r = run_child("memory", [library], folder, name, args.mem_steps, args.mem_warmup, args)
+                rows[library]["memory"] = r
+                for key in ("peak_bytes", "peak_increase_bytes", "weights_bytes", "baseline_rss_bytes", "peak_source"):
+                    if key in r:
+                        rows[library][key] = r[key]
+                for key in ("params", "backend", "attn_implementation", "MINITUNE_KERNELS"):
+                    rows[library].setdefault(key, r.get(key))
+                print(f"  {library:15s} memory (fresh process, {args.mem_warmup} + {args.mem_steps} steps): "
+                      f"peak +{r['peak_increase_bytes'] / 1e6:.0f} MB, first loss {r['losses'][0]:.6f}", flush=True)
+            except Exception as e:  # noqa: BLE001  keep the other libraries' numbers
+                rows[library]["memory_error"] = f"{type(e).__name__}: {e}"
+                print(f"  {library} memory: {rows[library]['memory_error']}", flush=True)
+            save(entry)
+    return entry
+
+
+def fmt_spread(s: dict) -> str:
+    return f"{s['median']:.3f} [{s['q1']:.3f}–{s['q3']:.3f}] ({s['min']:.3f}–{s['max']:.3f})"
+
+
+def markdown(result: dict) -> str:
+    from bench_kernels import environment_line
+    on_cpu = result["environment"]["device_type"] == "cpu"
+    how = (f"One step = forward, backward, AdamW step (lr {LR}), zero_grad; the same random weights (a seeded "
+           "transformers model saved and loaded by each) and the same batch of random token ids. "
+           "**Speed**: one process holds every library's model and AdamW; "
+           f"warm-up rounds: {result['warmup']}, then {result['steps']} timed rounds of one step per library, back "
+           "to back, the order rotated each round. ms / step and tokens/s: each library's median over the rounds. "
+           "Per-round ratio: in each round, the library's step time / transformers' step time, as median "
+           "[interquartile range] (min–max) over the rounds; the drift of a noisy machine cancels within a round. "
+           "vs transformers: tokens/s relative to transformers = 1 / the median per-round ratio. "
+           f"**Memory**: one fresh process per library, {result['mem_warmup']} warm-up + {result['mem_steps']} steps; ")
+    how += ("peak +MB: the RSS increase during the steps over the RSS after loading (weights excluded; gradients, "
+            "optimizer state and activations included)." if on_cpu else
+            "peak MB: torch.cuda.max_memory_allocated; peak +MB: its increase over the loaded weights.")
+    header = ("| config | params | batch x seq | library | kernels backend | ms / step | tokens/s | vs transformers "
+              "| per-round ratio | peak MB | peak +MB | first-step loss |")
+    lines = ["# Training step: minitune against transformers", "", environment_line(result["environment"]), "",
+             how, "", header, "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in result["configs"]:
+        for r in e["runs"]:
+            params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "—"
+            cells = [e["config"], params, f"{e['batch']} x {e['seq']}", r["library"], r.get("backend") or "—"]
+            if "median_step_s" in r:
+                cells += [f"{r['median_step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}"]
+                if r["library"] == "transformers":
+                    cells += ["1.00x", "—"]
+                else:
+                    cells += [f"{r['speed_ratio']:.2f}x", fmt_spread(r["time_ratio"])]
+            else:
+                cells += ["—"] * 4
+            cells.append(f"{r['peak_bytes'] / 1e6:.0f}" if "peak_bytes" in r else "—")
+            cells.append(f"{r['peak_increase_bytes'] / 1e6:.0f}" if "peak_increase_bytes" in r else "—")
+            first = r.get("losses") or r.get("memory", {}).get("losses")
+            cells.append(f"{first[0]:.6f}" if first else "—")
+            lines.append("| " + " | ".join(cells) + " |")
+    errors = [f"- {e['config']} timing: {e['timing_error'][:300]}" for e in result["configs"] if "timing_error" in e]
+    errors += [f"- {e['config']} {r['library']} memory: {r['memory_error'][:300]}"
+               for e in result["configs"] for r in e["runs"] if "memory_error" in r]
+    if errors:
+        lines += ["", "Failed runs:", "", *errors]
+    lines += ["", "First-step losses (the same model trained by both; from the timing process):", ""]
+    for e in result["configs"]:
+        if "losses_agree" in e:
+            lines.append(f"- {e['config']}: |minitune - transformers| = {e['first_loss_diff']:.2e} -> "
+                         f"{'agree' if e['losses_agree'] else '**DIFFER**'} (tolerance {LOSS_RTOL[result['dtype']]:g} "
+                         "relative)")
+        else:
+            lines.append(f"- {e['config']}: not compared (the timing run failed or has not finished)")
+    goal = "a minitune training step is at least as fast as transformers' on the same config"
+    which = "CPU" if on_cpu else "the CPU goal, reported here for information"
+    lines += ["", "## Goals", "", (f"Goal ({which}): {goal}. Decided by the median per-round step-time "
+                                        "ratio minitune / transformers (met when <= 1.00)."), ""]
+    for e in result["configs"]:
+        if "at_least_as_fast" in e:
+            s = next(r for r in e["runs"] if r["library"] == "minitune")["time_ratio"]
+            noise = ("the interquartile range straddles 1.00: within this machine's noise" if e["iqr_straddles_1"]
+                     else f"the interquartile range is entirely {'below' if s['q3'] < 1 else 'above'} 1.00")
+            lines.append(f"- {e['config']}: minitune / transformers step time, per round: median {s['median']:.3f} "
+                         f"[IQR {s['q1']:.3f}–{s['q3']:.3f}, range {s['min']:.3f}–{s['max']:.3f}, {s['n']} rounds] "
+                         f"= {e['speed_ratio']:.2f}x transformers' tokens/s ({noise}) -> "
+                         f"{'**met**' if e['at_least_as_fast'] else '**NOT met**'}")
+        else:
+            lines.append(f"- {e['config']}: n/a (the timing run failed or has not finished)")
+    verdict = result.get("goal_met")
+    lines += ["", f"Overall: {'**met**' if verdict else 'n/a' if verdict is None else '**NOT met**'}.",
+              "", f"Reproduce: `{result['command']}`", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import torch
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="benchmarks/out", help="where bench_train.json and bench_train.md go")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(LOSS_RTOL), help="default: bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)} (default: the device's)")
+    ap.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each library per round)")
+    ap.add_argument("--warmup", type=int, default=2, help="rounds before the timed ones")
+    ap.add_argument("--mem-steps", type=int, default=2, help="steps of each fresh memory process, after --mem-warmup")
+    ap.add_argument("--mem-warmup", type=int, default=1, help="steps of each memory process before --mem-steps")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per child process")
+    ap.add_argument("--child", choices=["paired", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--libraries", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    device_type = torch.device(args.device).type
+    args.dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
+
+    if args.child:
+        common = (args.dir, args.vocab, args.batch, args.seq, args.steps, args.warmup, args.dtype, args.device)
+        libraries = args.libraries.split(",")
+        r = child_paired(libraries, *common) if args.child == "paired" else child_memory(libraries[0], *common)
+        print("RESULT " + json.dumps(r), flush=True)
+        return
+
+    names = args.configs.split(",") if args.configs else [n for n, c in CONFIGS.items() if c[4] == device_type]
+    if bad := [n for n in names if n not in CONFIGS]:
+        ap.error(f"--configs: unknown {bad}; choose from {list(CONFIGS)}")
+    if args.steps < 1 or args.warmup < 0 or args.mem_steps < 0 or args.mem_warmup < 0:
+        ap.error("--steps must be >= 1, --warmup, --mem-steps and --mem-warmup >= 0")
+    if args.mem_steps + args.mem_warmup < 1:
+        ap.error("the memory processes need at least one step (--mem-steps + --mem-warmup >= 1)")
+    from bench_kernels import environment
+    result = {"command": ("python benchmarks/bench_train.py " + " ".join(sys.argv[1:])).strip(),
+              "environment": environment(torch.device(args.device), getattr(torch, args.dtype)),
+              "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup, "mem_steps": args.mem_steps,
+              "mem_warmup": args.mem_warmup, "lr": LR, "configs": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    def save(entry: dict | None = None) -> None:
+        """Write the JSON and markdown as they stand (after each stage: a run cut short keeps what it has)."""
+        if entry is not None and not any(e is entry for e in result["configs"]):
+            result["configs"].append(entry)
+        verdicts = [e["at_least_as_fast"] for e in result["configs"] if "at_least_as_fast" in e]
+        result["goal_met"] = all(verdicts) if verdicts and len(verdicts) == len(names) else None
+        result["seconds"] = time.perf_counter() - t_start
+        (out / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "bench_train.md").write_text(markdown(result))
+
+    for name in names:
+        bench_config(name, args, save)
+    save()
+    print()
+    print(markdown(result))
+    print(f"wrote {out / 'bench_train.json'} and {out / 'bench_train.md'} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
