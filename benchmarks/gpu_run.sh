@@ -37,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print i
     || echo "liger-kernel: not available (the benchmarks say n/a)"
 
   step tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py tests/test_models.py
-  step bench_kernels 240 python3 benchmarks/bench_kernels.py --sweep --out "$out"
-  step bench_train 110 python3 benchmarks/bench_train.py --out "$out"
+  step bench_kernels 200 python3 benchmarks/bench_kernels.py --sweep --out "$out"
+  step bench_train 170 python3 benchmarks/bench_train.py --out "$out"
   date -u
 } 2>&1 | tee "$out/gpu_run.txt"

@@ -202,11 +202,24 @@ def test_cross_entropy_bad_inputs():
         kernels.cross_entropy(logits, torch.zeros(2, 5, dtype=torch.long, device=DEVICE))
     with pytest.raises(TypeError, match="class indices"):
         kernels.cross_entropy(logits, torch.zeros(2, 4, device=DEVICE))
-    if not CUDA:  # on a GPU the same check is an asynchronous device assert
-        bad = torch.zeros(2, 4, dtype=torch.long)
-        bad[1, 2] = 10
+    bad = torch.zeros(2, 4, dtype=torch.long, device=DEVICE)
+    bad[1, 2] = 10
+    if CUDA:  # no check before the launch (it would cost a sync): the kernel makes that row NaN
+        loss = kernels.cross_entropy(logits, bad, reduction="none")
+        assert loss[1, 2].isnan() and not loss.view(-1)[:6].isnan().any()
+    else:
         with pytest.raises(ValueError, match="target 10 at flat position 6 is outside the vocabulary"):
             kernels.cross_entropy(logits, bad)
+
+
+def test_the_kernel_makes_an_out_of_vocabulary_row_nan():
+    """What a GPU gives for a bad target, checked on whichever device runs the kernel."""
+    logits = torch.randn(3, 10, device=DEVICE)
+    grad = torch.empty_like(logits)
+    targets = torch.tensor([1, 10, -100], device=DEVICE)
+    loss = ce_module._rows_loss_and_grad_triton(logits, targets, torch.ones(1, device=DEVICE), grad, -100, 0.0)
+    assert loss[1].isnan() and grad[1].isnan().all()
+    assert loss[0].isfinite() and loss[2] == 0 and grad[[0, 2]].isfinite().all()
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a GPU with about 10 GB free: 2^31 logits")

@@ -11,7 +11,9 @@ TRITON_INTERPRET=1 set before minitune is imported, MINITUNE_KERNELS=triton runs
 Triton kernels on CPU tensors (slowly): that is how the tests check them without a GPU.
 
 Every function returns what its PyTorch reference returns, in the reference's dtype, except that
-the cross-entropy losses are float32 and a mean over no target is 0 instead of NaN.
+the cross-entropy losses are float32 and a mean over no target is 0 instead of NaN. A target
+outside [0, vocab) that is not ignore_index raises a ValueError on the CPU; on a GPU the Triton
+kernel gives its row a NaN loss and gradient (a check before the launch would cost a host sync).
 """
 
 from __future__ import annotations

@@ -69,6 +69,13 @@ def persistent_programs(device: torch.device, rows: int) -> int:
     return max(1, min(rows, PROGRAMS_PER_SM * _sm_count(index)))
 
 
+def call_op(op, impl, *args):
+    """Under torch.compile, the registered custom op, opaque to the compiler; in eager mode its Python
+    implementation, called directly: the dispatcher's tens of microseconds per call would be most of
+    a small kernel's time."""
+    return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+
 def launch_device(t: torch.Tensor):
     """The CUDA device a kernel on `t` must launch on (nothing to do for CPU tensors)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

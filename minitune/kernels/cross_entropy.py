@@ -27,11 +27,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import launch_device, tl, triton
+from ._common import call_op, launch_device, tl, triton
 
 REDUCTIONS = ("mean", "sum", "none")
-MAX_BLOCK_V = 32768  # vocabulary entries one program holds per step
-NUM_WARPS = 32
+# vocabulary entries a program holds per step, and its warps: the fastest pair on an H100 over
+# V = 32000 and 128256 (benchmarks/bench_kernels.py --sweep, RESULTS.md)
+MAX_BLOCK_V = 16384
+NUM_WARPS = 16
 
 
 def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -89,7 +91,10 @@ def _cross_entropy_kernel(LOGITS, stride_logits, TARGETS, LOSS, GRAD, stride_gra
             x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
     lse = m + tl.log(d)
 
-    x_target = tl.load(x_row + target).to(tl.float32)
+    # a target outside the vocabulary reads nothing and makes the row's loss and gradient NaN: loud,
+    # and without the host sync a check before the launch would cost
+    in_vocab = (target >= 0) & (target < V)
+    x_target = tl.load(x_row + target, mask=in_vocab, other=float("nan")).to(tl.float32)
     loss = lse - x_target
     if HAS_SMOOTHING:
         loss = (1.0 - smoothing) * loss + smoothing * (lse - x_sum / V)
@@ -97,7 +102,7 @@ def _cross_entropy_kernel(LOGITS, stride_logits, TARGETS, LOSS, GRAD, stride_gra
 
     # pass 2: the gradient, formed in float32 and rounded once
     if COMPUTE_GRAD:
-        scale = tl.load(SCALE + row * stride_scale).to(tl.float32)
+        scale = tl.where(in_vocab, tl.load(SCALE + row * stride_scale).to(tl.float32), float("nan"))
         target_grad = smoothing - d_other / d  # p_t - (1 - e), with 1 - p_t summed from the others
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
@@ -109,10 +114,12 @@ def _cross_entropy_kernel(LOGITS, stride_logits, TARGETS, LOSS, GRAD, stride_gra
 
 
 def _check_targets(targets: torch.Tensor, V: int, ignore_index: int) -> None:
+    """On the CPU, a clear error for a target outside the vocabulary. On a GPU the check would cost a
+    host sync; the kernel gives such a row a NaN loss and gradient instead."""
+    if targets.is_cuda:
+        return
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
-    if targets.is_cuda:  # no sync: the GPU raises the assert when it reaches it
-        torch._assert_async(~bad.any(), f"cross_entropy: a target is outside [0, {V}) and not {ignore_index}")
-    elif bad.any():
+    if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"cross_entropy: target {int(targets[i])} at flat position {i} is outside the "
                          f"vocabulary [0, {V}) and is not ignore_index {ignore_index}")
@@ -160,8 +167,7 @@ def _rows_loss_and_grad_torch(logits, targets, scale, grad, ignore_index: int, s
 
 # ---- plain cross-entropy: custom ops (opaque to torch.compile) and the autograd.Function ----
 
-@torch.library.custom_op("minitune::cross_entropy_forward", mutates_args=())
-def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor,
+def _cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor,
                           ignore_index: int, label_smoothing: float,
                           compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (float32) and, if asked, dloss/dlogits * grad_scale (else an empty tensor)."""
@@ -172,19 +178,25 @@ def cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, grad_scal
     return loss, grad
 
 
+cross_entropy_forward = torch.library.custom_op("minitune::cross_entropy_forward", _cross_entropy_forward,
+                                                mutates_args=())
+
+
 @cross_entropy_forward.register_fake
 def _(logits, targets, grad_scale, ignore_index, label_smoothing, compute_grad):
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return logits.new_empty(logits.shape[0], dtype=torch.float32), grad
 
 
-@torch.library.custom_op("minitune::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """grad *= grad_output, skipped when that is exactly 1 (a plain `loss.backward()`): the skip saves
     a full pass over [tokens, vocab]; the check costs one sync."""
     if grad_output.numel() == 1 and bool(grad_output == 1):
         return
     grad.mul_(grad_output.reshape(-1, 1) if grad_output.numel() > 1 else grad_output)
+
+
+scale_grad_ = torch.library.custom_op("minitune::scale_grad_", _scale_grad_, mutates_args=("grad",))
 
 
 @scale_grad_.register_fake
@@ -197,8 +209,8 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing):
         n_valid = (targets != ignore_index).sum().clamp(min=1)  # a tensor: no sync
         scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=logits.device)
-        loss, grad = torch.ops.minitune.cross_entropy_forward(
-            logits, targets, scale.reshape(1), ignore_index, label_smoothing, ctx.needs_input_grad[0])
+        loss, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets, scale.reshape(1),
+                             ignore_index, label_smoothing, ctx.needs_input_grad[0])
         ctx.save_for_backward(grad)
         if reduction == "none":
             return loss
@@ -207,7 +219,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        torch.ops.minitune.scale_grad_(grad, grad_output)
+        call_op(scale_grad_, _scale_grad_, grad, grad_output)
         return grad, None, None, None, None
 
 
@@ -257,8 +269,7 @@ def _add_matmul_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> 
         acc += a @ b
 
 
-@torch.library.custom_op("minitune::fused_linear_cross_entropy_chunks", mutates_args=())
-def fused_linear_cross_entropy_chunks(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+def _chunked_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                       grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
                                       compute_dhidden: bool, compute_dweight: bool, chunk_rows: int,
                                       use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -288,7 +299,11 @@ def fused_linear_cross_entropy_chunks(hidden: torch.Tensor, weight: torch.Tensor
     return loss, dhidden, dweight
 
 
-@fused_linear_cross_entropy_chunks.register_fake
+chunked_linear_ce = torch.library.custom_op("minitune::fused_linear_cross_entropy_chunks", _chunked_linear_ce,
+                                           mutates_args=())
+
+
+@chunked_linear_ce.register_fake
 def _(hidden, weight, targets, grad_scale, ignore_index, label_smoothing, compute_dhidden, compute_dweight,
       chunk_rows, use_triton):
     return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
@@ -306,9 +321,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=hidden.device)
         now = reduction != "none"
-        loss, dh, dw = torch.ops.minitune.fused_linear_cross_entropy_chunks(
-            hidden, weight, targets, scale.reshape(1), ignore_index, label_smoothing,
-            need_dh and now, need_dw and now, chunk_rows, use_triton)
+        loss, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, scale.reshape(1),
+                               ignore_index, label_smoothing, need_dh and now, need_dw and now, chunk_rows,
+                               use_triton)
         ctx.args = (ignore_index, label_smoothing, chunk_rows, use_triton)
         ctx.reduction = reduction
         ctx.consumed = False
@@ -331,9 +346,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         else:
             hidden, weight, targets = ctx.saved_tensors
             ignore_index, label_smoothing, chunk_rows, use_triton = ctx.args
-            _, dh, dw = torch.ops.minitune.fused_linear_cross_entropy_chunks(
-                hidden, weight, targets, grad_output.float().contiguous(), ignore_index, label_smoothing,
-                ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk_rows, use_triton)
+            _, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets,
+                                grad_output.float().contiguous(), ignore_index, label_smoothing,
+                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk_rows, use_triton)
             dh = dh if ctx.needs_input_grad[0] else None
             dw = dw if ctx.needs_input_grad[1] else None
         return dh, dw, None, None, None, None, None, None

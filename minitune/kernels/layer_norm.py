@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import as_rows, launch_device, norm_warps, persistent_programs, row_block, tl, triton
+from ._common import as_rows, call_op, launch_device, norm_warps, persistent_programs, row_block, tl, triton
 
 
 def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -67,8 +67,7 @@ def _layer_norm_backward_kernel(DY, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL
     tl.store(DB_PARTIAL + pid * N + cols, db, mask=mask)
 
 
-@torch.library.custom_op("minitune::layer_norm_forward", mutates_args=())
-def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+def _layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (shape and dtype of x), and the float32 mean and rstd of each row."""
     x2 = as_rows(x)  # (M, N)
@@ -83,14 +82,17 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return y.view(x.shape), mean, rstd
 
 
+layer_norm_forward = torch.library.custom_op("minitune::layer_norm_forward", _layer_norm_forward,
+                                             mutates_args=())
+
+
 @layer_norm_forward.register_fake
 def _(x, weight, bias, eps):
     rows = x.numel() // x.shape[-1]
     return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("minitune::layer_norm_backward", mutates_args=())
-def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx (like x), dw and db (in the weight's dtype)."""
     x2, dy2 = as_rows(x), as_rows(dy)
@@ -106,6 +108,10 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx.view(x.shape), partial[0].sum(0).to(weight.dtype), partial[1].sum(0).to(weight.dtype)
 
 
+layer_norm_backward = torch.library.custom_op("minitune::layer_norm_backward", _layer_norm_backward,
+                                              mutates_args=())
+
+
 @layer_norm_backward.register_fake
 def _(dy, x, weight, mean, rstd):
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
@@ -114,14 +120,14 @@ def _(dy, x, weight, mean, rstd):
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = torch.ops.minitune.layer_norm_forward(x, weight, bias, eps)
+        y, mean, rstd = call_op(layer_norm_forward, _layer_norm_forward, x, weight, bias, eps)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd = ctx.saved_tensors
-        dx, dw, db = torch.ops.minitune.layer_norm_backward(dy, x, weight, mean, rstd)
+        dx, dw, db = call_op(layer_norm_backward, _layer_norm_backward, dy, x, weight, mean, rstd)
         return dx, dw, db, None
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import as_rows, launch_device, norm_warps, persistent_programs, row_block, tl, triton
+from ._common import as_rows, call_op, launch_device, norm_warps, persistent_programs, row_block, tl, triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,10 +65,10 @@ def _rms_norm_backward_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_
 
 
 # Registered as custom operators, so torch.compile sees one opaque op with a known output shape
-# (from the fake below) instead of a Triton launch it would have to trace through.
+# (from the fake below) instead of a Triton launch it would have to trace through; eager calls go
+# straight to the Python function (call_op).
 
-@torch.library.custom_op("minitune::rms_norm_forward", mutates_args=())
-def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """y (shape of x) and rstd (float32, one per row)."""
     x2 = as_rows(x)  # (M, N)
     M, N = x2.shape
@@ -81,14 +81,16 @@ def rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple
     return y.view(x.shape), rstd
 
 
+rms_norm_forward = torch.library.custom_op("minitune::rms_norm_forward", _rms_norm_forward, mutates_args=())
+
+
 @rms_norm_forward.register_fake
 def _(x, weight, eps):
     return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
             x.new_empty(x.numel() // x.shape[-1], dtype=torch.float32))
 
 
-@torch.library.custom_op("minitune::rms_norm_backward", mutates_args=())
-def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+def _rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """dx (shape and dtype of x) and dw (dtype of weight)."""
     x2, dy2 = as_rows(x), as_rows(dy)
@@ -104,6 +106,10 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dx.view(x.shape), dw_partial.sum(0).to(weight.dtype)
 
 
+rms_norm_backward = torch.library.custom_op("minitune::rms_norm_backward", _rms_norm_backward,
+                                            mutates_args=())
+
+
 @rms_norm_backward.register_fake
 def _(dy, x, weight, rstd):
     return torch.empty_like(x), torch.empty_like(weight)
@@ -112,14 +118,14 @@ def _(dy, x, weight, rstd):
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, rstd = torch.ops.minitune.rms_norm_forward(x, weight, eps)
+        y, rstd = call_op(rms_norm_forward, _rms_norm_forward, x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = torch.ops.minitune.rms_norm_backward(dy, x, weight, rstd)
+        dx, dw = call_op(rms_norm_backward, _rms_norm_backward, dy, x, weight, rstd)
         return dx, dw, None
 
 
