@@ -162,8 +162,10 @@ def test_cross_entropy_against_float64(dtype, reduction, upstream, smoothing, sm
     ref = cross_entropy_reference(x64, targets, reduction=reduction, label_smoothing=smoothing)
     ref.backward(go.double())
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
-    # an upstream gradient other than 1 is applied after the kernel's rounding: a second rounding
-    ulps = 1 if upstream == "one" or reduction == "none" and dtype == torch.float32 else 2
+    # An upstream gradient g other than 1 scales the already rounded gradient: a second rounding. Its
+    # error is at most ulp(x * g) plus g times the first one, which can be 2 ulp(x * g) across a power
+    # of two: 2 ulp in all to nearest, 3 when the interpreter truncates.
+    ulps = 1 if upstream == "one" else 2 if CUDA or dtype == torch.float32 else 3
     assert_close_ulp(logits.grad, x64.grad, ulps=ulps, what="dlogits")
     assert (logits.grad[targets == -100] == 0).all()
 
@@ -398,7 +400,8 @@ def test_torch_compile_traces_the_kernels_without_graph_breaks(name, tmp_path):
     ids = torch.randint(3, 101, (2, 8), device=DEVICE)
 
     def step(ids):
-        return model(ids), mt.losses.causal_lm_loss(model, ids)
+        logits = model(ids)
+        return logits, mt.losses.causal_lm_loss(model, ids) + kernels.cross_entropy(logits[:, :-1], ids[:, 1:])
 
     logits, loss = step(ids)
     torch._dynamo.reset()

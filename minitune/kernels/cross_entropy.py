@@ -188,12 +188,32 @@ def _(logits, targets, grad_scale, ignore_index, label_smoothing, compute_grad):
     return logits.new_empty(logits.shape[0], dtype=torch.float32), grad
 
 
-def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    """grad *= grad_output, skipped when that is exactly 1 (a plain `loss.backward()`): the skip saves
-    a full pass over [tokens, vocab]; the check costs one sync."""
-    if grad_output.numel() == 1 and bool(grad_output == 1):
+@triton.jit
+def _scale_rows_kernel(GRAD, stride_grad, GRAD_OUTPUT, stride_go, V, BLOCK_V: tl.constexpr):
+    """GRAD[row] *= GRAD_OUTPUT[row] (one value for every row when stride_go is 0), skipped where that
+    is exactly 1. A plain `loss.backward()` then costs no pass over the logits, and no host sync to
+    find out."""
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(GRAD_OUTPUT + row * stride_go).to(tl.float32)
+    if g == 1.0:
         return
-    grad.mul_(grad_output.reshape(-1, 1) if grad_output.numel() > 1 else grad_output)
+    g_row = GRAD + row * stride_grad
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+        tl.store(g_row + cols, (x * g).to(GRAD.dtype.element_ty), mask=cols < V)
+
+
+def _scale_grad_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad (M, V) *= grad_output (one value, or one per row), in place; rows whose factor is 1 are skipped."""
+    M, V = grad.shape
+    if M == 0:
+        return
+    go = grad_output.reshape(-1)
+    with launch_device(grad):
+        _scale_rows_kernel[(M,)](grad, grad.stride(0), go, 0 if go.numel() == 1 else go.stride(0), V,
+                                 BLOCK_V=min(triton.next_power_of_2(V), MAX_BLOCK_V),
+                                 num_warps=NUM_WARPS if grad.is_cuda else 4)
 
 
 scale_grad_ = torch.library.custom_op("minitune::scale_grad_", _scale_grad_, mutates_args=("grad",))
