@@ -142,21 +142,33 @@ def _rows_loss_and_grad_triton(logits, targets, scale, grad, ignore_index: int, 
 
 
 def _rows_loss_and_grad_torch(logits, targets, scale, grad, ignore_index: int, smoothing: float) -> torch.Tensor:
-    """The same math as the kernel, in PyTorch: the reference the kernel is tested against."""
+    """The kernel's math in PyTorch: the per-chunk step of the fused loss on the PyTorch backend.
+
+    With `grad` given, the softmax and then the gradient are formed in place in a float32 x (the
+    logits themselves when they are float32 and `grad` is `logits`): no other [rows, V] buffer.
+    """
     V = logits.shape[-1]
-    # the gradient is formed in x: the logits themselves (float32) when they are to be replaced by it
-    x = logits.float() if grad is None or grad is logits else logits.to(torch.float32, copy=True)
-    lse = torch.logsumexp(x, dim=-1)  # (M,)
     valid = targets != ignore_index
-    safe_targets = torch.where(valid, targets, 0)
-    loss = lse - x.gather(1, safe_targets[:, None]).squeeze(1)
+    safe_targets = torch.where(valid, targets, 0)[:, None]  # (M, 1)
+    if grad is None:  # the loss alone: leave the logits as they are
+        x = logits.float()
+        lse = torch.logsumexp(x, dim=-1)  # (M,)
+    else:
+        x = logits.float() if grad is logits else logits.to(torch.float32, copy=True)
+    x_target = x.gather(1, safe_targets).squeeze(1)
+    x_mean = x.mean(-1) if smoothing > 0 else None
+    if grad is not None:
+        m = x.amax(-1, keepdim=True)
+        total = x.sub_(m).exp_().sum(-1, keepdim=True)  # x = exp(x - max)
+        lse = (m + total.log()).squeeze(1)
+        g = x.div_(total)  # softmax
+    loss = lse - x_target
     if smoothing > 0:
-        loss = (1 - smoothing) * loss + smoothing * (lse - x.mean(-1))
+        loss = (1 - smoothing) * loss + smoothing * (lse - x_mean)
     loss = torch.where(valid, loss, 0.0)
-    if grad is not None:  # in place in x (the logits themselves when they are float32)
-        g = x.sub_(lse[:, None]).exp_()  # softmax
-        g.scatter_(1, safe_targets[:, None], 0.0)
-        g.scatter_(1, safe_targets[:, None], (smoothing - g.sum(-1))[:, None])  # p_t - (1 - e) = e - sum_{j!=t} p_j
+    if grad is not None:
+        g.scatter_(1, safe_targets, 0.0)
+        g.scatter_(1, safe_targets, (smoothing - g.sum(-1))[:, None])  # p_t - (1 - e) = e - sum_{j!=t} p_j
         if smoothing > 0:
             g -= smoothing / V
         g *= (scale.float() * valid)[:, None] if scale.numel() > 1 else scale.float() * valid[:, None]
@@ -315,6 +327,7 @@ def _chunked_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
                 torch.mm(logits, weight, out=dhidden[start:end])  # (c, V) @ (V, H)
             if compute_dweight:
                 _add_matmul_float32(dweight, logits.t(), h)  # (V, c) @ (c, H)
+            del logits  # before the next chunk's logits exist, not after
     dweight = dweight.to(weight.dtype) if compute_dweight else weight.new_empty(0)
     return loss, dhidden, dweight
 
