@@ -305,6 +305,13 @@ def test_fused_linear_cross_entropy_under_autocast_matches_autocast_logits():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     loss.backward()
     assert weight.grad.dtype == hidden.grad.dtype == torch.float32
+    # the weight's gradient is summed in float32 from the bf16 products: not rounded through bf16
+    assert (weight.grad != weight.grad.bfloat16().float()).any()
+    h, w = hidden.detach().bfloat16().double(), weight.detach().bfloat16().double()
+    logits = (h @ w.t()).bfloat16().double().requires_grad_()  # the bf16 logits of the chunk
+    cross_entropy_reference(logits, targets).backward()
+    dweight = kernel_round(logits.grad, torch.bfloat16).t() @ h  # from the bf16 gradient, summed exactly
+    torch.testing.assert_close(weight.grad.double(), dweight, rtol=1e-3, atol=1e-6)
 
 
 def test_fused_linear_cross_entropy_bad_inputs():
@@ -368,14 +375,29 @@ def test_models_give_the_same_logits_loss_and_gradients_on_either_backend(name, 
         loss = mt.losses.causal_lm_loss(model, ids, labels)
         loss.backward()
         results[backend] = logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    # the naive path: the full logits, shifted, torch's cross-entropy (through the head, tied or not)
+    monkeypatch.setenv("MINITUNE_KERNELS", "torch")
+    model.zero_grad()
+    naive = torch.nn.functional.cross_entropy(model(ids)[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1))
+    naive.backward()
+    grads_naive = {n: p.grad.clone() for n, p in model.named_parameters()}
     (logits_t, loss_t, grads_t), (logits_k, loss_k, grads_k) = results["torch"], results["triton"]
     torch.testing.assert_close(logits_k, logits_t, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_k, loss_t, rtol=1e-6, atol=1e-6)
-    # the loss is the cross-entropy of the model's own logits, shifted
-    shifted = torch.nn.functional.cross_entropy(logits_t[:, :-1].reshape(-1, 101), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(loss_t, shifted, rtol=1e-5, atol=1e-6)
-    for name, grad in grads_t.items():
-        torch.testing.assert_close(grads_k[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(loss_t, naive.detach(), rtol=1e-5, atol=1e-6)
+    for name, grad in grads_naive.items():
+        for backend, grads in (("torch", grads_t), ("triton", grads_k)):
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, name=name, backend=backend: f"{backend}, {name}: {m}")
+
+
+def test_causal_lm_loss_runs_through_forward_so_ddp_and_fsdp_hooks_see_it(tmp_path):
+    save_hf(tiny_gpt2_config(), tmp_path)
+    model = mt.load_model(tmp_path, device=DEVICE)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append("forward"))
+    mt.losses.causal_lm_loss(model, torch.randint(3, 101, (1, 6), device=DEVICE))
+    assert calls == ["forward"]
 
 
 def test_causal_lm_loss_without_labels_skips_padding(tmp_path, monkeypatch):
@@ -421,3 +443,71 @@ def test_fused_linear_cross_entropy_second_backward_is_a_clear_error():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+def test_cross_entropy_second_backward_is_a_clear_error():
+    logits = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    loss = kernels.cross_entropy(logits, torch.randint(0, 10, (6,), device=DEVICE)) * 0.5
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_strided_and_int32_targets(backend, monkeypatch):
+    monkeypatch.setenv("MINITUNE_KERNELS", backend)
+    logits = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    both = torch.randint(0, 40, (6, 2), device=DEVICE)
+    targets = both[:, 1]  # stride 2
+    expected = torch.nn.functional.cross_entropy(logits, targets)
+    for t in (targets, targets.int()):
+        torch.testing.assert_close(kernels.cross_entropy(logits, t), expected)
+        torch.testing.assert_close(kernels.fused_linear_cross_entropy(logits, torch.eye(40, device=DEVICE), t),
+                                   expected)
+
+
+def test_norms_on_non_contiguous_inputs_and_weights():
+    x = torch.randn(16, 4, 6, device=DEVICE).permute(2, 1, 0)  # (6, 4, 16), last dim strided
+    w, b = torch.randn(32, device=DEVICE)[::2], torch.randn(32, device=DEVICE)[::2]  # stride 2
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6))
+    torch.testing.assert_close(kernels.layer_norm(x, w, b, 1e-5), layer_norm_reference(x, w, b, 1e-5))
+
+
+def test_fp16_gradients_survive_a_loss_scale():
+    """With a mean over 512 targets, p / n is below fp16's smallest value for most classes: rounded
+    to fp16 before a loss scale of 65536 is applied, those gradients would be 0. fp16 gets its
+    gradient computed with the whole factor at once."""
+    M, V, S = 512, 64, 65536.0
+    logits = (torch.randn(M, V, device=DEVICE) * 4).half().requires_grad_()
+    targets = torch.randint(0, V, (M,), device=DEVICE)
+    (kernels.cross_entropy(logits, targets) * S).backward()
+    x64 = logits.detach().double().requires_grad_()
+    (cross_entropy_reference(x64, targets) * S).backward()
+    exact = x64.grad
+    assert (logits.grad[exact.abs() > 1e-6] != 0).all()  # nothing representable was flushed to 0
+    torch.testing.assert_close(logits.grad.double(), exact, rtol=2e-3, atol=1e-6)
+
+    hidden = torch.randn(M, 16, device=DEVICE).half().requires_grad_()
+    weight = torch.randn(V, 16, device=DEVICE).half().requires_grad_()
+    (kernels.fused_linear_cross_entropy(hidden, weight, targets) * S).backward()
+    h64, w64 = hidden.detach().double(), weight.detach().double()
+    fp16_logits = (h64 @ w64.t()).half().double().requires_grad_()  # what the fp16 matmul gives, to rounding
+    (cross_entropy_reference(fp16_logits, targets) * S).backward()
+    dhidden = fp16_logits.grad @ w64
+    assert (hidden.grad[dhidden.abs() > 1e-3] != 0).all()
+    # fp16 rounds the gradient of each logit (2^-11) before the matmul sums 64 of them
+    torch.testing.assert_close(hidden.grad.double(), dhidden, rtol=2e-2, atol=0.1)
+
+
+def test_no_gradient_work_without_autograd(monkeypatch):
+    """Under no_grad, needs_input_grad still says True: the kernels must not build gradients then."""
+    asked = []
+    real = ce_module._rows_loss_and_grad_triton
+    monkeypatch.setattr(ce_module, "_rows_loss_and_grad_triton",
+                        lambda logits, t, s, grad, *a: asked.append(grad is not None) or real(logits, t, s, grad, *a))
+    logits = torch.randn(8, 30, device=DEVICE, requires_grad=True)
+    targets = torch.randint(0, 30, (8,), device=DEVICE)
+    with torch.no_grad():
+        kernels.cross_entropy(logits, targets)
+        kernels.fused_linear_cross_entropy(logits, torch.eye(30, device=DEVICE, requires_grad=True), targets)
+    assert asked == [False, False]

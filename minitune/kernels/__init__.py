@@ -12,8 +12,9 @@ Triton kernels on CPU tensors (slowly): that is how the tests check them without
 
 Every function returns what its PyTorch reference returns, in the reference's dtype, except that
 the cross-entropy losses are float32 and a mean over no target is 0 instead of NaN. A target
-outside [0, vocab) that is not ignore_index raises a ValueError on the CPU; on a GPU the Triton
-kernel gives its row a NaN loss and gradient (a check before the launch would cost a host sync).
+outside [0, vocab) that is not ignore_index is an error on the CPU (ValueError, or torch's
+IndexError); on a GPU the Triton kernel gives its row a NaN loss and gradient (a check before the
+launch would cost a host sync).
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """cross_entropy(hidden @ weight.T, targets, ...) without materialising the [tokens, vocab] logits.
 
     hidden (..., H), weight (V, H) (an `lm_head.weight`, tied or not), targets (...). Tokens are
-    processed `chunk_rows` at a time (default: a chunk of logits about the size of `hidden`).
+    processed `chunk_rows` at a time (default: a power of two that makes a chunk of logits about the
+    size of `hidden`, but at least 1024 rows). dweight is summed in float32 over the chunks.
     Both backends use the same chunked loop; the per-chunk loss and gradient is the Triton kernel
     or its PyTorch twin.
     """

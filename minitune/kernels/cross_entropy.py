@@ -40,7 +40,7 @@ def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, ignore_
                             reduction: str = "mean", label_smoothing: float = 0.0) -> torch.Tensor:
     """torch's cross_entropy in float32 (or float64), except that a mean over no target is 0, not NaN."""
     V = logits.shape[-1]
-    flat_targets = targets.reshape(-1)
+    flat_targets = targets.reshape(-1).long()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     loss = F.cross_entropy(logits.reshape(-1, V), flat_targets, ignore_index=ignore_index,
                            reduction="none" if reduction == "none" else "sum", label_smoothing=label_smoothing)
@@ -184,7 +184,7 @@ def _cross_entropy_forward(logits: torch.Tensor, targets: torch.Tensor, grad_sca
                           compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss (float32) and, if asked, dloss/dlogits * grad_scale (else an empty tensor)."""
     _check_targets(targets, logits.shape[-1], ignore_index)
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
     loss = _rows_loss_and_grad_triton(logits, targets, grad_scale, grad if compute_grad else None,
                                       ignore_index, label_smoothing)
     return loss, grad
@@ -196,7 +196,7 @@ cross_entropy_forward = torch.library.custom_op("minitune::cross_entropy_forward
 
 @cross_entropy_forward.register_fake
 def _(logits, targets, grad_scale, ignore_index, label_smoothing, compute_grad):
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty(0)
     return logits.new_empty(logits.shape[0], dtype=torch.float32), grad
 
 
@@ -237,22 +237,41 @@ def _(grad, grad_output):
 
 
 class CrossEntropyFunction(torch.autograd.Function):
+    """The gradient is computed in the forward (scaled by 1/n for a mean) and only rescaled by the
+    upstream gradient in the backward, where that is not 1. fp16 is the exception: rounding p/n to
+    fp16 before a loss scale is applied would flush small gradients to zero, so for fp16 the
+    backward computes the gradient from the saved logits with its whole factor at once."""
+
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing):
+    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, grad_enabled):
         n_valid = (targets != ignore_index).sum().clamp(min=1)  # a tensor: no sync
+        ctx.now = grad_enabled and ctx.needs_input_grad[0] and logits.dtype != torch.float16
         scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=logits.device)
         loss, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets, scale.reshape(1),
-                             ignore_index, label_smoothing, ctx.needs_input_grad[0])
-        ctx.save_for_backward(grad)
+                             ignore_index, label_smoothing, ctx.now)
+        ctx.args, ctx.consumed = (ignore_index, reduction, label_smoothing), False
+        ctx.save_for_backward(*((grad,) if ctx.now else (logits, targets, n_valid)))
         if reduction == "none":
             return loss
         return loss.sum() / n_valid if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
-        call_op(scale_grad_, _scale_grad_, grad, grad_output)
-        return grad, None, None, None, None
+        ignore_index, reduction, label_smoothing = ctx.args
+        if ctx.now:
+            if ctx.consumed:  # the saved gradient was scaled in place by the first backward
+                raise RuntimeError("cross_entropy: a second backward through the same loss (retain_graph=True) "
+                                   "is not supported; its gradient was used up")
+            ctx.consumed = True
+            (grad,) = ctx.saved_tensors
+            call_op(scale_grad_, _scale_grad_, grad, grad_output)
+        else:
+            logits, targets, n_valid = ctx.saved_tensors
+            factor = grad_output.float().reshape(-1)
+            factor = factor / n_valid if reduction == "mean" else factor
+            _, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets, factor.contiguous(),
+                              ignore_index, label_smoothing, True)
+        return grad, None, None, None, None, None
 
 
 def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100,
@@ -262,7 +281,8 @@ def cross_entropy_triton(logits: torch.Tensor, targets: torch.Tensor, ignore_ind
     flat = logits.reshape(-1, V)
     if flat.stride(-1) != 1:
         flat = flat.contiguous()
-    loss = CrossEntropyFunction.apply(flat, targets.reshape(-1), ignore_index, reduction, label_smoothing)
+    loss = CrossEntropyFunction.apply(flat, targets.reshape(-1).contiguous(), ignore_index, reduction,
+                                      label_smoothing, torch.is_grad_enabled())
     return loss.view(targets.shape) if reduction == "none" else loss
 
 
@@ -272,7 +292,7 @@ def _check_args(x, targets, reduction, label_smoothing, what):
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{what}: label_smoothing {label_smoothing} is not in [0, 1]")
     if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"{what}: targets must hold class indices (int64); got {targets.dtype}")
+        raise TypeError(f"{what}: targets must hold class indices (int64 or int32); got {targets.dtype}")
     if x.shape[:-1] != targets.shape:
         raise ValueError(f"{what}: input {tuple(x.shape)} and targets {tuple(targets.shape)} disagree: "
                          f"expected targets of shape {tuple(x.shape[:-1])}")
@@ -290,41 +310,44 @@ def default_chunk_rows(M: int, H: int, V: int) -> int:
 
 
 def _add_matmul_float32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (float32) += a @ b. For bf16/fp16 a and b on CUDA, one GEMM that reads and writes acc in
-    float32 (aten's addmm with out_dtype); elsewhere the product is rounded to a's dtype once per
-    chunk before it is added."""
+    """acc (float32) += a @ b, never rounding the product to a's dtype. For bf16/fp16 on CUDA, one GEMM
+    that reads and writes acc in float32 (aten's addmm with out_dtype); elsewhere the operands are
+    widened to float32 first."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.is_cuda and hasattr(torch.ops.aten.addmm, "dtype_out"):
         torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
     else:
-        acc += a @ b
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _chunked_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                                      grad_scale: torch.Tensor, ignore_index: int, label_smoothing: float,
-                                      compute_dhidden: bool, compute_dweight: bool, chunk_rows: int,
-                                      use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _chunked_linear_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad_scale: torch.Tensor,
+                       ignore_index: int, label_smoothing: float, compute_dhidden: bool, compute_dweight: bool,
+                       chunk_rows: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss of hidden (M, H) @ weight (V, H)^T, and dhidden, dweight scaled row-wise by grad_scale
-    (one value, or one per row); a gradient not asked for comes back empty."""
+    (one value, or one per row); a gradient not asked for comes back empty.
+
+    The matmuls run in hidden's dtype (a float32 weight under autocast is cast once here); dweight
+    comes back in the weight's own dtype, from the float32 accumulator."""
     M, H = hidden.shape
     V = weight.shape[0]
     _check_targets(targets, V, ignore_index)
     rows_loss_and_grad = _rows_loss_and_grad_triton if use_triton else _rows_loss_and_grad_torch
     compute_grad = compute_dhidden or compute_dweight
+    w = weight.to(hidden.dtype)
     loss = torch.empty(M, dtype=torch.float32, device=hidden.device)
     dhidden = torch.empty_like(hidden) if compute_dhidden else hidden.new_empty(0)
     dweight = torch.zeros(V, H, dtype=torch.float32, device=hidden.device) if compute_dweight else None
-    with torch.autocast(hidden.device.type, enabled=False):  # the caller cast both inputs already
+    with torch.autocast(hidden.device.type, enabled=False):  # the dtypes are chosen above
         for start in range(0, M, chunk_rows):
             end = min(start + chunk_rows, M)
             h = hidden[start:end]  # (c, H)
-            logits = h @ weight.t()  # (c, V): the only vocabulary-sized buffer, one chunk at a time
+            logits = h @ w.t()  # (c, V): the only vocabulary-sized buffer, one chunk at a time
             scale = grad_scale if grad_scale.numel() == 1 else grad_scale[start:end]
             loss[start:end] = rows_loss_and_grad(logits, targets[start:end], scale,
                                                  logits if compute_grad else None, ignore_index, label_smoothing)
             if compute_dhidden:
-                torch.mm(logits, weight, out=dhidden[start:end])  # (c, V) @ (V, H)
+                torch.mm(logits, w, out=dhidden[start:end])  # (c, V) @ (V, H)
             if compute_dweight:
                 _add_matmul_float32(dweight, logits.t(), h)  # (V, c) @ (c, H)
             del logits  # before the next chunk's logits exist, not after
@@ -340,51 +363,53 @@ chunked_linear_ce = torch.library.custom_op("minitune::fused_linear_cross_entrop
 def _(hidden, weight, targets, grad_scale, ignore_index, label_smoothing, compute_dhidden, compute_dweight,
       chunk_rows, use_triton):
     return (hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-            torch.empty_like(hidden) if compute_dhidden else hidden.new_empty(0),
-            torch.empty_like(weight) if compute_dweight else weight.new_empty(0))
+            hidden.new_empty(hidden.shape) if compute_dhidden else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if compute_dweight else weight.new_empty(0))
 
 
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """mean and sum: the gradients are computed in the forward and only scaled in the backward.
-    none: each row has its own upstream gradient, so the backward walks the chunks again."""
+    none (each row has its own upstream gradient) and fp16 (where a loss scale applied after the
+    rounding would flush small gradients to zero): the backward walks the chunks again, with the
+    whole factor."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, chunk_rows, use_triton):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, chunk_rows, use_triton,
+                grad_enabled):
+        need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
         n_valid = (targets != ignore_index).sum().clamp(min=1)
         scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=hidden.device)
-        now = reduction != "none"
+        ctx.now = reduction != "none" and hidden.dtype != torch.float16
         loss, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, scale.reshape(1),
-                               ignore_index, label_smoothing, need_dh and now, need_dw and now, chunk_rows,
+                               ignore_index, label_smoothing, need_dh and ctx.now, need_dw and ctx.now, chunk_rows,
                                use_triton)
-        ctx.args = (ignore_index, label_smoothing, chunk_rows, use_triton)
-        ctx.reduction = reduction
+        ctx.args = (ignore_index, reduction, label_smoothing, chunk_rows, use_triton)
         ctx.consumed = False
-        if now:
-            ctx.save_for_backward(dh, dw)
-            return loss.sum() / n_valid if reduction == "mean" else loss.sum()
-        ctx.save_for_backward(hidden, weight, targets)
-        return loss
+        ctx.save_for_backward(*((dh, dw) if ctx.now else (hidden, weight, targets, n_valid)))
+        if reduction == "none":
+            return loss
+        return loss.sum() / n_valid if reduction == "mean" else loss.sum()
 
     @staticmethod
     def backward(ctx, grad_output):
-        if ctx.reduction != "none":
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.now:
             if ctx.consumed:
                 raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
                                    "(retain_graph=True) is not supported; its gradients were used up")
             ctx.consumed = True
             dh, dw = ctx.saved_tensors  # scaled in place: a copy would add a weight-sized buffer to the peak
-            dh = dh.mul_(grad_output) if ctx.needs_input_grad[0] else None
-            dw = dw.mul_(grad_output) if ctx.needs_input_grad[1] else None
+            dh = dh.mul_(grad_output) if need_dh else None
+            dw = dw.mul_(grad_output) if need_dw else None
         else:
-            hidden, weight, targets = ctx.saved_tensors
-            ignore_index, label_smoothing, chunk_rows, use_triton = ctx.args
-            _, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets,
-                                grad_output.float().contiguous(), ignore_index, label_smoothing,
-                                ctx.needs_input_grad[0], ctx.needs_input_grad[1], chunk_rows, use_triton)
-            dh = dh if ctx.needs_input_grad[0] else None
-            dw = dw if ctx.needs_input_grad[1] else None
-        return dh, dw, None, None, None, None, None, None
+            hidden, weight, targets, n_valid = ctx.saved_tensors
+            ignore_index, reduction, label_smoothing, chunk_rows, use_triton = ctx.args
+            factor = grad_output.float().reshape(-1)
+            factor = factor / n_valid if reduction == "mean" else factor
+            _, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, factor.contiguous(),
+                                ignore_index, label_smoothing, need_dh, need_dw, chunk_rows, use_triton)
+            dh, dw = (dh if need_dh else None), (dw if need_dw else None)
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -395,15 +420,17 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"fused_linear_cross_entropy: weight {tuple(weight.shape)} must be (vocab, "
                          f"{hidden.shape[-1]}) for hidden states of width {hidden.shape[-1]}")
-    if torch.is_autocast_enabled(hidden.device.type):  # what autocast would give the matmul
-        dtype = torch.get_autocast_dtype(hidden.device.type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if torch.is_autocast_enabled(hidden.device.type):
+        # the matmuls in autocast's dtype; the weight is cast inside, so its gradient is summed in
+        # float32 and handed back as float32, never rounded through bf16
+        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))
     elif hidden.dtype != weight.dtype:
         raise TypeError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} but weight is {weight.dtype}")
     H = hidden.shape[-1]
     flat = hidden.reshape(-1, H)
     M, V = flat.shape[0], weight.shape[0]
     chunk_rows = chunk_rows or default_chunk_rows(M, H, V)
-    loss = FusedLinearCrossEntropyFunction.apply(flat, weight, targets.reshape(-1), ignore_index, reduction,
-                                                 label_smoothing, chunk_rows, use_triton)
+    loss = FusedLinearCrossEntropyFunction.apply(flat, weight.contiguous(), targets.reshape(-1).contiguous(),
+                                                 ignore_index, reduction, label_smoothing, chunk_rows, use_triton,
+                                                 torch.is_grad_enabled())
     return loss.view(targets.shape) if reduction == "none" else loss

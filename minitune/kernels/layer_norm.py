@@ -89,7 +89,7 @@ layer_norm_forward = torch.library.custom_op("minitune::layer_norm_forward", _la
 @layer_norm_forward.register_fake
 def _(x, weight, bias, eps):
     rows = x.numel() // x.shape[-1]
-    return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
 def _layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
@@ -114,7 +114,7 @@ layer_norm_backward = torch.library.custom_op("minitune::layer_norm_backward", _
 
 @layer_norm_backward.register_fake
 def _(dy, x, weight, mean, rstd):
-    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -135,4 +135,4 @@ def layer_norm_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     if weight.shape != x.shape[-1:] or bias.shape != x.shape[-1:]:
         raise ValueError(f"layer_norm: weight {tuple(weight.shape)} and bias {tuple(bias.shape)} must both "
                          f"match x's last dim {x.shape[-1]}")
-    return LayerNormFunction.apply(x, weight, bias, eps)
+    return LayerNormFunction.apply(x, weight.contiguous(), bias.contiguous(), eps)

@@ -112,7 +112,7 @@ rms_norm_backward = torch.library.custom_op("minitune::rms_norm_backward", _rms_
 
 @rms_norm_backward.register_fake
 def _(dy, x, weight, rstd):
-    return torch.empty_like(x), torch.empty_like(weight)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -132,4 +132,4 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"rms_norm: weight {tuple(weight.shape)} does not match x's last dim {x.shape[-1]}")
-    return RMSNormFunction.apply(x, weight, eps)
+    return RMSNormFunction.apply(x, weight.contiguous(), eps)

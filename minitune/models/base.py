@@ -13,6 +13,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import kernels
+from ..losses import shift_labels
+
 
 @dataclass
 class ModelConfig:
@@ -85,9 +88,19 @@ class CausalLM(nn.Module):
         save_model(self, out_dir, max_shard_size=max_shard_size)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token."""
-        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+                position_ids: torch.Tensor | None = None, cache=None, labels: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token.
+
+        Given labels (B, T), the next-token loss instead (see `minitune.losses.causal_lm_loss`), from
+        the hidden states and lm_head's weight without the logits. It is computed here, in forward,
+        so that DDP and FSDP, whose hooks run around forward, see the lm_head weight in use.
+        """
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)  # (B, T, C)
+        if labels is None:
+            return self.lm_head(hidden)
+        return kernels.fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels(labels),
+                                                  reduction=reduction)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
         """Final hidden states (B, T, C), the input of lm_head (the family's architecture)."""
