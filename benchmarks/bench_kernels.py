@@ -387,6 +387,18 @@ def bench_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device
 
 # ---------------------------------------------------------------- the cross-entropy constants sweep (GPU)
 
+def sweep_row(row: dict, step: Step, case: Case, device: torch.device, copy_gbps: float) -> dict:
+    """One sweep point: do_bench's time, its bandwidth, the kernels' own time; an error is recorded."""
+    try:
+        row["ms"] = time_ms(step, case.leaves, device)
+        row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
+        row["of_copy"] = row["gbps"] / copy_gbps
+        row["kernel_ms"] = kernel_ms(step, case.leaves)
+    except Exception as e:  # noqa: BLE001  recorded in the table
+        row["error"] = error_text(e)
+    return row
+
+
 def sweep(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
     """cross_entropy forward + backward over MAX_BLOCK_V x NUM_WARPS; the constants are restored after."""
     ce = importlib.import_module("minitune.kernels.cross_entropy")  # kernels.cross_entropy is the function
@@ -399,15 +411,9 @@ def sweep(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[di
             for block in SWEEP_BLOCKS:
                 for warps in SWEEP_WARPS:
                     ce.MAX_BLOCK_V, ce.NUM_WARPS = block, warps
-                    row = {"M": SWEEP_M, "V": V, "MAX_BLOCK_V": block, "NUM_WARPS": warps}
-                    try:
-                        row["ms"] = time_ms(step, case.leaves, device)
-                        row["gbps"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9
-                        row["of_copy"] = row["gbps"] / copy_gbps
-                        row["kernel_ms"] = kernel_ms(step, case.leaves)
-                    except Exception as e:  # noqa: BLE001  recorded in the table
-                        row["error"] = error_text(e)
-                    rows.append(row)
+                    rows.append(sweep_row({"M": SWEEP_M, "V": V, "MAX_BLOCK_V": block, "NUM_WARPS": warps},
+                                          step, case, device, copy_gbps))
+                    row = rows[-1]
                     print(f"  sweep V={V:6d} MAX_BLOCK_V={block:5d} NUM_WARPS={warps:2d} "
                           + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
             del case, step
@@ -427,14 +433,8 @@ def sweep_norm_programs(dtype: torch.dtype, device: torch.device, copy_gbps: flo
     try:
         for per_sm in SWEEP_PROGRAMS_PER_SM:
             common.PROGRAMS_PER_SM = per_sm
-            row = {"PROGRAMS_PER_SM": per_sm, **SWEEP_NORM_SIZE}
-            try:
-                row["ms"] = time_ms(step, case.leaves, device)
-                row["of_copy"] = case.bytes_moved / (row["ms"] * 1e-3) / 1e9 / copy_gbps
-                row["kernel_ms"] = kernel_ms(step, case.leaves)
-            except Exception as e:  # noqa: BLE001  recorded in the table
-                row["error"] = error_text(e)
-            rows.append(row)
+            rows.append(sweep_row({"PROGRAMS_PER_SM": per_sm, **SWEEP_NORM_SIZE}, step, case, device, copy_gbps))
+            row = rows[-1]
             print(f"  sweep rms_norm PROGRAMS_PER_SM={per_sm} "
                   + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
     finally:
