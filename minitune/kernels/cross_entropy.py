@@ -13,7 +13,10 @@ read and one write of DRAM. The target's gradient p_t - 1 = -sum_{j != t} p_j is
 other classes in float32, never formed as a difference close to 1 - 1, and rounded once: a
 confident prediction keeps an accurate small gradient (rounding p_t to bf16 would give 0, and
 even a float32 p_t - 1 loses digits). Ignored rows give loss 0 and gradient 0; a mean over no
-target at all is 0, not NaN.
+target at all is 0, not NaN. The backward only multiplies the saved gradient by the upstream one,
+in a small kernel that returns at once where that is 1: no pass over the logits and no host sync
+for a plain `loss.backward()`. fp16 is the exception: its gradient is computed in the backward,
+with the upstream factor (a loss scale) applied before the one rounding, so none flushes to zero.
 
 `fused_linear_cross_entropy` never builds the [tokens, vocab] logits: it walks the tokens in
 chunks; for each chunk it computes the logits, turns them into their gradient in place with the
@@ -30,8 +33,8 @@ import torch.nn.functional as F
 from ._common import call_op, launch_device, tl, triton
 
 REDUCTIONS = ("mean", "sum", "none")
-# vocabulary entries a program holds per step, and its warps: the fastest pair on an H100 over
-# V = 32000 and 128256 (benchmarks/bench_kernels.py --sweep, RESULTS.md)
+# vocabulary entries a program holds per step, and its warps: on an H100 the fastest kernels at
+# V=32000 and within 3% of the best at V=128256 (benchmarks/bench_kernels.py --sweep, RESULTS.md)
 MAX_BLOCK_V = 16384
 NUM_WARPS = 16
 
