@@ -94,7 +94,8 @@ class CausalLM(nn.Module):
 
         Given labels (B, T), the next-token loss instead (see `minitune.losses.causal_lm_loss`), from
         the hidden states and lm_head's weight without the logits. It is computed here, in forward,
-        so that DDP and FSDP, whose hooks run around forward, see the lm_head weight in use.
+        so that DDP and FSDP, whose hooks run around forward, see the lm_head weight in use. The
+        head's own forward does not run: it must stay a plain Linear in the root module's FSDP unit.
         """
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)  # (B, T, C)
         if labels is None:
