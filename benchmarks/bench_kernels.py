@@ -1,6 +1,6 @@
 """Kernels: minitune's rms_norm, layer_norm, cross_entropy and fused_linear_cross_entropy, forward + backward.
 
-    python benchmarks/bench_kernels.py --out benchmarks/out            # CPU: about 2 minutes on 2 cores
+    python benchmarks/bench_kernels.py --out benchmarks/out            # CPU: about 1.5 minutes on 2 cores
     python benchmarks/bench_kernels.py --sweep --out benchmarks/out    # GPU, plus the cross-entropy constants
 
 One measured call is the forward and its backward (`out.backward(dy)` with a fixed upstream gradient
@@ -346,7 +346,7 @@ def measure(case: Case, variant: Variant, device: torch.device) -> dict:
                 try:
                     row["kernel_ms"] = kernel_ms(step, resets)
                 except Exception as e:  # noqa: BLE001  the profiler is informative, not essential
-                    row["warnings_profiler"] = error_text(e)
+                    row["profiler_error"] = error_text(e)
             if step.value is not None:
                 row["loss"] = float(step.value)
         except Exception as e:  # noqa: BLE001  one failure (an OOM, a missing kernel) must not lose the rest
@@ -606,7 +606,8 @@ def markdown(result: dict) -> str:
              "| GPU kernels ms | kernels % of copy | note |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
-        note = r.get("error") or "; ".join(r.get("warnings", []))
+        note = r.get("error") or "; ".join(r.get("warnings", []) + ([f"profiler: {r['profiler_error']}"]
+                                                                     if "profiler_error" in r else []))
         peak = f"{r['peak_bytes'] / 1e6:.0f}" if r.get("peak_bytes") is not None else "—"
         pct = f"{100 * r['of_copy']:.1f}%" if r.get("of_copy") is not None else "—"
         speedup = f"{r['minitune_speedup']:.2f}x" if r.get("minitune_speedup") is not None else "—"

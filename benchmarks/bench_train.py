@@ -1,6 +1,6 @@
 """Training step: minitune (causal_lm_loss) against transformers (model(labels=ids).loss), same weights and data.
 
-    python benchmarks/bench_train.py --out benchmarks/out      # CPU: about 2 to 2.5 minutes on 2 cores
+    python benchmarks/bench_train.py --out benchmarks/out      # CPU: about 2 minutes on 2 cores
     python benchmarks/bench_train.py --out benchmarks/out      # on a GPU: the ~1B Mistral config, bf16
 
 For each config, a random transformers model is built from the config with a fixed seed and saved

@@ -239,6 +239,36 @@ def _(grad, grad_output):
     return None
 
 
+# What both autograd Functions below share: the mean's normaliser, the reduction, the upstream
+# factor of a backward that computes the gradient itself, and the one-use guard of a gradient that
+# the first backward scales in place.
+
+def _mean_scale(targets: torch.Tensor, ignore_index: int, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The number of targets (at least 1; a tensor, so no sync) and the gradient scale, 1/n for a mean."""
+    n_valid = (targets != ignore_index).sum().clamp(min=1)
+    scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=targets.device)
+    return n_valid, scale.reshape(1)
+
+
+def _reduce(loss: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return loss
+    return loss.sum() / n_valid if reduction == "mean" else loss.sum()
+
+
+def _backward_factor(grad_output: torch.Tensor, n_valid: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The whole factor of each row's gradient: the upstream gradient, over n for a mean (float32)."""
+    factor = grad_output.float().reshape(-1)
+    return (factor / n_valid if reduction == "mean" else factor).contiguous()
+
+
+def _use_once(ctx, what: str) -> None:
+    if ctx.consumed:
+        raise RuntimeError(f"{what}: a second backward through the same loss (retain_graph=True) is not "
+                           "supported; the first one used up the precomputed gradient")
+    ctx.consumed = True
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     """The gradient is computed in the forward (scaled by 1/n for a mean) and only rescaled by the
     upstream gradient in the backward, where that is not 1. fp16 is the exception: rounding p/n to
@@ -247,33 +277,25 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, grad_enabled):
-        n_valid = (targets != ignore_index).sum().clamp(min=1)  # a tensor: no sync
+        n_valid, scale = _mean_scale(targets, ignore_index, reduction)
         ctx.now = grad_enabled and ctx.needs_input_grad[0] and logits.dtype != torch.float16
-        scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=logits.device)
-        loss, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets, scale.reshape(1),
+        loss, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets, scale,
                              ignore_index, label_smoothing, ctx.now)
         ctx.args, ctx.consumed = (ignore_index, reduction, label_smoothing), False
         ctx.save_for_backward(*((grad,) if ctx.now else (logits, targets, n_valid)))
-        if reduction == "none":
-            return loss
-        return loss.sum() / n_valid if reduction == "mean" else loss.sum()
+        return _reduce(loss, n_valid, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
         ignore_index, reduction, label_smoothing = ctx.args
         if ctx.now:
-            if ctx.consumed:  # the saved gradient was scaled in place by the first backward
-                raise RuntimeError("cross_entropy: a second backward through the same loss (retain_graph=True) "
-                                   "is not supported; its gradient was used up")
-            ctx.consumed = True
+            _use_once(ctx, "cross_entropy")
             (grad,) = ctx.saved_tensors
             call_op(scale_grad_, _scale_grad_, grad, grad_output)
         else:
             logits, targets, n_valid = ctx.saved_tensors
-            factor = grad_output.float().reshape(-1)
-            factor = factor / n_valid if reduction == "mean" else factor
-            _, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets, factor.contiguous(),
-                              ignore_index, label_smoothing, True)
+            _, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets,
+                              _backward_factor(grad_output, n_valid, reduction), ignore_index, label_smoothing, True)
         return grad, None, None, None, None, None
 
 
@@ -380,37 +402,30 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, label_smoothing, chunk_rows, use_triton,
                 grad_enabled):
         need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
-        n_valid = (targets != ignore_index).sum().clamp(min=1)
-        scale = (1.0 / n_valid.float()) if reduction == "mean" else torch.ones((), device=hidden.device)
+        n_valid, scale = _mean_scale(targets, ignore_index, reduction)
         ctx.now = reduction != "none" and hidden.dtype != torch.float16
-        loss, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, scale.reshape(1),
+        loss, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, scale,
                                ignore_index, label_smoothing, need_dh and ctx.now, need_dw and ctx.now, chunk_rows,
                                use_triton)
         ctx.args = (ignore_index, reduction, label_smoothing, chunk_rows, use_triton)
         ctx.consumed = False
         ctx.save_for_backward(*((dh, dw) if ctx.now else (hidden, weight, targets, n_valid)))
-        if reduction == "none":
-            return loss
-        return loss.sum() / n_valid if reduction == "mean" else loss.sum()
+        return _reduce(loss, n_valid, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if ctx.now:
-            if ctx.consumed:
-                raise RuntimeError("fused_linear_cross_entropy: a second backward through the same loss "
-                                   "(retain_graph=True) is not supported; its gradients were used up")
-            ctx.consumed = True
+            _use_once(ctx, "fused_linear_cross_entropy")
             dh, dw = ctx.saved_tensors  # scaled in place: a copy would add a weight-sized buffer to the peak
             dh = dh.mul_(grad_output) if need_dh else None
             dw = dw.mul_(grad_output) if need_dw else None
         else:
             hidden, weight, targets, n_valid = ctx.saved_tensors
             ignore_index, reduction, label_smoothing, chunk_rows, use_triton = ctx.args
-            factor = grad_output.float().reshape(-1)
-            factor = factor / n_valid if reduction == "mean" else factor
-            _, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, factor.contiguous(),
-                                ignore_index, label_smoothing, need_dh, need_dw, chunk_rows, use_triton)
+            _, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets,
+                                _backward_factor(grad_output, n_valid, reduction), ignore_index, label_smoothing,
+                                need_dh, need_dw, chunk_rows, use_triton)
             dh, dw = (dh if need_dh else None), (dw if need_dw else None)
         return dh, dw, None, None, None, None, None, None, None
 
