@@ -64,7 +64,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temp
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != "
+                         f"input_ids shape {tuple(input_ids.shape)}")
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("attention_mask ends in padding: batched prompts must be left-padded")
 

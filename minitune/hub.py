@@ -327,12 +327,12 @@ def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5
 
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-save-") as tmp:
         tmp = Path(tmp)
-        for name, shard in zip(names, shards):
+        for name, shard in zip(names, shards, strict=True):
             # one shard at a time on the CPU, made contiguous (GPT-2's transposed views) only here
             save_file({k: v.to("cpu").contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+                     "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard}}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # Remove what a previous save left that this one does not replace, then move files in

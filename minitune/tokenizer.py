@@ -33,7 +33,8 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' name for extra named templates
 # what load_tokenizer fetches from the hub: never the weights
-TOKENIZER_FILES = [TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE, f"{CHAT_TEMPLATE_DIR}/*.jinja"]
+TOKENIZER_FILES = [TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE,
+                   f"{CHAT_TEMPLATE_DIR}/*.jinja"]
 
 # The named special tokens of transformers (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -157,7 +158,7 @@ class Tokenizer:
         """encode() for many texts at once (the Rust backend runs them in parallel)."""
         texts = list(texts)
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-        return [self._ids(e, t, add_special_tokens) for e, t in zip(encodings, texts)]
+        return [self._ids(e, t, add_special_tokens) for e, t in zip(encodings, texts, strict=True)]
 
     def _ids(self, encoding, text: str, add_special_tokens: bool) -> list[int]:
         ids = encoding.ids
