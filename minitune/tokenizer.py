@@ -252,7 +252,9 @@ class Tokenizer:
         """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and the chat template(s).
 
         The result loads back in minitune and in transformers' AutoTokenizer with the same behaviour.
-        Each file is written under a temporary name and renamed into place.
+        The chat template goes to chat_template.jinja, where transformers 5 writes it and which wins on
+        load, and also into tokenizer_config.json, the only place that transformers before 4.47, TGI
+        and older vLLM look. Each file is written under a temporary name and renamed into place.
         """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +287,10 @@ class Tokenizer:
         if self.extra_special_tokens:
             # the name both transformers 4 and 5 read (5 renames it to extra_special_tokens on load)
             config["additional_special_tokens"] = list(self.extra_special_tokens)
+        if isinstance(self.chat_template, str):
+            config["chat_template"] = self.chat_template
+        elif self.chat_template:  # named templates: the config's list form
+            config["chat_template"] = [{"name": k, "template": v} for k, v in self.chat_template.items()]
         config["added_tokens_decoder"] = {str(i): t.__getstate__()
                                           for i, t in sorted(self.backend.get_added_tokens_decoder().items())}
         # tokenizer.json is the whole pipeline; a model-specific class (LlamaTokenizer, GPT2Tokenizer)

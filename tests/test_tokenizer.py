@@ -342,6 +342,9 @@ def test_save_pretrained_round_trip(tiny, tmp_path):
                                                "special_tokens_map.json", "chat_template.jinja",
                                                "additional_chat_templates"}
     assert not list((out / "additional_chat_templates").iterdir())
+    # the template in both places: the .jinja file for transformers 5, the config for older readers
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == (out / "chat_template.jinja").read_text() == ours.chat_template
     again, theirs = load_tokenizer(out), hf_tokenizer(out)
     texts = safe_texts(TEXTS, "<s>")
     assert_same_encode_decode(again, theirs, texts)
