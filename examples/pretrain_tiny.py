@@ -34,25 +34,9 @@ from tqdm import tqdm
 
 import minitune as mt
 from minitune.optim import make_optimizer, make_scheduler
+from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE
 
 HERE = Path(__file__).resolve().parent
-
-# Zephyr-7b-beta's chat template, as its tokenizer_config.json has it: each turn ends with EOS and the
-# template writes no BOS; encoding the rendered chat (tok.encode) puts one in front, as for Zephyr.
-ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}\n"
-    "{% if message['role'] == 'user' %}\n"
-    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'system' %}\n"
-    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n"
-    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n"
-    "{% if loop.last and add_generation_prompt %}\n"
-    "{{ '<|assistant|>' }}\n"
-    "{% endif %}\n"
-    "{% endfor %}"
-)
 
 # Shapes: each checkpoint stays under 8 MB in float32. The vocabulary size is filled in from the tokenizer.
 CONFIGS = {
@@ -104,7 +88,7 @@ def train_tokenizer(texts: list[str], family: str, vocab_size: int, max_length: 
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                                special_tokens=[bos])
         names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-        template = ZEPHYR_TEMPLATE
+        template = ZEPHYR_CHAT_TEMPLATE  # writes no BOS; tok.encode of a rendered chat adds one
     config = {"model_max_length": max_length, "clean_up_tokenization_spaces": False}
     return mt.Tokenizer(backend, config, special_tokens=names, chat_template=template)
 

@@ -36,6 +36,24 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' name for extra 
 TOKENIZER_FILES = [TOKENIZER_FILE, CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE, CHAT_TEMPLATE_FILE,
                    f"{CHAT_TEMPLATE_DIR}/*.jinja"]
 
+# HuggingFaceH4/zephyr-7b-beta's chat template, as its tokenizer_config.json has it: <|system|>,
+# <|user|> and <|assistant|> turns, each closed by EOS. It writes no BOS: encoding the rendered chat
+# adds one. For giving a base Mistral-family tokenizer the chat format before fine-tuning it.
+ZEPHYR_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
 # The named special tokens of transformers (PreTrainedTokenizerBase.SPECIAL_TOKENS_ATTRIBUTES).
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 

@@ -14,26 +14,13 @@ import jinja2
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from minitune.tokenizer import ChatTemplateError, load_tokenizer
+from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE, ChatTemplateError, load_tokenizer
 from tests.conftest import FIXTURES
 
 transformers = pytest.importorskip("transformers")
 
 
-ZEPHYR_TEMPLATE = (
-    "{% for message in messages %}\n"
-    "{% if message['role'] == 'user' %}\n"
-    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'system' %}\n"
-    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
-    "{% elif message['role'] == 'assistant' %}\n"
-    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
-    "{% endif %}\n"
-    "{% if loop.last and add_generation_prompt %}\n"
-    "{{ '<|assistant|>' }}\n"
-    "{% endif %}\n"
-    "{% endfor %}"
-)
+ZEPHYR_TEMPLATE = ZEPHYR_CHAT_TEMPLATE  # Zephyr-7b-beta's, as its tokenizer_config.json has it
 
 # Zephyr's turns, behind a BOS (as Llama/Mistral-instruct templates write it), and strict about roles.
 TINY_TEMPLATE = (
