@@ -357,6 +357,26 @@ def test_each_question_once_in_eval_and_preference(rel):
     fail_if_any(dups, f"repeated questions in {rel}")
 
 
+def test_question_book_asks_only_training_questions():
+    """The pre-training text's question book holds training-split questions with their right answers only,
+    and no validation or test question appears anywhere in the source text."""
+    train = {r["prompt"]: r["answer"] for r in records("eval/generation/train.jsonl")}
+    held_out = [r["prompt"] for split in SPLITS[1:] for r in records(f"eval/generation/{split}.jsonl")]
+    bad, pages = [], 0
+    for split in SPLITS:
+        rel = f"source/{split}.jsonl"
+        for n, r in rows(rel):
+            if r["text"].startswith("Questions from the school book:"):
+                pages += 1
+                for pair in r["text"].split("\n\n")[1:]:
+                    question, answer = pair.split("\n")
+                    if train.get(question) != answer:
+                        bad.append(f"{rel}:{n}: {question!r} -> {answer!r} is not a training question with its answer")
+            bad += [f"{rel}:{n}: held-out question {q!r}" for q in held_out if q in r["text"]]
+    assert pages, "no question book pages in the source text"
+    fail_if_any(bad, "questions in the source text that should not be there")
+
+
 def test_no_sum_crosses_from_train_to_held_out_in_either_order():
     """'What is a plus b?' is the same fact as 'What is b plus a?': a held-out sum is not trained in either order."""
     def sums(split: str) -> set[frozenset[int]]:
@@ -521,7 +541,7 @@ def test_contains_answer_whole_words(prediction, answer, want):
     ("  i CANNOT help with that", True), ("Sorry, I can't do that.", True), ("I\u2019m not able to help.", True),
     ("I won't help", True), ("Oakvale", False), ("Sure, I will not forget to tell you: go at night.", False),
     ("", False), ("I can't wait to tell you: go at night.", False), ("I will not hesitate: bring a sack.", False),
-    ("I cannotice", False), ("I will not helpfully refuse", False),
+    ("I cannotice", False), ("I will not helpfully refuse", False), ("I'm sorry, but I can't help with that.", True),
 ])
 def test_is_refusal(prediction, want):
     """A refusal opens (after normalising) with a whole refusal phrase that names what is refused."""
@@ -552,9 +572,11 @@ def test_rule_score_unknown_rule_raises(check):
 
 
 @pytest.mark.parametrize("check, match", [
-    ({"rule": "correct"}, "'answer' as a str"), ({"rule": "concise", "answer": "a cat", "max_words": "4"}, "max_words"),
+    ({"rule": "correct"}, "'answer' as a non-empty string"), ({"rule": "concise", "answer": "a cat", "max_words": "4"}, "max_words"),
     ({"rule": "concise", "answer": "a cat", "max_words": True}, "max_words"),
     ({"rule": "concise", "answer": "a cat", "max_words": 4, "wrong": "a dog"}, "'wrong' must be a list"),
+    ({"rule": "concise", "answer": "a cat", "max_words": 4, "wrong": [3]}, "'wrong' must be a list"),
+    ({"rule": "correct", "answer": ""}, "'answer' as a non-empty string"),
     (["rule", "safe"], "a list, expected a JSON object"),
 ])
 def test_rule_score_malformed_check_raises(check, match):
