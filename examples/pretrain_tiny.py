@@ -51,15 +51,23 @@ CONFIGS = {
 SPECIALS = {"gpt2": ["<|endoftext|>"], "mistral": ["<unk>", "<s>", "</s>"]}
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 def read_texts(path: Path) -> list[str]:
     """The "text" of each line of a JSONL file; a bad line is an error naming the file and the line."""
     texts = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             try:
-                texts.append(json.loads(line)["text"])
+                text = json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" string ({e!r})") from None
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: \"text\" is {text!r}, expected a string")
+            texts.append(text)
     if not texts:
         raise ValueError(f"{path} holds no documents")
     return texts
@@ -132,6 +140,47 @@ def sample(model, tok: mt.Tokenizer, prompt: str, max_new_tokens: int = 48) -> s
     return tok.decode(out[0].tolist())
 
 
+# Plain-text completions that state each fact, in the corpus's own wordings.
+FACT_PROMPTS = {"town": ("{name} lives in", "{town}"), "job": ("By trade, {name} is a", "{job}"),
+                "pet": ("{name} lives in {town}. {pron} keeps a", "{pet}"),
+                "colour": ("The favourite colour of {name} is", "{colour}")}
+
+
+def greedy_answer(model, tok: mt.Tokenizer, prompt: str, stop: list[int], max_new_tokens: int = 8) -> str:
+    ids = torch.tensor([tok.encode(prompt)])
+    return tok.decode(mt.generate(model, ids, max_new_tokens, eos_token_id=stop)[0, ids.size(1):].tolist())
+
+
+@torch.no_grad()
+def valley_knowledge(model, tok: mt.Tokenizer, data: Path) -> dict:
+    """What the model knows of the world in `data` (world.jsonl, eval/generation/test.jsonl), greedily:
+
+    facts: how many of the people's towns, trades, pets and colours a plain-text completion gets right;
+    book_exact_match: held-out test questions answered exactly in the question book's format (the
+      question, a newline, the answer up to the next newline);
+    chat_exact_match: the same questions through the chat template, where there is one.
+    """
+    model.eval()
+    people = read_jsonl(data / "world.jsonl")
+    newline = tok.encode("\n", add_special_tokens=False)
+    facts = {}
+    for fact, (prompt, answer) in FACT_PROMPTS.items():
+        facts[fact] = sum(greedy_answer(model, tok, prompt.format(pron="She" if p["she"] else "He", **p), newline,
+                                        max_new_tokens=4).strip().startswith(answer.format(**p)) for p in people)
+    questions = read_jsonl(data / "eval" / "generation" / "test.jsonl")
+    book = sum(mt.evaluate.exact_match(greedy_answer(model, tok, q["prompt"] + "\n", [*newline, tok.eos_token_id]),
+                                       q["answer"])
+               for q in questions)
+    out = {"people": len(people), "facts": facts, "questions": len(questions), "book_exact_match": book}
+    if tok.chat_template:
+        chats = [tok.apply_chat_template([{"role": "user", "content": q["prompt"]}], add_generation_prompt=True)
+                 for q in questions]
+        out["chat_exact_match"] = sum(
+            mt.evaluate.exact_match(greedy_answer(model, tok, c, [tok.eos_token_id]), q["answer"])
+            for c, q in zip(chats, questions, strict=True))
+    return out
+
+
 def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_texts: list[str]) -> dict:
     torch.manual_seed(args.seed)
     family = CONFIGS[name]["model_type"]
@@ -182,10 +231,12 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
                "seq_len": args.seq_len, "lr": args.lr, "parameters": model.num_parameters(),
                "train_tokens": len(train), "train_seconds": round(seconds, 1),
                "val_loss_at_init": log[0]["val_loss"], "val_loss": log[-1]["val_loss"],
-               "sample": sample(model, tok, args.prompt), "log": log}
+               "sample": sample(model, tok, args.prompt), "knowledge": valley_knowledge(model, tok, Path(args.world)),
+               "log": log}
     write_json(out / "pretraining.json", summary)
     print(f"{name}: validation loss {summary['val_loss_at_init']:.3f} at init -> {summary['val_loss']:.3f} "
-          f"after {args.max_steps} steps ({seconds:.0f} s)\n  {summary['sample']!r}", file=sys.stderr)
+          f"after {args.max_steps} steps ({seconds:.0f} s)\n  {summary['sample']!r}\n  {summary['knowledge']}",
+          file=sys.stderr)
     return summary
 
 
@@ -210,6 +261,8 @@ def write_json(path: Path, obj) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(HERE / "data" / "source"), help="folder with train/validation.jsonl")
+    parser.add_argument("--world", default=str(HERE / "data"),
+                        help="folder with world.jsonl and eval/generation/test.jsonl, to measure what the model knows")
     parser.add_argument("--out", default=str(HERE / "assets"))
     parser.add_argument("--log-dir", default="runs/pretrain", help="metrics.jsonl of each model goes here")
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -223,6 +276,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default="One morning, Mira")
     args = parser.parse_args()
+    if min(args.max_steps, args.eval_every, args.batch_size, args.seq_len) < 1:
+        parser.error("--max-steps, --eval-every, --batch-size and --seq-len must be at least 1")
 
     train_texts = read_texts(Path(args.data) / "train.jsonl")
     val_texts = read_texts(Path(args.data) / "validation.jsonl")

@@ -3,6 +3,8 @@ match their config files, and know the valley they were pre-trained on."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
 import re
 import subprocess
@@ -18,7 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "examples" / "assets"
 DATA = ROOT / "examples" / "data"
 NAMES = ("tiny-gpt2", "tiny-mistral")
+FACTS = ("town", "job", "pet", "colour")
 MAX_BYTES = 8 * 1024 * 1024
+
+
+@functools.cache
+def pretrain_tiny():
+    """examples/pretrain_tiny.py as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("pretrain_tiny", ROOT / "examples" / "pretrain_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -57,8 +69,9 @@ def mean_loss(model, stream: torch.Tensor, seq_len: int = 256) -> float:
 def test_files_are_small_and_complete():
     for name in NAMES:
         folder = ASSETS / name
-        for file in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                     "generation_config.json", "pretraining.json"):
+        files = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "generation_config.json", "pretraining.json"]
+        for file in files + (["chat_template.jinja"] if name == "tiny-mistral" else []):
             assert (folder / file).is_file(), f"{folder / file} is missing"
         size = (folder / "model.safetensors").stat().st_size
         assert size <= MAX_BYTES, f"{folder / 'model.safetensors'} is {size} bytes, over the 8 MB budget"
@@ -162,33 +175,41 @@ def test_greedy_text_is_fluent_valley_text(asset, valley_words):
     assert text.count(".") >= 2, text
 
 
-@pytest.mark.parametrize("prompt, answer", [("{name} lives in", "{town}"), ("By trade, {name} is a", "{job}")])
-def test_the_models_know_the_valley(asset, prompt, answer):
-    """Most facts of the world come back from the pre-trained weights (greedy, as plain text)."""
-    _, model, tok = asset
-    people = read_jsonl(DATA / "world.jsonl")
-    hits = 0
-    for person in people:
-        ids = torch.tensor([tok.encode(prompt.format(**person))])
-        text = tok.decode(mt.generate(model, ids, 4)[0, ids.size(1):].tolist())
-        hits += text.strip().startswith(answer.format(**person))
-    assert hits >= 0.25 * len(people), f"{hits}/{len(people)}"  # chance: 1 in 8 towns, 1 in 12 trades
+def test_the_models_know_the_valley(asset):
+    """pretraining.json's account of what the model knows is this checkpoint's, and it is far above chance
+    (1 in 8 towns, 1 in 12 trades): facts as plain-text completions, held-out questions in the question
+    book's format; through the chat template, which pre-training never showed, next to nothing."""
+    folder, model, tok = asset
+    recorded = read_json(folder / "pretraining.json")["knowledge"]
+    assert pretrain_tiny().valley_knowledge(model, tok, DATA) == recorded
+    assert min(recorded["facts"].values()) >= recorded["people"] // 4, recorded
+    assert recorded["book_exact_match"] >= recorded["questions"] // 6, recorded
+    if tok.chat_template:
+        assert recorded["chat_exact_match"] < recorded["book_exact_match"] // 4, recorded
 
 
 def test_pretraining_is_repeatable(tmp_path):
     """Two short runs of examples/pretrain_tiny.py with the same seed write identical weights, and the
     tokenizer and config files they write are the committed ones, byte for byte."""
+    world = tmp_path / "world"  # a small answer key, so that measuring knowledge takes no time
+    (world / "eval" / "generation").mkdir(parents=True)
+    (world / "world.jsonl").write_text("".join(json.dumps(p) + "\n" for p in read_jsonl(DATA / "world.jsonl")[:2]))
+    questions = read_jsonl(DATA / "eval" / "generation" / "test.jsonl")[:3]
+    (world / "eval" / "generation" / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         subprocess.run([sys.executable, str(ROOT / "examples" / "pretrain_tiny.py"), "--out", str(out),
-                        "--log-dir", str(out / "logs"), "--max-steps", "2", "--batch-size", "2", "--seq-len", "32",
-                        "--eval-every", "2"], check=True, capture_output=True, timeout=300)
+                        "--log-dir", str(out / "logs"), "--world", str(world), "--max-steps", "2", "--batch-size", "2",
+                        "--seq-len", "32", "--eval-every", "2"], check=True, capture_output=True, timeout=300)
     for name in NAMES:
         weights = [(out / name / "model.safetensors").read_bytes() for out in outs]
         assert weights[0] == weights[1], name
-        for file in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                     "special_tokens_map.json"):
+        written = sorted(p.name for p in (outs[0] / name).iterdir())
+        assert written == sorted(p.name for p in (ASSETS / name).iterdir()), name
+        for file in set(written) - {"model.safetensors", "pretraining.json"}:
             assert (outs[0] / name / file).read_bytes() == (ASSETS / name / file).read_bytes(), f"{name}/{file}"
         metrics = read_jsonl(outs[0] / "logs" / name / "metrics.jsonl")
         assert [m["step"] for m in metrics] == [0, 2]
         assert set(metrics[1]) == {"step", "loss", "lr", "grad_norm", "tokens_per_s", "val_loss"}
+        knowledge = read_json(outs[0] / name / "pretraining.json")["knowledge"]
+        assert (knowledge["people"], knowledge["questions"], set(knowledge["facts"])) == (2, 3, set(FACTS))
