@@ -123,21 +123,15 @@ def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, gen: tor
 @torch.no_grad()
 def validation_loss(model, stream: torch.Tensor, seq_len: int, batch_size: int = 32) -> float:
     """Mean next-token loss over the whole validation stream, cut into consecutive windows."""
+    was_training = model.training
     model.eval()
     windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)
     total, count = 0.0, 0
     for batch in windows.split(batch_size):
         total += mt.losses.causal_lm_loss(model, batch, reduction="sum").item()
         count += batch.numel() - batch.size(0)  # the last position of a window has no target
-    model.train()
+    model.train(was_training)
     return total / count
-
-
-@torch.no_grad()
-def sample(model, tok: mt.Tokenizer, prompt: str, max_new_tokens: int = 48) -> str:
-    ids = torch.tensor([tok.encode(prompt)])
-    out = mt.generate(model, ids, max_new_tokens, eos_token_id=tok.eos_token_id)  # greedy
-    return tok.decode(out[0].tolist())
 
 
 # Plain-text completions that state each fact, in the corpus's own wordings.
@@ -147,6 +141,7 @@ FACT_PROMPTS = {"town": ("{name} lives in", "{town}"), "job": ("By trade, {name}
 
 
 def greedy_answer(model, tok: mt.Tokenizer, prompt: str, stop: list[int], max_new_tokens: int = 8) -> str:
+    """The greedy continuation of `prompt`, up to the first token in `stop`."""
     ids = torch.tensor([tok.encode(prompt)])
     return tok.decode(mt.generate(model, ids, max_new_tokens, eos_token_id=stop)[0, ids.size(1):].tolist())
 
@@ -184,13 +179,13 @@ def valley_knowledge(model, tok: mt.Tokenizer, data: Path) -> dict:
 def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_texts: list[str]) -> dict:
     torch.manual_seed(args.seed)
     family = CONFIGS[name]["model_type"]
-    tok = train_tokenizer(train_texts, family, args.vocab_size, max_length=model_context(CONFIGS[name]))
+    context = model_context(CONFIGS[name])
+    tok = train_tokenizer(train_texts, family, args.vocab_size, max_length=context)
     model = build_model(name, tok)
     train, val = token_stream(tok, train_texts), token_stream(tok, val_texts)
-    if min(len(train), len(val)) <= args.seq_len or args.seq_len > model_context(CONFIGS[name]):
+    if min(len(train), len(val)) <= args.seq_len or args.seq_len > context:
         raise ValueError(f"--seq-len {args.seq_len} must be below the token count of the training ({len(train)}) "
-                         f"and validation ({len(val)}) sets, and at most the model's context "
-                         f"({model_context(CONFIGS[name])})")
+                         f"and validation ({len(val)}) sets, and at most the model's context ({context})")
     print(f"{name}: {model.num_parameters():,} parameters, vocabulary {len(tok)} (rows {model.config.vocab_size}), "
           f"{len(train):,} training tokens", file=sys.stderr)
 
@@ -220,7 +215,7 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
             bar.write(json.dumps(metrics.records[-1]))
             tick = time.perf_counter()
     seconds = time.perf_counter() - start
-    log = metrics.records
+    log = metrics.records  # the step-0 record is the random model's
 
     out = Path(args.out) / name
     model.eval().save_pretrained(out)
@@ -231,7 +226,8 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
                "seq_len": args.seq_len, "lr": args.lr, "parameters": model.num_parameters(),
                "train_tokens": len(train), "train_seconds": round(seconds, 1),
                "val_loss_at_init": log[0]["val_loss"], "val_loss": log[-1]["val_loss"],
-               "sample": sample(model, tok, args.prompt), "knowledge": valley_knowledge(model, tok, Path(args.world)),
+               "sample": args.prompt + greedy_answer(model, tok, args.prompt, [tok.eos_token_id], 48),
+               "knowledge": valley_knowledge(model, tok, Path(args.world)),
                "log": log}
     write_json(out / "pretraining.json", summary)
     print(f"{name}: validation loss {summary['val_loss_at_init']:.3f} at init -> {summary['val_loss']:.3f} "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,18 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def example_module(relative_path: str):
+    """A script under examples/ imported as a module (examples/ is not a package), once per session."""
+    name = Path(relative_path).stem
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, EXAMPLES / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while a class is built
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ match their config files, and know the valley they were pre-trained on."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import re
 import subprocess
@@ -15,6 +13,7 @@ import pytest
 import torch
 
 import minitune as mt
+from tests.conftest import example_module
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "examples" / "assets"
@@ -24,17 +23,8 @@ FACTS = ("town", "job", "pet", "colour")
 MAX_BYTES = 8 * 1024 * 1024
 
 
-@functools.cache
 def pretrain_tiny():
-    """examples/pretrain_tiny.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("pretrain_tiny", ROOT / "examples" / "pretrain_tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return example_module("pretrain_tiny.py")
 
 
 def read_json(path: Path) -> dict:
@@ -53,17 +43,19 @@ def valley_words() -> set[str]:
     return {w for t in texts for w in re.findall(r"[A-Za-z]+", t)}
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return pretrain_tiny().read_jsonl(path)
+
+
 def validation_stream(tok, limit: int | None = None) -> torch.Tensor:
-    texts = [r["text"] for r in read_jsonl(DATA / "source" / "validation.jsonl")][:limit]
-    return torch.tensor([i for t in texts for i in [*tok.encode(t), tok.eos_token_id]])
+    """The source validation split as pretrain_tiny.py streams it (each document closed by EOS)."""
+    texts = pretrain_tiny().read_texts(DATA / "source" / "validation.jsonl")[:limit]
+    return pretrain_tiny().token_stream(tok, texts)
 
 
 def mean_loss(model, stream: torch.Tensor, seq_len: int = 256) -> float:
-    """Next-token loss over consecutive windows, as examples/pretrain_tiny.py measures it."""
-    windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)
-    with torch.no_grad():
-        total = sum(mt.losses.causal_lm_loss(model, w, reduction="sum").item() for w in windows.split(32))
-    return total / (windows.numel() - windows.size(0))
+    """Next-token loss over consecutive windows, measured as examples/pretrain_tiny.py measures it."""
+    return pretrain_tiny().validation_loss(model, stream, seq_len)
 
 
 def test_files_are_small_and_complete():

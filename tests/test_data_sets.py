@@ -9,10 +9,8 @@ won by the rule it names. Expectations are derived from the script and the files
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from minitune.evaluate import (
     rule_score,
     win_rate,
 )
+from tests.conftest import example_module
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 SPLITS = ("train", "validation", "test")
@@ -34,15 +33,7 @@ TEXT_SETS = ("source", "target")
 COMMITTED = sorted(p.relative_to(DATA).as_posix() for p in DATA.rglob("*.jsonl"))
 
 
-def _load_make_data():
-    spec = importlib.util.spec_from_file_location("make_data", DATA / "make_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_data"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-make_data = _load_make_data()
+make_data = example_module("data/make_data.py")
 
 
 # ---------------------------------------------------------------- helpers
@@ -572,7 +563,8 @@ def test_rule_score_unknown_rule_raises(check):
 
 
 @pytest.mark.parametrize("check, match", [
-    ({"rule": "correct"}, "'answer' as a non-empty string"), ({"rule": "concise", "answer": "a cat", "max_words": "4"}, "max_words"),
+    ({"rule": "correct"}, "'answer' as a non-empty string"),
+    ({"rule": "concise", "answer": "a cat", "max_words": "4"}, "max_words"),
     ({"rule": "concise", "answer": "a cat", "max_words": True}, "max_words"),
     ({"rule": "concise", "answer": "a cat", "max_words": 4, "wrong": "a dog"}, "'wrong' must be a list"),
     ({"rule": "concise", "answer": "a cat", "max_words": 4, "wrong": [3]}, "'wrong' must be a list"),
