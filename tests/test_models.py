@@ -108,6 +108,43 @@ def test_left_padding_gives_the_unpadded_logits(family):
         assert torch.allclose(model(padded, attention_mask=mask)[:, 3:], model(ids), atol=1e-5)
 
 
+def _tiny(family: str):
+    if family == "gpt2":
+        return GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32)).eval()
+    return Mistral(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, sliding_window=4)).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_a_packed_row_gives_each_example_its_own_logits_and_loss(family):
+    """attention_mask numbering the examples of a packed row (1, 1, 2, 2, 2, 3, 0): each example sees
+    only itself, from position 0, so its logits and loss are those it gets alone."""
+    model = _tiny(family)
+    lengths = [[5, 7, 4], [9, 6]]
+    examples = [[torch.randint(0, 50, (n,)) for n in row] for row in lengths]
+    T = 18
+    ids = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for r, row in enumerate(examples):
+        start = 0
+        for k, ex in enumerate(row, start=1):
+            ids[r, start:start + len(ex)], mask[r, start:start + len(ex)] = ex, k
+            start += len(ex)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[mask != torch.nn.functional.pad(mask, (1, 0))[:, :-1]] = -100  # an example's first token: no target
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask)
+        packed_loss = model(ids, attention_mask=mask, labels=labels, reduction="sum")
+        alone_loss = 0.0
+        for r, row in enumerate(examples):
+            start = 0
+            for ex in row:
+                torch.testing.assert_close(logits[r, start:start + len(ex)], model(ex[None])[0], atol=1e-5, rtol=1e-5)
+                alone_loss += model(ex[None], labels=ex[None], reduction="sum")
+                start += len(ex)
+    torch.testing.assert_close(packed_loss, alone_loss, atol=1e-4, rtol=1e-5)
+
+
 def test_sliding_window_limits_what_a_token_sees():
     """Changing a token W or more places back leaves a query's logits alone; W-1 back does not."""
     W = 4

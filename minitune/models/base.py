@@ -90,7 +90,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache=None, labels: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
-        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token.
+        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token, 0 = padding; a packed
+        row numbers its examples 1, 2, 3, ... so that each attends only to itself, from position 0.
 
         Given labels (B, T), the next-token loss instead (see `minitune.losses.causal_lm_loss`), from
         the hidden states and lm_head's weight without the logits. It is computed here, in forward,

@@ -1,10 +1,12 @@
 """What GPT-2 and Mistral share: input checks, positions, masks, SDPA, the KV cache, activations.
 
-Both families are causal decoders fed the same way: `input_ids` [B, T], an optional 0/1
+Both families are causal decoders fed the same way: `input_ids` [B, T], an optional
 `attention_mask` over every key position seen so far (cached ones included, as in Hugging Face),
-and optional `position_ids`. The helpers here turn those into what
-`F.scaled_dot_product_attention` wants, and fall back to its fast `is_causal=True` path whenever
-no explicit mask is needed.
+and optional `position_ids`. The mask is 0 for padding and 1 for a real token; a packed row (several
+examples end to end, see `minitune.data.pack`) numbers its examples 1, 2, 3, ... instead, and then
+a token attends only within its own example and positions restart at each. The helpers here turn
+those into what `F.scaled_dot_product_attention` wants, and fall back to its fast `is_causal=True`
+path whenever no explicit mask is needed.
 """
 
 from __future__ import annotations
@@ -50,14 +52,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor | None, q_len: int, past
                            device: torch.device) -> torch.Tensor:
     """Positions of the `q_len` new tokens: (1, T) without a mask, else (B, T).
 
-    With a mask, a token's position is the number of real tokens before it, so a left-padded
-    row sees the same positions as the unpadded sequence (what HF's `generate` does). Padding
-    gets position 0; its outputs are never used.
+    With a mask, a token's position is its distance from the start of its run of equal mask values:
+    a left-padded row sees the same positions as the unpadded sequence (what HF's `generate` does),
+    and each example of a packed row starts again at 0. Padding gets position 0; its outputs are
+    never used. A row's real tokens (an example's, when packed) must be contiguous.
     """
     if attention_mask is None:
         return torch.arange(past_len, past_len + q_len, device=device).unsqueeze(0)
-    mask = attention_mask.long()
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # (B, past + T)
+    mask = attention_mask.long()  # (B, past + T)
+    idx = torch.arange(mask.size(-1), device=device).expand_as(mask)
+    starts = torch.ones_like(mask, dtype=torch.bool)
+    starts[:, 1:] = mask[:, 1:] != mask[:, :-1]  # the first token of a run (padding, or an example)
+    pos = idx - torch.where(starts, idx, 0).cummax(-1).values
     return pos[:, -q_len:].masked_fill(mask[:, -q_len:] == 0, 0)
 
 
@@ -66,16 +72,21 @@ def attention_bias(attention_mask: torch.Tensor | None, q_len: int, past_len: in
     """Boolean mask (B or 1, 1, Tq, Tk), True = may attend, or None when plain causal suffices.
 
     Query i (absolute index past_len + i) sees key j when j <= i, when j > i - sliding_window
-    (HF's rule: the window counts the query itself, so exactly `sliding_window` keys), and when
-    key j is a real token. Indices are positions in the padded row; since a row's real tokens
-    are contiguous, index distance equals position distance, as in the reference.
+    (HF's rule: the window counts the query itself, so exactly `sliding_window` keys), when key j
+    is a real token, and, in a packed row, when j belongs to the same example as i. Indices are
+    positions in the padded row; since an example's tokens are contiguous, index distance equals
+    position distance, as in the reference.
     """
     k_len = past_len + q_len
     window_bites = sliding_window is not None and k_len > sliding_window
     padded = attention_mask is not None and not bool(attention_mask.all())
-    if not padded and not window_bites:
+    packed = attention_mask is not None and bool((attention_mask.long() > 1).any())
+    if not padded and not packed and not window_bites:
         return None if past_len == 0 or q_len == 1 else _causal(q_len, past_len, None, device)
     allowed = _causal(q_len, past_len, sliding_window if window_bites else None, device)
+    if packed:
+        segment = attention_mask.long()
+        allowed = allowed & (segment[:, None, past_len:, None] == segment[:, None, None, :])  # (B, 1, Tq, Tk)
     if padded:
         allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
         # A padding query would see no key at all and SDPA would return NaN; let it see
