@@ -1,0 +1,395 @@
+"""Training data: JSONL files in, batches of LongTensors out.
+
+The whole path of an SFT example, each step a small function you can call on its own:
+
+    records = read_jsonl("train.jsonl")                  # dicts; a bad line is an error naming file:line
+    example = encode_sft(record, tok, max_length=512)    # {"input_ids", "labels"}: labels -100 off the answer
+    rows = pack(examples, max_length=512)                # optional: several whole examples per row
+    batch = collate(rows_or_examples, pad_id)            # (B, T) tensors for the model and the loss
+
+`load_sft` does the first two for a file. `train_val_split`, `epoch_order` and `shard` decide which
+examples a run sees, in which order, on which rank, from seeds only, so a resumed or multi-GPU run
+sees the same data as a straight single-process one.
+
+Labels are aligned with input_ids, as in Hugging Face: the loss shifts them (minitune.losses), so the
+label at position t is the target of position t - 1, and IGNORE_INDEX (-100) marks "no loss here".
+Every data problem raises ValueError, and the message starts with where it is (file:line when known).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import jinja2
+import torch
+
+from .losses import IGNORE_INDEX
+from .tokenizer import Tokenizer
+
+TRUNCATION_POLICIES = ("error", "drop", "left")
+
+
+# ---------------------------------------------------------------- JSONL
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each line of a JSONL file, numbered from 1 as editors number them.
+
+    Blank (whitespace-only) lines are skipped: editors and `cat a.jsonl b.jsonl` leave them, and they
+    hold no record. They still count for the line numbers, so an error points at the right line.
+    A file with no record at all is an error: a run on zero examples is never what was meant.
+    """
+    path = Path(path)
+    count = 0
+    with open(path, "rb") as f:  # bytes, so that a bad UTF-8 sequence can be blamed on its line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                                 "expected one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            count += 1
+            yield lineno, record
+    if count == 0:
+        raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every record of a JSONL file (see iter_jsonl for the rules)."""
+    return [record for _, record in iter_jsonl(path)]
+
+
+# ---------------------------------------------------------------- SFT encoding
+
+def encode_sft(record: dict, tok: Tokenizer, max_length: int, train_on_prompt: bool = False,
+               truncation: str = "error", where: str = "") -> dict[str, list[int]] | None:
+    """One SFT record as {"input_ids", "labels"}, or None when truncation="drop" drops it.
+
+    Two formats: {"prompt", "completion"} is plain text, and {"messages": [...]} a chat rendered with
+    the tokenizer's chat template. Labels copy input_ids on the answer (the completion and its EOS, or
+    each assistant turn) and are -100 elsewhere, because the model should learn to answer, not to write
+    questions; train_on_prompt=True labels every token. `where` (e.g. "train.jsonl:12") starts every
+    error message.
+
+    An example longer than max_length is handled by `truncation`:
+      "error"  raise, naming the example, its length and the limit (the default: nothing is lost silently)
+      "drop"   return None; the caller counts the drops
+      "left"   cut tokens from the start, keeping BOS and every answer token; an error if those do not fit
+    """
+    _check_args(max_length, truncation)
+    if not isinstance(record, dict):
+        raise ValueError(f"{_at(where)}expected an SFT record (a JSON object), got {type(record).__name__}")
+    if "messages" in record and ("prompt" in record or "completion" in record):
+        raise ValueError(f"{_at(where)}has both 'messages' and 'prompt'/'completion'; give one or the other")
+    if "messages" in record:
+        ids, labels = encode_chat(_messages(record, where), tok, where)
+    elif "prompt" in record or "completion" in record:
+        prompt, completion = _string(record, "prompt", where), _string(record, "completion", where)
+        ids, labels = encode_prompt_completion(prompt, completion, tok)
+    else:
+        raise ValueError(f"{_at(where)}expected an SFT record with 'messages', or 'prompt' and 'completion'; "
+                         f"got keys {sorted(record)}")
+    if len(ids) > max_length:
+        if truncation == "drop":
+            return None
+        if truncation == "error":
+            raise ValueError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length} "
+                             "(raise max_length, or pass truncation='drop' or 'left')")
+        ids, labels = truncate_left(ids, labels, max_length, tok.bos_token_id, where)
+    if train_on_prompt:
+        labels = list(ids)
+    return {"input_ids": ids, "labels": labels}
+
+
+def encode_prompt_completion(prompt: str, completion: str, tok: Tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + completion + EOS, and labels that cover only the completion and EOS.
+
+    The two texts are encoded separately, so the prompt's tokens are the ones a model sees at inference
+    (where it is encoded alone and the model continues it). The prompt gets the tokenizer's special
+    tokens (BOS for Mistral, none for GPT-2); the completion gets none, and EOS ends it so the model
+    learns to stop. Write the separator (a space, a newline) into the prompt or the completion yourself.
+    """
+    if tok.eos_token_id is None:
+        raise ValueError(f"{tok!r} has no EOS token to end a completion with")
+    prompt_ids = tok.encode(prompt)
+    completion_ids = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+def encode_chat(messages: list[dict], tok: Tokenizer, where: str = "") -> tuple[list[int], list[int]]:
+    """Token ids of a chat rendered with the chat template, and labels that cover the assistant turns.
+
+    The text of an assistant turn is found by rendering prefixes of the chat: it is what
+    messages[:i+1] adds to messages[:i] with the generation prompt (the assistant header), i.e. the
+    content and whatever the template writes after it up to the next turn (Zephyr: "</s>\\n"). That needs
+    no knowledge of the template, only that it renders a prefix of a chat as a prefix of the whole
+    chat; a template that does not (one that rewrites earlier turns, say) is an error, not a silent
+    mis-masking. The full text is encoded once and the character spans mapped onto its tokens through
+    the tokenizer's offsets, so token boundaries are those of the text the model trains on.
+
+    A token belongs to the turn its last character is in (the end of its offsets). So a token that
+    straddles the start of a turn (header text and the first answer text) is a target, as the model must
+    produce it to answer. The end is also the one offset that stays exact when a tokenizer trims
+    whitespace off its offsets (GPT-2 style ByteLevel trim_offsets gives a lone space token empty offsets
+    at its end), and the special tokens the tokenizer adds (BOS) have empty offsets at 0, in no turn.
+    """
+    text, spans = _assistant_spans(messages, tok, where)
+    ids, offsets = _encode_with_offsets(tok, text)
+    labels = [IGNORE_INDEX] * len(ids)
+    for t, (_, end) in enumerate(offsets):
+        if any(span_start < end <= span_end for span_start, span_end in spans):
+            labels[t] = ids[t]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"{_at(where)}the chat template wrote no text for the assistant turns, nothing to train on")
+    return ids, labels
+
+
+def _assistant_spans(messages: list[dict], tok: Tokenizer, where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered chat and the [start, end) character span of each assistant turn in it."""
+    text = _render(tok, messages, False, where)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise ValueError(f"{_at(where)}messages[0] is an assistant turn; a chat starts with a system or user turn")
+        before = _render(tok, messages[:i], True, where)  # ends with the assistant header
+        through = _render(tok, messages[: i + 1], False, where)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise ValueError(f"{_at(where)}the chat template does not render prefixes of this chat consistently: "
+                             f"messages[:{i}] with the generation prompt, messages[:{i + 1}] and the whole chat "
+                             "are not prefixes of each other, so the assistant turns cannot be located")
+        spans.append((len(before), len(through)))
+    if not spans:
+        raise ValueError(f"{_at(where)}no message has role 'assistant', nothing to train on")
+    return text, spans
+
+
+def _render(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool, where: str) -> str:
+    try:
+        return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    except (ValueError, jinja2.TemplateError) as e:
+        raise ValueError(f"{_at(where)}{e}") from e
+
+
+def _encode_with_offsets(tok: Tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of `text` and their [start, end) character offsets, with exactly one BOS.
+
+    The tokenizer adds its special tokens (BOS for Mistral) as tok.encode does. When the template
+    already wrote the BOS text, the added one is dropped: the same rule as Tokenizer.encode, so the ids
+    equal tok.encode(text).
+    """
+    encoding = tok.backend.encode(text)
+    ids, offsets, added = encoding.ids, encoding.offsets, encoding.special_tokens_mask
+    if len(ids) >= 2 and ids[0] == ids[1] == tok.bos_token_id and added[0] and not added[1]:
+        ids, offsets = ids[1:], offsets[1:]
+    return ids, offsets
+
+
+def truncate_left(ids: list[int], labels: list[int], max_length: int, bos_id: int | None,
+                  where: str = "") -> tuple[list[int], list[int]]:
+    """Drop tokens from the start (after a leading BOS) until max_length tokens remain.
+
+    Only prompt tokens may go: if an answer token would be cut, or the first answer token would lose
+    the token before it (and with it its place as a target), it is an error, as the example cannot be
+    trained on as written.
+    """
+    keep = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+    cut = len(ids) - (max_length - keep)  # ids[keep:cut] go
+    first = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
+    if cut >= first + keep:
+        raise ValueError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length}, and its "
+                         f"answer ({len(ids) - first} tokens from the first answer token on) does not fit even "
+                         "after truncating the prompt from the left")
+    return ids[:keep] + ids[cut:], labels[:keep] + labels[cut:]
+
+
+def load_sft(path: str | Path, tok: Tokenizer, max_length: int, train_on_prompt: bool = False,
+             truncation: str = "error") -> list[dict[str, list[int]]]:
+    """encode_sft on every record of a JSONL file; errors name file:line.
+
+    Examples dropped by truncation="drop" are counted in a warning; dropping all of them is an error.
+    """
+    examples, dropped = [], 0
+    for lineno, record in iter_jsonl(path):
+        example = encode_sft(record, tok, max_length, train_on_prompt, truncation, where=f"{path}:{lineno}")
+        if example is None:
+            dropped += 1
+        else:
+            examples.append(example)
+    if not examples:
+        raise ValueError(f"{path}: all {dropped} examples are longer than max_length={max_length} and were dropped")
+    if dropped:
+        warnings.warn(f"{path}: dropped {dropped} of {dropped + len(examples)} examples longer than "
+                      f"max_length={max_length}", stacklevel=2)
+    return examples
+
+
+def _check_args(max_length: int, truncation: str) -> None:
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation={truncation!r}: expected one of {', '.join(TRUNCATION_POLICIES)}")
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r}: expected a positive int")
+
+
+def _at(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def _string(record: dict, key: str, where: str) -> str:
+    if key not in record:
+        raise ValueError(f"{_at(where)}missing field '{key}'")
+    if not isinstance(record[key], str):
+        raise ValueError(f"{_at(where)}field '{key}': expected a string, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def _messages(record: dict, where: str) -> list[dict]:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{_at(where)}field 'messages': expected a non-empty list of "
+                         f"{{'role': ..., 'content': ...}} objects, got {messages!r:.80}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"{_at(where)}messages[{i}]: expected an object, got {type(message).__name__}")
+        for key in ("role", "content"):
+            _string(message, key, f"{_at(where)}messages[{i}]")
+    return messages
+
+
+# ---------------------------------------------------------------- batches
+
+def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples (or packed rows) into (B, T) LongTensors.
+
+    input_ids are padded with pad_id (a tokenizer without a pad token pads with its eos_token_id: the
+    padding is masked out, so which id it is does not matter), labels with -100, attention_mask with 0.
+    attention_mask is 1 on real tokens, or a packed row's segment ids (see pack). position_ids are
+    in the batch only when the examples have them (packed rows), padded with 0.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    if pad_id is None:
+        raise ValueError("collate: pad_id is None; for a tokenizer without a pad token pass its eos_token_id")
+    with_positions = sum("position_ids" in example for example in examples)
+    if with_positions not in (0, len(examples)):
+        raise ValueError(f"collate: {with_positions} of {len(examples)} examples have position_ids; "
+                         "packed rows and plain examples cannot share a batch")
+    length = max(len(example["input_ids"]) for example in examples)
+    batch = {
+        "input_ids": _pad([example["input_ids"] for example in examples], length, pad_id),
+        "labels": _pad([example["labels"] for example in examples], length, IGNORE_INDEX),
+        "attention_mask": _pad([example.get("attention_mask", [1] * len(example["input_ids"]))
+                                for example in examples], length, 0),
+    }
+    if with_positions:
+        batch["position_ids"] = _pad([example["position_ids"] for example in examples], length, 0)
+    return batch
+
+
+def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)  # (B, T)
+
+
+def pack(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """Concatenate whole examples, in order, into rows of at most max_length tokens.
+
+    Greedy: an example goes into the current row if it fits, else it starts a new one; no example is
+    ever split. Each row has:
+      input_ids       the examples' tokens, one after another
+      labels          the examples' labels, with each example's first label set to -100: in its own
+                      row the first token is never a target, and here it would be the target of the
+                      previous example's last token
+      attention_mask  the 1-based segment id of each token's example (1, 1, 1, 2, 2, 3, ...; 0 = padding)
+      position_ids    restarting at 0 for each example
+    A model that keeps attention inside each segment and uses these positions computes, for every
+    example, the logits it computes for the example alone: the packed loss equals the unpacked one.
+    """
+    rows, row, row_length = [], [], 0
+    for i, example in enumerate(examples):
+        n = len(example["input_ids"])
+        if not 0 < n <= max_length:
+            raise ValueError(f"pack: example {i} is {n} tokens; each example must have 1 to max_length={max_length}")
+        if row_length + n > max_length:
+            rows.append(_pack_row(row))
+            row, row_length = [], 0
+        row.append(example)
+        row_length += n
+    if row:
+        rows.append(_pack_row(row))
+    return rows
+
+
+def _pack_row(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    row = {"input_ids": [], "labels": [], "attention_mask": [], "position_ids": []}
+    for segment, example in enumerate(examples, start=1):
+        n = len(example["input_ids"])
+        row["input_ids"] += example["input_ids"]
+        row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
+        row["attention_mask"] += [segment] * n
+        row["position_ids"] += range(n)
+    return row
+
+
+# ---------------------------------------------------------------- which examples, in which order, on which rank
+
+def train_val_split(records: Sequence, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Split records into disjoint train and validation lists, the same way for the same seed.
+
+    round(len(records) * val_fraction) records, chosen at random, go to validation; both lists keep
+    the records' original order (shuffling is the epoch's business). The generator is a private
+    random.Random(seed), so the split does not depend on, or disturb, any global random state.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction}: expected a fraction strictly between 0 and 1")
+    n = len(records)
+    n_val = round(n * val_fraction)
+    if not 0 < n_val < n:
+        raise ValueError(f"train_val_split: val_fraction={val_fraction} of {n} records leaves a split empty")
+    val = set(_permutation(n, random.Random(seed))[:n_val])
+    train = [record for i, record in enumerate(records) if i not in val]
+    return train, [record for i, record in enumerate(records) if i in val]
+
+
+def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
+    """The order in which an epoch visits examples 0..n-1: a permutation that depends on (seed, epoch) only.
+
+    Nothing about the run's past is needed, so a run resumed at example `position` of epoch `epoch`
+    continues with epoch_order(n, epoch, seed)[position:]. The generator is seeded with the pair (as a
+    string) rather than seed + epoch, which would give seed 0's second epoch the order of seed 1's first.
+    """
+    return _permutation(n, random.Random(f"{seed}:{epoch}"))
+
+
+def _permutation(n: int, rng: random.Random) -> list[int]:
+    # Sorting by rng.random() keys rather than rng.shuffle: Python guarantees random() and seeding stay the
+    # same across versions, not shuffle's algorithm, and the data order should not change with Python.
+    keys = [rng.random() for _ in range(n)]
+    return sorted(range(n), key=keys.__getitem__)
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """The part of an epoch's order that data-parallel rank `rank` of `world_size` trains on.
+
+    Strided: rank r takes positions r, r + W, r + 2W, ... With a per-rank batch of B, the k-th batch
+    of every rank together is exactly indices[k*B*W : (k+1)*B*W], the k-th batch of one process with
+    batch B*W, so the run sees the same data at each step whatever the world size (resume: skip a
+    multiple of B*W with indices[position:] before sharding). The last len(indices) % world_size
+    indices are left out so every rank runs the same number of steps; a rank with one batch more would
+    wait forever in the gradient all-reduce.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard: rank={rank} is not in [0, world_size={world_size})")
+    usable = len(indices) - len(indices) % world_size
+    return list(indices[rank:usable:world_size])
