@@ -29,6 +29,7 @@ import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
+from minitune.plot import plot_training
 
 HERE = Path(__file__).resolve().parent
 
@@ -265,6 +266,7 @@ def main(argv=None) -> None:
     if rank == 0:
         base.save_pretrained(out / "final")
         tok.save_pretrained(out / "final")
+        plot_training(metrics, out / "training.png", title=f"SFT of {Path(args.model).name}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -62,3 +62,5 @@ def test_metrics_use_the_design_names_and_validation_starts_at_step_0(tmp_path):
     assert {"val_loss", "val_ppl", "val_token_acc", "val_exact_match"} <= set(metrics[-1])
     assert (tmp_path / "m" / "final" / "config.json").is_file()
     assert (tmp_path / "m" / "final" / "tokenizer.json").is_file()
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "m" / "training.png").stat().st_size > 10_000
