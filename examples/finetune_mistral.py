@@ -143,14 +143,17 @@ def train_step(model, batches: list[dict], optimizer, scheduler, autocast) -> tu
         (loss / n_targets).backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     if dist.is_initialized():
         t = torch.tensor(total, device=n_targets.device)
         dist.all_reduce(t)
         total = t.item()
-    return total / n_targets.item(), grad_norm.item()
+    loss = total / n_targets.item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+        raise FloatingPointError(f"the loss is {loss} and the gradient norm {grad_norm.item()}")
+    optimizer.step()  # only after the check: a non-finite update would poison the weights and the next checkpoint
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm.item()
 
 
 class _null:
@@ -249,10 +252,11 @@ def main(argv=None) -> None:
         batches = [to_device(D.collate(b, pad_id(tok)), device)
                    for b in micro_batches(train, step - 1, args, rank, world)]
         lr = scheduler.get_last_lr()[0]
-        loss, grad_norm = train_step(model, batches, optimizer, scheduler, autocast)
-        if not math.isfinite(loss):
-            raise SystemExit(f"step {step}: the loss is {loss}; stopping. The last good checkpoint is in "
-                             f"{out / 'checkpoints'} (resume with --resume auto after lowering --lr).")
+        try:
+            loss, grad_norm = train_step(model, batches, optimizer, scheduler, autocast)
+        except FloatingPointError as e:
+            raise SystemExit(f"step {step}: {e}; stopped before updating the weights. The last good checkpoint "
+                             f"is in {out / 'checkpoints'}: lower --lr and continue with --resume auto.") from None
         tokens = sum(b["attention_mask"].ne(0).sum().item() for b in batches) * world
         record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / (time.perf_counter() - tick)}

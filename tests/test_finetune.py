@@ -64,3 +64,51 @@ def test_metrics_use_the_design_names_and_validation_starts_at_step_0(tmp_path):
     assert (tmp_path / "m" / "final" / "tokenizer.json").is_file()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "m" / "training.png").stat().st_size > 10_000
+
+
+def test_a_non_finite_step_stops_the_run_before_it_touches_the_weights(tmp_path):
+    out = tmp_path / "nf"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, "--max-steps", "10", "--lr", "1e6",
+                           "--warmup", "0", "--save-every", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "stopped before updating the weights" in proc.stderr, proc.stderr[-2000:]
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert checkpoints, "no checkpoint was kept"
+    kept = load_file(checkpoints[-1] / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in kept.values())
+    assert not (out / "final").exists()
+
+
+def _example_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("finetune_mistral", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
+    """Two micro-batches of 2 give the step that one batch of 4 gives, though their target counts differ."""
+    import contextlib
+
+    import minitune as mt
+    from minitune.data import collate
+
+    fm = _example_module()
+    torch.manual_seed(0)
+    examples = [{"input_ids": torch.randint(3, 50, (n,)).tolist()} for n in (3, 12, 5, 9)]
+    for ex in examples:
+        ex["labels"] = list(ex["input_ids"])
+    config = mt.MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2)
+    results = []
+    for split in ([examples], [examples[:2], examples[2:]]):
+        torch.manual_seed(1)
+        model = mt.Mistral(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        loss, _ = fm.train_step(model, [collate(b, 0) for b in split], optimizer, scheduler, contextlib.nullcontext)
+        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+    (loss_one, params_one), (loss_two, params_two) = results
+    assert loss_one == pytest.approx(loss_two, rel=1e-6)
+    for a, b in zip(params_one, params_two, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
