@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import minitune as mt
 from minitune import data as D
@@ -242,13 +243,14 @@ def main(argv=None) -> None:
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), file=sys.stderr)
+            tqdm.write(json.dumps(record), file=sys.stderr)
 
     base = model.module if world > 1 else model
     if start == 0:
         log({"step": 0, **validate(base, tok, val, chats, args, device, autocast)})
     tick = time.perf_counter()
-    for step in range(start + 1, steps + 1):
+    for step in tqdm(range(start + 1, steps + 1), desc="sft", initial=start, total=steps, disable=rank != 0,
+                     file=sys.stderr):
         batches = [to_device(D.collate(b, pad_id(tok)), device)
                    for b in micro_batches(train, step - 1, args, rank, world)]
         lr = scheduler.get_last_lr()[0]
