@@ -141,7 +141,8 @@ def train_step(model, batches: list[dict], optimizer, scheduler, autocast) -> tu
         with ctx, autocast():
             loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                          position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
-        (loss / n_targets).backward()
+        # DDP averages the ranks' gradients; n_targets already counts every rank's targets, so scale back up
+        (loss * world_size() / n_targets).backward()
         total += loss.item()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     if dist.is_initialized():
@@ -155,6 +156,10 @@ def train_step(model, batches: list[dict], optimizer, scheduler, autocast) -> tu
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm.item()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 class _null:

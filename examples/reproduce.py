@@ -46,7 +46,8 @@ def sft_section(runs: Path, report: Path) -> str:
     seconds = run_sft(out)
     test = HERE / "data" / "sft" / "test.jsonl"
     before, after = held_out(HERE / "assets" / "tiny-mistral", test), held_out(out / "final", test)
-    shutil.copy(out / "training.png", report / "sft.png")
+    if (out / "training.png").exists():  # matplotlib is optional
+        shutil.copy(out / "training.png", report / "sft.png")
     rows = [("exact match (greedy)", "val_exact_match", "{:.1%}"), ("answer-token loss", "val_loss", "{:.3f}"),
             ("perplexity", "val_ppl", "{:.2f}"), ("token accuracy", "val_token_acc", "{:.1%}")]
     table = "\n".join(f"| {name} | {fmt.format(before[k])} | {fmt.format(after[k])} |" for name, k, fmt in rows)
