@@ -55,7 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not just the answers")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (autocast); default bf16 on CUDA")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="compute dtype (bfloat16 through autocast, float32 weights); default bfloat16 on CUDA")
+    p.add_argument("--truncation", default="error", choices=D.TRUNCATION_POLICIES,
+                   help="an example longer than --max-length: stop with its file:line, drop it, or cut its start")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--exact-match-samples", type=int, default=64, help="held-out chats answered greedily")
     p.add_argument("--save-every", type=int, default=100)
@@ -63,7 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", default=None, help="'auto' (the latest checkpoint in --out) or a checkpoint folder")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--packing", action="store_true", help="several examples per row, each attending to itself")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.eval_every, args.save_every, args.batch_size, args.grad_accum) < 1:
+        p.error("--eval-every, --save-every, --batch-size and --grad-accum must be at least 1")
+    return args
 
 
 # ---------------------------------------------------------------- setup
@@ -83,18 +89,23 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def load_examples(args, tok) -> tuple[list[dict], list[dict], list[dict]]:
-    """Encoded training and validation examples, and the raw held-out chats for exact match."""
-    records = D.read_jsonl(args.data)
+    """Encoded training and validation examples, and the raw held-out records for exact match.
+
+    Records keep their file:line through the split, so an error names the line in the file."""
+    records = [(f"{args.data}:{n}", r) for n, r in D.iter_jsonl(args.data)]
     if args.val_data:
-        val_records = D.read_jsonl(args.val_data)
+        val_records = [(f"{args.val_data}:{n}", r) for n, r in D.iter_jsonl(args.val_data)]
     else:
         records, val_records = D.train_val_split(records, args.val_fraction, args.seed)
-    encode = dict(tok=tok, max_length=args.max_length, train_on_prompt=args.train_on_prompt)
-    train = [D.encode_sft(r, where=f"{args.data}:{i + 1}", **encode) for i, r in enumerate(records)]
-    val = [D.encode_sft(r, where=f"{args.val_data}:{i + 1}", **encode) for i, r in enumerate(val_records)]
+
+    def encode(pairs):
+        out = [D.encode_sft(r, tok, args.max_length, args.train_on_prompt, args.truncation, where=w) for w, r in pairs]
+        return [e for e in out if e is not None]
+
+    train, val = encode(records), encode(val_records)
     if args.packing:
         train = D.pack(train, args.max_length)
-    return train, val, val_records[:args.exact_match_samples]
+    return train, val, [r for _, r in val_records[:args.exact_match_samples]]
 
 
 # ---------------------------------------------------------------- one optimizer step
@@ -187,16 +198,27 @@ def validate(model, tok, val: list[dict], chats: list[dict], args, device, autoc
         loss_sum += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
         correct += int((logits.argmax(-1)[keep] == targets[keep]).sum())
         count += int(keep.sum())
-    replies = [greedy_reply(model, tok, c["messages"][:-1], device) for c in chats]
-    hits = sum(mt.evaluate.exact_match(r, c["messages"][-1]["content"]) for r, c in zip(replies, chats, strict=True))
+    pairs = [prompt_and_answer(c) for c in chats]
+    hits = sum(mt.evaluate.exact_match(greedy_reply(model, tok, prompt, device), answer) for prompt, answer in pairs)
     model.train()
     val_loss = loss_sum / max(count, 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": correct / max(count, 1),
             "val_exact_match": hits / max(len(chats), 1)}
 
 
-def greedy_reply(model, tok, messages: list[dict], device, max_new_tokens: int = 32) -> str:
-    ids = torch.tensor([tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))], device=device)
+def prompt_and_answer(record: dict) -> tuple[str | list[dict], str]:
+    """What the model is asked and the reference answer: the chat before its final assistant turn, or the prompt."""
+    if "messages" in record:
+        *prompt, last = record["messages"]
+        if last["role"] != "assistant":
+            raise ValueError(f"a held-out chat must end with the assistant's answer, not a {last['role']!r} turn")
+        return prompt, last["content"]
+    return record["prompt"], record["completion"]
+
+
+def greedy_reply(model, tok, prompt: str | list[dict], device, max_new_tokens: int = 32) -> str:
+    text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True)
+    ids = torch.tensor([tok.encode(text)], device=device)
     out = mt.generate(model, ids, max_new_tokens, eos_token_id=tok.eos_token_id)
     return tok.decode(out[0, ids.size(1):].tolist())
 
@@ -233,11 +255,21 @@ def main(argv=None) -> None:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
+    # what the data order and the schedule depend on: a resumed run must have the same
+    run = {"data": args.data, "seed": args.seed, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
+           "world_size": world, "packing": args.packing, "max_length": args.max_length, "steps": steps}
     start, metrics = 0, []
     ckpt = resolve_resume(args.resume, out)
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        changed = {k: (v, run[k]) for k, v in state["state"]["run"].items() if run.get(k) != v}
+        if changed:
+            raise SystemExit(f"{ckpt}: saved by a run with other settings {changed} (saved, now): the data order "
+                             "and schedule would not continue; resume with the same flags")
         start, metrics = state["step"], state["state"]["metrics"]
+    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+        raise SystemExit(f"{out / 'checkpoints'} holds another run's checkpoints: pass --resume auto to continue "
+                         "it, or choose a new --out")
     log_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -271,7 +303,7 @@ def main(argv=None) -> None:
             record.update(validate(base, tok, val, chats, args, device, autocast))
         log(record)
         if step % args.save_every == 0 and step < steps:
-            save_checkpoint(out, step, model, optimizer, scheduler, state={"metrics": metrics},
+            save_checkpoint(out, step, model, optimizer, scheduler, state={"run": run, "metrics": metrics},
                             keep_last=args.keep_last)
         tick = time.perf_counter()
     if rank == 0:

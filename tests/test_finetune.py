@@ -113,3 +113,32 @@ def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
     assert loss_one == pytest.approx(loss_two, rel=1e-6)
     for a, b in zip(params_one, params_two, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _fails(out: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, *args], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    return proc.stderr
+
+
+def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(tmp_path):
+    out = tmp_path / "r"
+    run(out, "--max-steps", "4", "--save-every", "2")
+    assert "holds another run's checkpoints" in _fails(out, "--max-steps", "4", "--save-every", "2")
+    message = _fails(out, "--max-steps", "4", "--save-every", "2", "--resume", "auto", "--batch-size", "8")
+    assert "'batch_size': (4, 8)" in message
+
+
+def test_prompt_completion_data_trains_and_validates(tmp_path):
+    data = tmp_path / "pc.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?\n", "completion": str(i + 1)}) + "\n"
+                            for i in range(40)))
+    metrics = run(tmp_path / "pc", "--data", str(data), "--val-data", "", "--val-fraction", "0.1", "--max-steps", "5")
+    assert "val_exact_match" in metrics[-1]
+
+
+def test_an_error_in_the_data_names_its_line_in_the_file(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
+    assert f"{data}:3" in _fails(tmp_path / "bad", "--data", str(data), "--val-data", str(data), "--max-steps", "1")
