@@ -35,6 +35,7 @@ from tqdm import tqdm
 import minitune as mt
 from minitune.optim import make_optimizer, make_scheduler
 from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE
+from minitune.train import MetricsLog
 
 HERE = Path(__file__).resolve().parent
 
@@ -234,20 +235,6 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
           f"after {args.max_steps} steps ({seconds:.0f} s)\n  {summary['sample']!r}\n  {summary['knowledge']}",
           file=sys.stderr)
     return summary
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per evaluation, appended as the run goes (and kept in memory)."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.records = path, []
-        path.write_text("")
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 def write_json(path: Path, obj) -> None:

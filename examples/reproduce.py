@@ -9,6 +9,7 @@ and after). DPO, transfer learning and the model comparison join as their issues
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -30,9 +31,7 @@ def held_out(model_dir: Path, test_file: Path) -> dict:
     tok, model = mt.load_tokenizer(model_dir), mt.load_model(model_dir, dtype=torch.float32).eval()
     chats = D.read_jsonl(test_file)
     encoded = [D.encode_sft(c, tok, max_length=256, where=f"{test_file}:{i + 1}") for i, c in enumerate(chats)]
-    args = argparse.Namespace(batch_size=16)
-    no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    return sft.validate(model, tok, encoded, chats, args, torch.device("cpu"), no_autocast)
+    return sft.validate(model, tok, encoded, chats, batch_size=16, autocast=contextlib.nullcontext)
 
 
 def run_sft(out: Path) -> float:

@@ -7,7 +7,7 @@ The whole path of an SFT example, each step a small function you can call on its
     rows = pack(examples, max_length=512)                # optional: several whole examples per row
     batch = collate(rows_or_examples, pad_id)            # (B, T) tensors for the model and the loss
 
-`load_sft` does the first two for a file. `train_val_split`, `epoch_order` and `shard` decide which
+`load_sft` does the first two for a file. `train_val_split`, `epoch_order`, `step_indices` and `shard` decide which
 examples a run sees, in which order, on which rank, from seeds only, so a resumed or multi-GPU run
 sees the same data as a straight single-process one.
 
@@ -18,6 +18,7 @@ Every data problem raises ValueError, and the message starts with where it is (f
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import warnings
@@ -370,6 +371,27 @@ def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     string) rather than seed + epoch, which would give seed 0's second epoch the order of seed 1's first.
     """
     return _permutation(n, random.Random(f"{seed}:{epoch}"))
+
+
+def step_indices(n: int, step: int, per_step: int, seed: int) -> list[int]:
+    """The examples (indices into 0..n-1) of optimizer step `step` (0-based), `per_step` of them.
+
+    The run walks epoch_order(n, 0, seed), then epoch 1's order, and so on, per_step examples a step;
+    a step that straddles two epochs ends one and starts the next. The data position is a function
+    of the step alone, so a run resumed after step k simply asks for step k + 1.
+    """
+    if n < 1 or per_step < 1 or step < 0:
+        raise ValueError(f"step_indices: need n >= 1, per_step >= 1 and step >= 0, got {n}, {per_step}, {step}")
+    out = []
+    for i in range(step * per_step, (step + 1) * per_step):
+        epoch, offset = divmod(i, n)
+        out.append(_epoch_order_cached(n, epoch, seed)[offset])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order_cached(n: int, epoch: int, seed: int) -> tuple[int, ...]:
+    return tuple(epoch_order(n, epoch, seed))
 
 
 def _permutation(n: int, rng: random.Random) -> list[int]:

@@ -122,4 +122,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps
     return LambdaLR(optimizer, Schedule(schedule, warmup_steps, total_steps, min_lr_ratio))
 
 
-__all__ = ["SCHEDULES", "Schedule", "param_groups", "make_optimizer", "make_scheduler"]
+def scale_learning_rates(scheduler: LambdaLR, factor: float) -> None:
+    """Multiply every group's peak learning rate by `factor`, staying at the same point of the schedule.
+
+    For a resumed run given a new --lr: loading a scheduler's state dict restores the saved base rates,
+    and the optimizer's restores the saved current rates, so a new rate has to be applied after both.
+    """
+    if not factor > 0:
+        raise ValueError(f"scale_learning_rates: the factor must be positive, got {factor}")
+    scheduler.base_lrs = [base * factor for base in scheduler.base_lrs]
+    for group, base, multiplier in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                       strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() returns
+
+
+__all__ = ["SCHEDULES", "Schedule", "param_groups", "make_optimizer", "make_scheduler", "scale_learning_rates"]

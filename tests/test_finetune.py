@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import example_module
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_mistral.py"
 SMALL = ["--batch-size", "4", "--eval-every", "5", "--exact-match-samples", "2", "--device", "cpu"]
@@ -79,14 +81,6 @@ def test_a_non_finite_step_stops_the_run_before_it_touches_the_weights(tmp_path)
     assert not (out / "final").exists()
 
 
-def _example_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("finetune_mistral", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
     """Two micro-batches of 2 give the step that one batch of 4 gives, though their target counts differ."""
     import contextlib
@@ -94,7 +88,7 @@ def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
     import minitune as mt
     from minitune.data import collate
 
-    fm = _example_module()
+    fm = example_module("finetune_mistral.py")
     torch.manual_seed(0)
     examples = [{"input_ids": torch.randint(3, 50, (n,)).tolist()} for n in (3, 12, 5, 9)]
     for ex in examples:
@@ -107,8 +101,9 @@ def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
         model = mt.Mistral(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        loss, _ = fm.train_step(model, [collate(b, 0) for b in split], optimizer, scheduler, contextlib.nullcontext)
-        results.append((loss, [p.detach().clone() for p in model.parameters()]))
+        result = fm.train_step(model, [collate(b, 0) for b in split], optimizer, scheduler, contextlib.nullcontext)
+        assert result["tokens"] == 3 + 12 + 5 + 9
+        results.append((result["loss"], [p.detach().clone() for p in model.parameters()]))
     (loss_one, params_one), (loss_two, params_two) = results
     assert loss_one == pytest.approx(loss_two, rel=1e-6)
     for a, b in zip(params_one, params_two, strict=True):

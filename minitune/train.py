@@ -1,0 +1,132 @@
+"""What every example's training loop shares, so that each example file holds only its loop.
+
+    parser = argparse.ArgumentParser()
+    add_common_args(parser, model=..., data=..., out="runs/sft", lr=1e-3)    # DESIGN's shared flags
+    args = parse_common_args(parser, argv)
+    rank, world, device = init_distributed(args.device)                     # plain, or under torchrun
+    with autocast(device, args.dtype): ...                                  # bf16 on CUDA, float32 on CPU
+    log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)              # one JSON object per line
+
+No trainer class and no loop here: these are the few lines that would otherwise be copied from one
+example to the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .optim import SCHEDULES
+
+DTYPES = ("float32", "bfloat16")
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, out: str,
+                    **defaults) -> argparse.ArgumentParser:
+    """The command line every example shares (DESIGN.md), with the example's own defaults.
+
+    `defaults` overrides the default of any flag by its dest name, e.g. lr=5e-4, batch_size=8."""
+    p = parser.add_argument
+    p("--model", default=model, help="hub id or local folder")
+    p("--data", default=data, help="training JSONL")
+    p("--out", default=out, help="metrics.jsonl, charts, checkpoints/ and final/ go here")
+    p("--max-steps", type=int, default=None, help="optimizer steps; default: --epochs over the data")
+    p("--epochs", type=float, default=1.0)
+    p("--batch-size", type=int, default=8, help="examples per micro-batch and process")
+    p("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p("--lr", type=float, default=1e-4, help="peak learning rate")
+    p("--weight-decay", type=float, default=0.0, help="AdamW decay of weight matrices only")
+    p("--warmup", type=int, default=0, help="linear warmup steps")
+    p("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
+    p("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this; 0 = no clipping")
+    p("--seed", type=int, default=0)
+    p("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p("--dtype", default=None, choices=DTYPES,
+      help="compute dtype: bfloat16 runs under autocast over float32 weights; default bfloat16 on CUDA, else float32")
+    p("--eval-every", type=int, default=50, help="validate every N steps (and before the first and after the last)")
+    p("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
+    p("--keep-last", type=int, default=2, help="checkpoints kept on disk")
+    p("--resume", default=None, help="'auto' (the latest complete checkpoint in --out) or a checkpoint folder")
+    p("--grad-checkpointing", action="store_true", help="recompute each block's activations in the backward")
+    p("--packing", action="store_true", help="several examples per row, each attending only to itself")
+    parser.set_defaults(**defaults)
+    return parser
+
+
+def parse_common_args(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None) -> argparse.Namespace:
+    """Parse, check the shared flags (parser.error names the flag), and fill in the device's default dtype."""
+    args = parser.parse_args(argv)
+    for flag in ("batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if args.max_steps is not None and args.max_steps < 1:
+        parser.error(f"--max-steps must be at least 1, not {args.max_steps}")
+    if args.epochs <= 0 or args.lr <= 0 or args.warmup < 0 or args.max_grad_norm < 0:
+        parser.error("--epochs and --lr must be positive, --warmup and --max-grad-norm at least 0")
+    args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    return args
+
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, this process's device). Under torchrun (RANK set) it also starts the process
+    group: NCCL with one GPU per local rank, or gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    on_cuda = torch.device(device).type == "cuda"
+    dist.init_process_group("nccl" if on_cuda else "gloo")
+    if on_cuda:
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums over the processes (float64, so counts stay exact); the values themselves outside torch.distributed."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def autocast(device: torch.device, dtype: str) -> torch.autocast:
+    """bf16 autocast when dtype is "bfloat16" (weights, gradients and optimizer state stay float32); a no-op else."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, appended as the run goes and kept in `records`.
+
+    Started with the records of a checkpoint, it rewrites the file with them, so a resumed run drops
+    whatever the killed run logged after its last checkpoint. With enabled=False (ranks other than 0)
+    it only keeps the records."""
+
+    def __init__(self, path: str | os.PathLike, records: Iterable[dict] = (), enabled: bool = True,
+                 echo: bool = False):
+        self.path, self.records, self.enabled, self.echo = Path(path), list(records), enabled, echo
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.records.append(record)
+        if not self.enabled:
+            return
+        line = json.dumps(record)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+        if self.echo:
+            tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
