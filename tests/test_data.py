@@ -27,9 +27,11 @@ from minitune.data import (
     pack,
     read_jsonl,
     shard,
+    step_indices,
     train_val_split,
 )
 from minitune.losses import IGNORE_INDEX
+from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
 from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,6 +476,27 @@ def test_pack_keeps_whole_examples_in_order_and_every_target():
         assert len(row["input_ids"]) + following["attention_mask"].count(1) > 16
 
 
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+def test_packed_batches_give_the_unpacked_loss_through_the_model(family):
+    """pack -> collate -> model: the summed loss over the packed rows equals that of the padded examples."""
+    torch.manual_seed(0)
+    model = (GPT2(GPT2Config(vocab_size=60, n_positions=32, n_embd=32, n_layer=2, n_head=4)) if family == "gpt2" else
+             Mistral(MistralConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2))).eval()
+    examples = []
+    for n, answer in [(5, 2), (9, 4), (3, 1), (12, 5), (7, 3), (4, 2)]:
+        ids = torch.randint(3, 60, (n,)).tolist()
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - answer) + ids[n - answer:]})
+    rows = pack(examples, max_length=16)
+    assert len(rows) < len(examples)
+    with torch.no_grad():
+        def loss(batch):
+            return model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
+        packed, unpacked = loss(collate(rows, pad_id=0)), loss(collate(examples, pad_id=0))
+    torch.testing.assert_close(packed, unpacked, atol=1e-4, rtol=1e-5)
+
+
 def test_pack_rejects_an_example_longer_than_a_row():
     with pytest.raises(ValueError, match="pack: example 1 is 5 tokens; each example must have 1 to max_length=4"):
         pack(toy_examples([2, 5]), max_length=4)
@@ -528,3 +551,12 @@ def test_shard_covers_the_order_and_matches_one_process_batches():
     assert shard(order, 0, 1) == order
     with pytest.raises(ValueError, match="rank=4 is not in"):
         shard(order, 4, 4)
+
+
+def test_step_indices_walk_the_epochs_in_order():
+    n, per_step, seed = 10, 4, 3
+    walked = [i for step in range(5) for i in step_indices(n, step, per_step, seed)]
+    assert walked == epoch_order(n, 0, seed) + epoch_order(n, 1, seed)
+    assert step_indices(n, 2, per_step, seed) == epoch_order(n, 0, seed)[8:] + epoch_order(n, 1, seed)[:2]
+    with pytest.raises(ValueError, match="need n >= 1, per_step >= 1 and step >= 0, got 0, 4, 0"):
+        step_indices(0, 0, 4, 0)

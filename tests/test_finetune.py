@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,8 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
     # what a run killed after its step-5 save leaves: the checkpoint, and metrics up to step 5
     (tmp_path / "cut").mkdir()
     os.replace(tmp_path / "resumed" / "checkpoints", tmp_path / "cut" / "checkpoints")
+    # ... and lines the killed run logged after that save, which the resumed run must not keep
+    (tmp_path / "cut" / "metrics.jsonl").write_text('{"step": 7, "loss": 123.0}\n')
     resumed = run(tmp_path / "cut", "--max-steps", "10", "--save-every", "5", "--resume", "auto")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -71,14 +74,23 @@ def test_metrics_use_the_design_names_and_validation_starts_at_step_0(tmp_path):
 
 def test_a_non_finite_step_stops_the_run_before_it_touches_the_weights(tmp_path):
     out = tmp_path / "nf"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, "--max-steps", "10", "--lr", "1e6",
-                           "--warmup", "0", "--save-every", "1"], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "stopped before updating the weights" in proc.stderr, proc.stderr[-2000:]
-    checkpoints = sorted((out / "checkpoints").iterdir())
-    assert checkpoints, "no checkpoint was kept"
-    kept = load_file(checkpoints[-1] / "model.safetensors")
+    message = _fails(out, "--max-steps", "10", "--lr", "1e6", "--warmup", "0", "--save-every", "1")
+    assert "stopped before updating the weights" in message, message[-2000:]
+    failed = int(re.search(r"step (\d+): the loss is", message).group(1))
+    saved = sorted(int(d.name.removeprefix("step-")) for d in (out / "checkpoints").iterdir())
+    assert saved[-1] == failed - 1, (saved, failed)  # the step before the failure, saved and kept
+    kept = load_file(out / "checkpoints" / f"step-{failed - 1}" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert not (out / "final").exists()
+
+
+def test_a_resumed_run_takes_a_new_learning_rate(tmp_path):
+    """--lr is the one setting a resume may change (after a blow-up): the schedule goes on at the new peak."""
+    out = tmp_path / "lr"
+    first = run(out, "--max-steps", "4", "--save-every", "2", "--warmup", "0", "--lr", "1e-3")
+    again = run(out, "--max-steps", "4", "--save-every", "2", "--warmup", "0", "--lr", "5e-4", "--resume", "auto")
+    assert again[:3] == first[:3]  # steps 0-2 come from the checkpoint
+    assert [m["lr"] for m in again[3:]] == pytest.approx([m["lr"] / 2 for m in first[3:]])
 
 
 def test_accumulation_normalises_by_the_targets_of_the_whole_batch():

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
-from minitune.optim import SCHEDULES, Schedule, make_optimizer, make_scheduler, param_groups
+from minitune.optim import SCHEDULES, Schedule, make_optimizer, make_scheduler, param_groups, scale_learning_rates
 
 
 def tiny_gpt2() -> GPT2:
@@ -241,6 +241,30 @@ def test_resume_continues_the_same_lrs(name):
         resumed.append([g["lr"] for g in optimizer.param_groups])
     assert resumed == reference[k:]
     assert [g["name"] for g in optimizer.param_groups] == ["decay", "no_decay"]
+
+
+def test_scale_learning_rates_changes_the_peak_and_keeps_the_schedule_position():
+    """A resumed run given a new --lr: every group's rate scales, the schedule goes on from where it was."""
+    def run(scale_at=None):
+        optimizer = torch.optim.SGD([dict(params=[nn.Parameter(torch.zeros(1))], lr=1.0),
+                                     dict(params=[nn.Parameter(torch.zeros(1))], lr=0.1)])
+        scheduler = make_scheduler(optimizer, "cosine", warmup_steps=2, total_steps=10)
+        lrs = []
+        for step in range(10):
+            if step == scale_at:
+                scale_learning_rates(scheduler, 0.5)
+            lrs.append(scheduler.get_last_lr())
+            assert lrs[-1] == [g["lr"] for g in optimizer.param_groups]
+            optimizer.step()
+            scheduler.step()
+        return lrs
+
+    plain, scaled = run(), run(scale_at=4)
+    assert scaled[:4] == plain[:4]
+    for a, b in zip(plain[4:], scaled[4:], strict=True):
+        assert b == pytest.approx([x / 2 for x in a])
+    with pytest.raises(ValueError, match="factor must be positive, got 0"):
+        scale_learning_rates(make_scheduler(sgd(), "constant", 0, 1), 0)
 
 
 @pytest.mark.parametrize("args,message", [
