@@ -179,12 +179,12 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
 
 
 def _tidy(root: Path) -> None:
-    """Clear what a killed save left: unfinished `.tmp-*` folders, and `.old-step-N` folders.
+    """Clear what a killed save left: unfinished `.tmp-*` folders, pruned `.del-*` ones, and `.old-step-N` folders.
 
     An `.old-step-N` next to its step-N is a replaced checkpoint whose deletion was cut short; one without
     it was moved aside by an overwrite killed before the new step-N moved in, so it goes back in place.
     """
-    for path in root.glob(".tmp-*"):
+    for path in [*root.glob(".tmp-*"), *root.glob(".del-*")]:
         shutil.rmtree(path)
     for old in root.glob(".old-step-*"):
         final = root / old.name.removeprefix(".old-")
@@ -213,7 +213,9 @@ def _prune(root: Path, step: int, keep_last: int) -> None:
     """Delete the complete checkpoints older than the `keep_last` newest up to `step` (the one just saved)."""
     found = _complete_checkpoints(root)
     for s in sorted(s for s in found if s <= step)[:-keep_last]:
-        shutil.rmtree(found[s])
+        doomed = root / f".del-step-{s}"  # renamed first: a delete cut short leaves no half checkpoint named step-N
+        os.replace(found[s], doomed)
+        shutil.rmtree(doomed)
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,6 +222,29 @@ def test_keep_last_prunes_older_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["step-6", "step-8", "step-9"]
     with pytest.raises(ValueError, match="keep_last"):
         save_checkpoint(tmp_path, 7, model, optimizer, scheduler, keep_last=0)
+
+
+def test_a_prune_cut_short_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Pruning renames a checkpoint away before deleting it: killed mid-delete, no step-N is left half-empty."""
+    model, optimizer, scheduler = new_run("mistral")
+    save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    real_rmtree = shutil.rmtree
+
+    def dies_after_one_file(path, *args, **kwargs):
+        if Path(path).name.startswith(".del-"):
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt("killed")
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dies_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, model, optimizer, scheduler, keep_last=1)
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".del-step-1", "step-2"]
+    assert latest_checkpoint(tmp_path).name == "step-2"
+    save_checkpoint(tmp_path, 3, model, optimizer, scheduler, keep_last=2)  # the next save clears the rest
+    assert sorted(p.name for p in root.iterdir()) == ["step-2", "step-3"]
 
 
 def test_latest_checkpoint_skips_incomplete_and_temporary_folders(tmp_path):
