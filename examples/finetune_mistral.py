@@ -40,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-mistral"), data=str(HERE / "data" / "sft" / "train.jsonl"),
-                    out="runs/sft", batch_size=16, lr=1e-3, warmup=20)
+                    out="runs/sft", batch_size=16, lr=1e-3, warmup=20, eval_every=10)
     p.add_argument("--val-data", default=str(HERE / "data" / "sft" / "validation.jsonl"),
                    help="held-out chats; empty: split --val-fraction off --data")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -159,11 +159,10 @@ def validate(model, tok, val: list[dict], chats: list[dict], batch_size: int, au
         loss_sum += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
         correct += int((logits.argmax(-1)[keep] == targets[keep]).sum())
         count += int(keep.sum())
-    hits = 0
-    for chat in chats:
-        prompt, answer = prompt_and_answer(chat)
-        with autocast():
-            hits += mt.evaluate.exact_match(greedy_reply(model, tok, prompt), answer)
+    pairs = [prompt_and_answer(chat) for chat in chats]
+    with autocast():
+        replies = mt.evaluate.generate_answers(model, tok, [prompt for prompt, _ in pairs], batch_size)
+    hits = sum(mt.evaluate.exact_match(reply, answer) for reply, (_, answer) in zip(replies, pairs, strict=True))
     model.train()
     loss_sum, correct, count, hits, n_chats = all_reduce_sum([loss_sum, correct, count, hits, len(chats)], device)
     val_loss = loss_sum / max(count, 1)
@@ -179,13 +178,6 @@ def prompt_and_answer(record: dict) -> tuple[str | list[dict], str]:
             raise ValueError(f"a held-out chat must end with the assistant's answer, not a {last['role']!r} turn")
         return prompt, last["content"]
     return record["prompt"], record["completion"]
-
-
-def greedy_reply(model, tok, prompt: str | list[dict], max_new_tokens: int = 32) -> str:
-    text = prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True)
-    ids = torch.tensor([tok.encode(text)], device=next(model.parameters()).device)
-    out = mt.generate(model, ids, max_new_tokens, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids.size(1):].tolist())
 
 
 # ---------------------------------------------------------------- the run

@@ -1,9 +1,12 @@
-"""The project's main job: every workflow on the bundled tiny models, one report. WORK IN PROGRESS (issue 5).
+"""The project's main job: every workflow on the bundled tiny models, one report.
 
-    python examples/reproduce.py            # runs/report/REPORT.md, with its charts
+    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; about a minute on 2 cores
+    python examples/reproduce.py --max-steps 3    # a smoke run: every workflow, a few steps each
 
-Sections so far: supervised fine-tuning of tiny-mistral (held-out exact match and perplexity, before
-and after). DPO, transfer learning and the model comparison join as their issues land.
+Each workflow runs as its example script with the defaults (a separate process, as a user would run
+it), then the report measures its models on the held-out data. Sections so far: supervised
+fine-tuning of tiny-mistral (held-out exact match and perplexity, before and after). Transfer
+learning, DPO and the model comparison join as they land.
 """
 
 from __future__ import annotations
@@ -34,15 +37,19 @@ def held_out(model_dir: Path, test_file: Path) -> dict:
     return sft.validate(model, tok, encoded, chats, batch_size=16, autocast=contextlib.nullcontext)
 
 
-def run_sft(out: Path) -> float:
+def run_example(script: str, out: Path, extra: list[str]) -> tuple[str, float]:
+    """Run examples/<script> into `out` (a fresh run: an earlier one there is moved out of the way)."""
+    if out.exists():
+        shutil.rmtree(out)
+    command = [sys.executable, str(HERE / script), "--out", str(out), *extra]
     start = time.perf_counter()
-    subprocess.run([sys.executable, str(HERE / "finetune_mistral.py"), "--out", str(out)], check=True)
-    return time.perf_counter() - start
+    subprocess.run(command, check=True)
+    return " ".join(["python", f"examples/{script}", "--out", str(out), *extra]), time.perf_counter() - start
 
 
-def sft_section(runs: Path, report: Path) -> str:
+def sft_section(runs: Path, report: Path, extra: list[str]) -> str:
     out = runs / "sft"
-    seconds = run_sft(out)
+    command, seconds = run_example("finetune_mistral.py", out, extra)
     test = HERE / "data" / "sft" / "test.jsonl"
     before, after = held_out(HERE / "assets" / "tiny-mistral", test), held_out(out / "final", test)
     if (out / "training.png").exists():  # matplotlib is optional
@@ -51,7 +58,7 @@ def sft_section(runs: Path, report: Path) -> str:
             ("perplexity", "val_ppl", "{:.2f}"), ("token accuracy", "val_token_acc", "{:.1%}")]
     table = "\n".join(f"| {name} | {fmt.format(before[k])} | {fmt.format(after[k])} |" for name, k, fmt in rows)
     return (f"## Supervised fine-tuning: tiny-mistral on the valley's chats\n\n"
-            f"`python examples/finetune_mistral.py` with its defaults ({seconds:.0f} s here). Held-out: "
+            f"`{command}` ({seconds:.0f} s here). Held-out: "
             f"`{test.relative_to(HERE.parent)}`, {len(D.read_jsonl(test))} chats whose facts the model read in "
             f"pre-training but never saw asked.\n\n| held-out | before | after |\n|---|---:|---:|\n{table}\n\n"
             f"![training curves](sft.png)\n")
@@ -59,12 +66,15 @@ def sft_section(runs: Path, report: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="runs", help="where each workflow's run and the report go")
+    parser.add_argument("--runs", default="runs",
+                        help="where the report and each workflow's run go (runs/sft, ...: replaced each time)")
+    parser.add_argument("--max-steps", type=int, help="cap every workflow's optimizer steps (a quick smoke run)")
     args = parser.parse_args()
+    extra = ["--max-steps", str(args.max_steps)] if args.max_steps else []
     runs = Path(args.runs)
     report = runs / "report"
     report.mkdir(parents=True, exist_ok=True)
-    sections = [sft_section(runs, report)]
+    sections = [sft_section(runs, report, extra)]
     (report / "REPORT.md").write_text("# minitune: the workflows on the bundled tiny models\n\n" + "\n".join(sections))
     print(f"wrote {report / 'REPORT.md'}")
 

@@ -1,4 +1,4 @@
-"""Scoring model answers: exact match, and the rule-based judge of preference data.
+"""Scoring model answers: exact match, the rule-based judge of preference data, and batched greedy answers.
 
 A rule-based judge is what makes a preference set measurable without a reward model: each
 preference record carries a `check` that says which rule the chosen answer wins by, and the same
@@ -8,7 +8,12 @@ rule scores any generated answer, so a fine-tuned policy's win rate over its ref
 from __future__ import annotations
 
 import string
+from collections.abc import Sequence
 from typing import Any, Mapping
+
+import torch
+
+from .generate import generate
 
 # Refusals, matched as whole phrases at the start of the normalised answer, in the spirit of the
 # refusal-prefix test of Zou et al. 2023 ("Universal and Transferable Adversarial Attacks"). Each names
@@ -95,3 +100,22 @@ def win_rate(policy_scores, reference_scores) -> float:
         raise ValueError("win_rate needs at least one pair of scores")
     return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in pairs) / len(pairs)
 
+
+
+@torch.no_grad()
+def generate_answers(model, tok, prompts: Sequence[str | list[dict]], batch_size: int = 16,
+                     max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to `prompts` (text, or chat messages rendered with the template and the assistant's
+    opening), in left-padded batches; each answer is the text up to the first EOS, special tokens dropped."""
+    device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    answers = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [tok.encode(p if isinstance(p, str) else tok.apply_chat_template(p, add_generation_prompt=True))
+                for p in prompts[i:i + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, T), left-padded
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+        out = generate(model, ids, max_new_tokens, eos_token_id=tok.eos_token_id, attention_mask=mask)
+        answers += [tok.decode(row) for row in out[:, width:].tolist()]
+    return answers
