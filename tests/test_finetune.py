@@ -58,6 +58,10 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_pa
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)  # DDP averages: scaled right
     assert two[-1]["step"] == 6
+    # validation is split over the ranks and summed: the same numbers as one process computing all of it
+    for a, b in [(one[0], two[0]), (one[-1], two[-1])]:
+        for key in ("val_loss", "val_token_acc", "val_exact_match"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
 
 
 def test_metrics_use_the_design_names_and_validation_starts_at_step_0(tmp_path):

@@ -130,3 +130,20 @@ def test_bad_generate_arguments(tmp_path):
     with pytest.raises(ValueError, match="temperature"):
         mt.generate(model, ids, 3, temperature=-1.0)
     assert torch.equal(mt.generate(model, ids, 0), ids)
+
+
+@pytest.mark.parametrize("name", ["tiny-mistral", "tiny-gpt2"])
+def test_generate_answers_in_batches_equal_one_at_a_time(name):
+    """Left-padded batches of chat and text prompts of different lengths give each prompt's own greedy answer."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "examples" / "assets" / name
+    tok, model = mt.load_tokenizer(folder), mt.load_model(folder).eval()
+    prompts = ["What is 3 plus 4?\n", "Who lives in Stonebridge? Tell me about the weaver and her owl.\n", "One"]
+    if tok.chat_template:
+        prompts += [[{"role": "user", "content": "What is 3 plus 4?"}],
+                    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Say bread."}]]
+    batched = mt.evaluate.generate_answers(model, tok, prompts, batch_size=4, max_new_tokens=12)
+    alone = [mt.evaluate.generate_answers(model, tok, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
+    assert batched == alone and all(batched)
+    assert not any(tok.eos_token in answer for answer in batched if tok.eos_token)
