@@ -17,7 +17,10 @@ layout in <out>/final.
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
+import functools
+import hashlib
 import math
 import sys
 import time
@@ -29,7 +32,7 @@ from tqdm import tqdm
 
 import minitune as mt
 from minitune import data as D
-from minitune.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from minitune.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
 from minitune.optim import make_optimizer, make_scheduler, scale_learning_rates
 from minitune.plot import plot_training
 from minitune.train import MetricsLog, add_common_args, all_reduce_sum, autocast, init_distributed, parse_common_args
@@ -40,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-mistral"), data=str(HERE / "data" / "sft" / "train.jsonl"),
-                    out="runs/sft", batch_size=16, lr=1e-3, warmup=20, eval_every=10)
+                    out="runs/sft", batch_size=16, lr=1e-3, warmup=20, eval_every=10, save_every=25)
     p.add_argument("--val-data", default=str(HERE / "data" / "sft" / "validation.jsonl"),
                    help="held-out chats; empty: split --val-fraction off --data")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -55,26 +58,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------- data
 
 
-def load_examples(args, tok) -> tuple[list[dict], list[dict], list[dict]]:
-    """Encoded training and validation examples, and the raw held-out records answered for exact match.
-
-    Records keep their file:line through the split, so an error names the line in the file."""
+def load_examples(args, tok) -> tuple[list[dict], list[dict], list[tuple]]:
+    """Encoded training and validation examples, and (question, reference answer) pairs of held-out
+    records for exact match. Records keep their file:line through the split, so errors name it."""
     records = [(f"{args.data}:{n}", r) for n, r in D.iter_jsonl(args.data)]
     if args.val_data:
         val_records = [(f"{args.val_data}:{n}", r) for n, r in D.iter_jsonl(args.val_data)]
     else:
         records, val_records = D.train_val_split(records, args.val_fraction, args.seed)
-
-    def encode(pairs):
-        out = [D.encode_sft(r, tok, args.max_length, args.train_on_prompt, args.truncation, where=w) for w, r in pairs]
-        return [e for e in out if e is not None]
-
-    train, val = encode(records), encode(val_records)
-    if not train:
-        raise SystemExit(f"{args.data}: no training example is left (--truncation {args.truncation})")
+    encode = functools.partial(D.encode_records, tok=tok, max_length=args.max_length,
+                               train_on_prompt=args.train_on_prompt, truncation=args.truncation)
+    train = encode(records, name=args.data)
+    val = encode(val_records, name=args.val_data or f"the validation split of {args.data}")
     if args.packing:
         train = D.pack(train, args.max_length)
-    return train, val, [r for _, r in val_records[:args.exact_match_samples]]
+    questions = [question_and_answer(r, where) for where, r in val_records[:args.exact_match_samples]]
+    return train, val, questions
+
+
+def question_and_answer(record: dict, where: str) -> tuple[str | list[dict], str]:
+    """What the model is asked and the reference answer: the chat before its final assistant turn, or the prompt."""
+    if "prompt" in record:
+        return record["prompt"], record["completion"]
+    *question, last = record["messages"]
+    if last["role"] != "assistant":
+        raise ValueError(f"{where}: a held-out chat must end with the assistant's answer, not a {last['role']!r} turn")
+    return question, last["content"]
 
 
 def micro_batches(train: list[dict], step: int, batch_size: int, grad_accum: int, seed: int, rank: int,
@@ -92,20 +101,17 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
 # ---------------------------------------------------------------- one optimizer step
 
 
-def train_step(model, batches: list[dict], optimizer, scheduler, autocast, max_grad_norm: float = 1.0) -> dict:
+def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_norm: float = 1.0) -> dict:
     """One optimizer step over the accumulated micro-batches of every rank.
 
     Each micro-batch's loss is its sum over its targets divided by the number of targets in the whole
     accumulated batch, all ranks together. The step's gradient is then that of the mean over all its
     targets, whatever the micro-batches' lengths; a mean of per-micro-batch means would give a short
-    batch the weight of a long one. Returns the loss (mean over targets), the gradient norm before
+    batch the weight of a long one. `amp` gives the autocast context of the forward passes. Returns
+    the loss (mean over targets), the gradient norm before
     clipping and the number of tokens (all ranks). Raises FloatingPointError, before updating anything,
     when the loss or the gradient is not finite.
     """
@@ -119,9 +125,10 @@ def train_step(model, batches: list[dict], optimizer, scheduler, autocast, max_g
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, autocast():
-            loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
+        with sync:
+            with amp():
+                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
             # DDP averages gradients over the ranks; n_targets counts every rank's targets: scale back by world
             (loss * (world / n_targets)).backward()
         loss_sum += loss.detach()
@@ -141,46 +148,54 @@ def train_step(model, batches: list[dict], optimizer, scheduler, autocast, max_g
 
 
 @torch.no_grad()
-def validate(model, tok, val: list[dict], chats: list[dict], batch_size: int, autocast) -> dict:
+def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: int, amp) -> dict:
     """val_loss (mean over the answer tokens), val_ppl, val_token_acc (argmax = target) and
-    val_exact_match (greedy answers). Under torch.distributed each rank takes its share and the sums
-    are added up, so every rank returns the same numbers."""
+    val_exact_match (greedy answers to `questions`). Under torch.distributed each rank takes every
+    W-th example and the sums are added up, so every rank returns the numbers of one process."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = next(model.parameters()).device
-    val, chats = [val[i] for i in D.shard(range(len(val)), rank, world)], chats[rank::world]
+    val, questions = val[rank::world], questions[rank::world]
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(val), batch_size):
-        batch = to_device(D.collate(val[i:i + batch_size], pad_id(tok)), device)
-        with autocast():
-            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).float()  # (B, T, V)
+        batch = to_device(D.collate(val[i:i + batch_size], D.pad_id(tok)), next(model.parameters()).device)
+        with amp():
+            logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
         targets = mt.losses.shift_labels(batch["labels"])  # (B, T): the next token, -100 off the answers
         keep = targets != -100
-        loss_sum += torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
-        correct += int((logits.argmax(-1)[keep] == targets[keep]).sum())
+        answer_logits, answer_targets = logits[keep].float(), targets[keep]  # (N, V), (N,): the answers only
+        loss_sum += torch.nn.functional.cross_entropy(answer_logits, answer_targets, reduction="sum").item()
+        correct += int((answer_logits.argmax(-1) == answer_targets).sum())
         count += int(keep.sum())
-    pairs = [prompt_and_answer(chat) for chat in chats]
-    with autocast():
-        replies = mt.evaluate.generate_answers(model, tok, [prompt for prompt, _ in pairs], batch_size)
-    hits = sum(mt.evaluate.exact_match(reply, answer) for reply, (_, answer) in zip(replies, pairs, strict=True))
+    answers = [answer for _, answer in questions]
+    longest = max((len(tok.encode(a)) for a in answers), default=1)
+    with amp():
+        replies = mt.evaluate.generate_answers(model, tok, [q for q, _ in questions], batch_size, longest + 8)
+    hits = sum(mt.evaluate.exact_match(reply, answer) for reply, answer in zip(replies, answers, strict=True))
     model.train()
-    loss_sum, correct, count, hits, n_chats = all_reduce_sum([loss_sum, correct, count, hits, len(chats)], device)
+    loss_sum, correct, count, hits, asked = all_reduce_sum([loss_sum, correct, count, hits, len(questions)],
+                                                           next(model.parameters()).device)
     val_loss = loss_sum / max(count, 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": correct / max(count, 1),
-            "val_exact_match": hits / max(n_chats, 1)}
-
-
-def prompt_and_answer(record: dict) -> tuple[str | list[dict], str]:
-    """What the model is asked and the reference answer: the chat before its final assistant turn, or the prompt."""
-    if "messages" in record:
-        *prompt, last = record["messages"]
-        if last["role"] != "assistant":
-            raise ValueError(f"a held-out chat must end with the assistant's answer, not a {last['role']!r} turn")
-        return prompt, last["content"]
-    return record["prompt"], record["completion"]
+            "val_exact_match": hits / max(asked, 1)}
 
 
 # ---------------------------------------------------------------- the run
+
+# Flags a resumed run may change: they alter neither the data a step sees nor the update it makes
+# (--lr excepted, which is rescaled on purpose). The data's paths may change: its content is compared.
+RESUMABLE = {"model", "data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every",
+             "keep_last", "exact_match_samples", "grad_checkpointing"}
+
+
+def run_settings(args, train: list[dict], world: int, steps: int) -> dict:
+    """What a resumed run must share with the saved one: the other flags, the world size, the number of
+    steps, and a fingerprint of the encoded training examples."""
+    digest = hashlib.sha256()
+    for example in train:
+        digest.update(array.array("q", example["input_ids"] + [-1] + example["labels"] + [-2]).tobytes())
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE}
+    return {**flags, "world_size": world, "steps": steps, "train_sha256": digest.hexdigest()}
+
 
 
 def main(argv=None) -> None:
@@ -191,9 +206,9 @@ def main(argv=None) -> None:
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # float32 master weights
     model.gradient_checkpointing = args.grad_checkpointing
-    amp = lambda: autocast(device, args.dtype)  # noqa: E731
+    amp = functools.partial(autocast, device, args.dtype)
 
-    train, val, chats = load_examples(args, tok)
+    train, val, questions = load_examples(args, tok)
     steps = args.max_steps or math.ceil(args.epochs * len(train) / (args.batch_size * args.grad_accum * world))
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
@@ -201,42 +216,43 @@ def main(argv=None) -> None:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
-    # what the data order and the schedule depend on: a resumed run must have the same
-    run = {"data": args.data, "seed": args.seed, "batch_size": args.batch_size, "grad_accum": args.grad_accum,
-           "world_size": world, "packing": args.packing, "max_length": args.max_length, "steps": steps}
+    run = run_settings(args, train, world, steps)
     start, history = 0, []
     ckpt = resolve_resume(args.resume, out)
     if ckpt is not None:
         saved = load_checkpoint(ckpt, model, optimizer, scheduler)
-        if changed := {k: (v, run[k]) for k, v in saved["state"]["run"].items() if run.get(k) != v}:
+        if changed := {k: (saved["state"]["run"].get(k), run.get(k)) for k in saved["state"]["run"].keys() | run.keys()
+                       if saved["state"]["run"].get(k) != run.get(k)}:
             raise SystemExit(f"{ckpt}: saved by a run with other settings {changed} (saved, now): the data order "
-                             "and schedule would not continue; resume with the same flags")
-        if args.lr != saved["state"]["lr"]:  # the one setting a resumed run may change, e.g. after a blow-up
+                             "and optimisation would not continue; resume with the same flags (--lr may change)")
+        if args.lr != saved["state"]["lr"]:  # e.g. after a blow-up: the schedule goes on at the new peak
             scale_learning_rates(scheduler, args.lr / saved["state"]["lr"])
         start, history = saved["step"], saved["state"]["metrics"]
-    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+    elif latest_checkpoint(out) is not None:
         raise SystemExit(f"{out / 'checkpoints'} holds another run's checkpoints: pass --resume auto to continue "
                          "it, or choose a new --out")
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
 
     if start == 0:
-        log.write({"step": 0, **validate(base, tok, val, chats, args.batch_size, amp)})
+        log.write({"step": 0, **validate(base, tok, val, questions, args.batch_size, amp)})
     for step in tqdm(range(start + 1, steps + 1), desc="sft", initial=start, total=steps, disable=rank != 0,
                      file=sys.stderr):
         tick = time.perf_counter()
-        batches = [to_device(D.collate(b, pad_id(tok)), device) for b in
+        batches = [to_device(D.collate(b, D.pad_id(tok)), device) for b in
                    micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)]
         lr = scheduler.get_last_lr()[0]
         try:
             result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
         except FloatingPointError as e:
-            raise SystemExit(f"step {step}: {e}; stopped before updating the weights. The last good checkpoint "
-                             f"is in {out / 'checkpoints'}: continue from it with --resume auto and a lower --lr."
-                             ) from None
+            last = latest_checkpoint(out)
+            raise SystemExit(f"step {step}: {e}; stopped before updating the weights. " + (
+                f"The last good checkpoint is {last}: continue from it with --resume auto and a lower --lr."
+                if last else f"No checkpoint was saved yet (--save-every {args.save_every}): start again with a "
+                "lower --lr.")) from None
         record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                   "tokens_per_s": result["tokens"] / (time.perf_counter() - tick)}
         if step % args.eval_every == 0 or step == steps:
-            record.update(validate(base, tok, val, chats, args.batch_size, amp))
+            record.update(validate(base, tok, val, questions, args.batch_size, amp))
         log.write(record)
         if step % args.save_every == 0 and step < steps:
             save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,

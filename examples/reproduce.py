@@ -30,15 +30,17 @@ HERE = Path(__file__).resolve().parent
 
 @torch.no_grad()
 def held_out(model_dir: Path, test_file: Path) -> dict:
-    """Exact match of greedy answers and the answer tokens' loss/perplexity on every held-out chat."""
+    """Exact match of greedy answers and the answer tokens' loss/perplexity on every held-out chat,
+    measured as finetune_mistral.py validates (with its --max-length)."""
     tok, model = mt.load_tokenizer(model_dir), mt.load_model(model_dir, dtype=torch.float32).eval()
-    chats = D.read_jsonl(test_file)
-    encoded = [D.encode_sft(c, tok, max_length=256, where=f"{test_file}:{i + 1}") for i, c in enumerate(chats)]
-    return sft.validate(model, tok, encoded, chats, batch_size=16, autocast=contextlib.nullcontext)
+    records = [(f"{test_file}:{n}", r) for n, r in D.iter_jsonl(test_file)]
+    examples = D.encode_records(records, tok, sft.parse_args([]).max_length, name=str(test_file))
+    questions = [sft.question_and_answer(r, where) for where, r in records]
+    return sft.validate(model, tok, examples, questions, batch_size=16, amp=contextlib.nullcontext)
 
 
 def run_example(script: str, out: Path, extra: list[str]) -> tuple[str, float]:
-    """Run examples/<script> into `out` (a fresh run: an earlier one there is moved out of the way)."""
+    """Run examples/<script> into `out`, deleting an earlier run there first (a fresh run, not a resume)."""
     if out.exists():
         shutil.rmtree(out)
     command = [sys.executable, str(HERE / script), "--out", str(out), *extra]

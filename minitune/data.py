@@ -7,9 +7,9 @@ The whole path of an SFT example, each step a small function you can call on its
     rows = pack(examples, max_length=512)                # optional: several whole examples per row
     batch = collate(rows_or_examples, pad_id)            # (B, T) tensors for the model and the loss
 
-`load_sft` does the first two for a file. `train_val_split`, `epoch_order`, `step_indices` and `shard` decide which
-examples a run sees, in which order, on which rank, from seeds only, so a resumed or multi-GPU run
-sees the same data as a straight single-process one.
+`load_sft` does the first two for a file, `encode_records` for records already read. `train_val_split`,
+`epoch_order`, `step_indices` and `shard` decide which examples a run sees, in which order, on which
+rank, from seeds only, so a resumed or multi-GPU run sees the same data as a straight single-process one.
 
 Labels are aligned with input_ids, as in Hugging Face: the loss shifts them (minitune.losses), so the
 label at position t is the target of position t - 1, and IGNORE_INDEX (-100) marks "no loss here".
@@ -22,7 +22,7 @@ import functools
 import json
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import jinja2
@@ -218,23 +218,39 @@ def truncate_left(ids: list[int], labels: list[int], max_length: int, bos_id: in
 
 def load_sft(path: str | Path, tok: Tokenizer, max_length: int, train_on_prompt: bool = False,
              truncation: str = "error") -> list[dict[str, list[int]]]:
-    """encode_sft on every record of a JSONL file; errors name file:line.
+    """encode_sft on every record of a JSONL file; errors name file:line (see encode_records)."""
+    records = ((f"{path}:{lineno}", record) for lineno, record in iter_jsonl(path))
+    return encode_records(records, tok, max_length, train_on_prompt, truncation, name=str(path))
+
+
+def encode_records(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_length: int,
+                   train_on_prompt: bool = False, truncation: str = "error", name: str = "the data"
+                   ) -> list[dict[str, list[int]]]:
+    """encode_sft on (where, record) pairs, `where` being the record's "file:line" for error messages.
 
     Examples dropped by truncation="drop" are counted in a warning; dropping all of them is an error.
     """
     examples, dropped = [], 0
-    for lineno, record in iter_jsonl(path):
-        example = encode_sft(record, tok, max_length, train_on_prompt, truncation, where=f"{path}:{lineno}")
+    for where, record in records:
+        example = encode_sft(record, tok, max_length, train_on_prompt, truncation, where=where)
         if example is None:
             dropped += 1
         else:
             examples.append(example)
     if not examples:
-        raise ValueError(f"{path}: all {dropped} examples are longer than max_length={max_length} and were dropped")
+        raise ValueError(f"{name}: all {dropped} examples are longer than max_length={max_length} and were dropped")
     if dropped:
-        warnings.warn(f"{path}: dropped {dropped} of {dropped + len(examples)} examples longer than "
+        warnings.warn(f"{name}: dropped {dropped} of {dropped + len(examples)} examples longer than "
                       f"max_length={max_length}", stacklevel=2)
     return examples
+
+
+def pad_id(tok: Tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its EOS (Mistral and GPT-2 have no pad), else 0.
+    Padding is masked out everywhere, so any id would do; these keep it a token the model knows."""
+    if tok.pad_token_id is not None:
+        return tok.pad_token_id
+    return tok.eos_token_id if tok.eos_token_id is not None else 0
 
 
 def _check_args(max_length: int, truncation: str) -> None:
@@ -406,8 +422,8 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
 
     Strided: rank r takes positions r, r + W, r + 2W, ... With a per-rank batch of B, the k-th batch
     of every rank together is exactly indices[k*B*W : (k+1)*B*W], the k-th batch of one process with
-    batch B*W, so the run sees the same data at each step whatever the world size (resume: skip a
-    multiple of B*W with indices[position:] before sharding). The last len(indices) % world_size
+    batch B*W, so the run sees the same data at each step whatever the world size (step_indices gives
+    a step's global batch, whose size is a multiple of W). The last len(indices) % world_size
     indices are left out so every rank runs the same number of steps; a rank with one batch more would
     wait forever in the gradient all-reduce.
     """

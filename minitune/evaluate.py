@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .data import pad_id
 from .generate import generate
 
 # Refusals, matched as whole phrases at the start of the normalised answer, in the spirit of the
@@ -108,7 +109,7 @@ def generate_answers(model, tok, prompts: Sequence[str | list[dict]], batch_size
     """Greedy answers to `prompts` (text, or chat messages rendered with the template and the assistant's
     opening), in left-padded batches; each answer is the text up to the first EOS, special tokens dropped."""
     device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     answers = []
     for i in range(0, len(prompts), batch_size):
         rows = [tok.encode(p if isinstance(p, str) else tok.apply_chat_template(p, add_generation_prompt=True))

@@ -484,7 +484,7 @@ def test_packed_batches_give_the_unpacked_loss_through_the_model(family):
              Mistral(MistralConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2))).eval()
     examples = []
-    for n, answer in [(5, 2), (9, 4), (3, 1), (12, 5), (7, 3), (4, 2)]:
+    for n, answer in [(5, 2), (9, 9), (3, 1), (12, 5), (7, 7), (4, 2)]:  # two fully supervised: a boundary label
         ids = torch.randint(3, 60, (n,)).tolist()
         examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (n - answer) + ids[n - answer:]})
     rows = pack(examples, max_length=16)

@@ -35,16 +35,26 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
+def small_data(tmp_path: Path, n: int = 30) -> Path:
+    """The first n bundled training chats: 20 steps of 4 cross two epoch boundaries."""
+    path = tmp_path / "small.jsonl"
+    lines = (ROOT / "examples" / "data" / "sft" / "train.jsonl").read_text().splitlines()[:n]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
-    """10 steps straight, and 5 + a checkpoint + resume --auto + 5, give identical weights and metrics."""
-    straight = run(tmp_path / "straight", "--max-steps", "10")
-    run(tmp_path / "resumed", "--max-steps", "10", "--save-every", "5", "--keep-last", "1")
-    # what a run killed after its step-5 save leaves: the checkpoint, and metrics up to step 5
+    """20 steps straight, and 10 + a checkpoint + resume --auto + 10, give identical weights and metrics:
+    across epoch boundaries (30 examples, 4 a step), through warmup and into the cosine decay."""
+    flags = ["--data", str(small_data(tmp_path)), "--max-steps", "20", "--warmup", "2", "--eval-every", "5"]
+    straight = run(tmp_path / "straight", *flags)
+    run(tmp_path / "resumed", *flags, "--save-every", "10", "--keep-last", "1")
+    # what a run killed after its step-10 save leaves: the checkpoint...
     (tmp_path / "cut").mkdir()
     os.replace(tmp_path / "resumed" / "checkpoints", tmp_path / "cut" / "checkpoints")
     # ... and lines the killed run logged after that save, which the resumed run must not keep
-    (tmp_path / "cut" / "metrics.jsonl").write_text('{"step": 7, "loss": 123.0}\n')
-    resumed = run(tmp_path / "cut", "--max-steps", "10", "--save-every", "5", "--resume", "auto")
+    (tmp_path / "cut" / "metrics.jsonl").write_text('{"step": 13, "loss": 123.0}\n')
+    resumed = run(tmp_path / "cut", *flags, "--save-every", "10", "--resume", "auto")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in straight]
@@ -52,8 +62,8 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
 
 
 def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path):
-    one = run(tmp_path / "one", "--max-steps", "6", "--batch-size", "8")
-    two = run(tmp_path / "two", "--max-steps", "6", "--batch-size", "4", torchrun=True)
+    one = run(tmp_path / "one", "--max-steps", "6", "--batch-size", "8", "--grad-accum", "2")
+    two = run(tmp_path / "two", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "2", torchrun=True)
     for a, b in zip(one[1:], two[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)  # DDP averages: scaled right
@@ -139,6 +149,22 @@ def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(t
     assert "holds another run's checkpoints" in _fails(out, "--max-steps", "4", "--save-every", "2")
     message = _fails(out, "--max-steps", "4", "--save-every", "2", "--resume", "auto", "--batch-size", "8")
     assert "'batch_size': (4, 8)" in message
+    message = _fails(out, "--max-steps", "4", "--save-every", "2", "--resume", "auto", "--warmup", "1")
+    assert "'warmup': (20, 1)" in message
+    # other training data under the same path: its content is compared, not its name
+    data = small_data(tmp_path)
+    run(tmp_path / "d", "--data", str(data), "--max-steps", "4", "--save-every", "2")
+    data.write_text("\n".join(data.read_text().splitlines()[1:]) + "\n")
+    assert "train_sha256" in _fails(tmp_path / "d", "--data", str(data), "--max-steps", "4", "--save-every", "2",
+                                    "--resume", "auto")
+
+
+def test_resume_auto_after_a_first_save_was_killed_starts_afresh(tmp_path):
+    out = tmp_path / "k"
+    (out / "checkpoints" / ".tmp-step-2").mkdir(parents=True)  # what a save killed midway leaves
+    metrics = run(out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")
+    assert [m["step"] for m in metrics] == [0, 1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
 
 
 def test_prompt_completion_data_trains_and_validates(tmp_path):
