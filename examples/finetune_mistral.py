@@ -97,6 +97,11 @@ def micro_batches(train: list[dict], step: int, batch_size: int, grad_accum: int
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
+def total_steps(args, n_train: int, world: int) -> int:
+    """--max-steps, or the optimizer steps of --epochs over the training examples (rows when packed)."""
+    return args.max_steps or math.ceil(args.epochs * n_train / (args.batch_size * args.grad_accum * world))
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -209,7 +214,7 @@ def main(argv=None) -> None:
     amp = functools.partial(autocast, device, args.dtype)
 
     train, val, questions = load_examples(args, tok)
-    steps = args.max_steps or math.ceil(args.epochs * len(train) / (args.batch_size * args.grad_accum * world))
+    steps = total_steps(args, len(train), world)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
     base = model
