@@ -1,34 +1,56 @@
-"""Training step: minitune (causal_lm_loss) against transformers (model(labels=ids).loss), same weights and data.
+"""Training step: minitune against transformers, same weights and data: a causal-LM step and the SFT example's.
 
-    python benchmarks/bench_train.py --out benchmarks/out      # CPU: about 2 minutes on 2 cores
-    python benchmarks/bench_train.py --out benchmarks/out      # on a GPU: the ~1B Mistral config, bf16
+    python benchmarks/bench_train.py --out benchmarks/out      # CPU: about 3 minutes on 2 cores
+    python benchmarks/bench_train.py --out benchmarks/out      # on a GPU: the ~1B Mistral configs
+    python benchmarks/bench_train.py --configs sft-tiny-mistral --out /tmp/bench_sft    # the SFT step alone
 
-For each config, a random transformers model is built from the config with a fixed seed and saved
-(config.json + model.safetensors) to a temporary folder. Every run trains on those weights and the
-same batch of random token ids, with full training steps:
+Two kinds of config, both full optimizer steps of each library on the same weights and data:
+
+- random token batches (gpt2-small, mistral-small; mistral-1b on a GPU): a random transformers model
+  is built from the config with a fixed seed and saved (config.json + model.safetensors) to a
+  temporary folder; every run trains on those weights (in --dtype) and the same batch of random ids:
 
     minitune:      loss = minitune.losses.causal_lm_loss(model, ids, labels=ids)
     transformers:  loss = model(input_ids=ids, labels=ids).loss
-    both:          loss.backward(); AdamW.step(); zero_grad()
+    both:          loss.backward(); AdamW.step() (lr LR); zero_grad()
 
-Speed: ONE process loads every library's model (each with its own AdamW), runs --warmup rounds,
+- the SFT step of examples/finetune_mistral.py (sft-tiny-mistral: the bundled tiny-mistral folder
+  itself; sft-mistral-1b on a GPU: mistral-1b's random checkpoint, written in float32): the first
+  SFT_STEPS optimizer steps of the example's data order over its bundled chats (its parse_args
+  defaults, load_examples, micro_batches, collated: right-padded, labels -100 off the assistant turns;
+  tokenized by tiny-mistral's tokenizer, whose ids are valid in the 32000 vocab too), step r of a run
+  training on step r % SFT_STEPS's micro-batches. float32 weights, compute under the example's
+  autocast (bf16 on a GPU, float32 on the CPU); both use the example's make_optimizer and
+  make_scheduler settings (AdamW lr 1e-3, cosine with warmup), so their parameter groups and
+  learning rates are the same:
+
+    minitune:      the example's train_step(model, batches, optimizer, scheduler, autocast, max_grad_norm)
+    transformers:  per micro-batch model(input_ids, attention_mask, labels, num_items_in_batch=n).loss
+                   .backward(), n = the target tokens of the whole accumulated batch (transformers then
+                   sums over the targets and divides by n, the example's normalisation); then
+                   clip_grad_norm_, optimizer.step(), scheduler.step(), zero_grad()
+
+Speed: ONE process loads every library's model (each with its own optimizer), runs --warmup rounds,
 then --steps timed rounds; a round is one step of each library, back to back, the order rotated
-each round (with two libraries: A B, B A, A B, ...), so a slow patch of a noisy machine hits both.
-Each step ends with loss.item() (and on a GPU a synchronize), so its time is the step's.
-- ms / step and tokens per second (batch x seq / that): each library's median over the timed rounds;
+each round (with two libraries: A B, B A, A B, ...), so a slow patch of a noisy machine hits both,
+and both train on the same batches in a round. Each step ends with loss.item() (and on a GPU a
+synchronize), so its time is the step's.
+- ms / step: each library's median over the timed rounds; tokens per second: the median over the
+  rounds of the step's non-padding tokens (the example's `tokens`; batch x seq for random ids) / its time;
 - the paired ratio: in each round, minitune's step time / transformers' step time; its median over
   the rounds (the machine's drift cancels within a round) decides the goal, and its spread
   (interquartile range, min-max) shows the noise; "vs transformers" is 1 / that median;
-- the first step's loss of each library: the same weights and data give the same loss, which shows
-  that both train the same model.
+- the first step's loss of each library (for SFT the mean over the step's targets): the same weights
+  and data give the same loss, which shows that both train the same model the same way.
 Memory: one fresh process per library (so the peak is its own), --mem-warmup + --mem-steps steps:
 GPU: torch.cuda.max_memory_allocated over the steps (all of it, and the increase over the weights);
 CPU: the peak RSS increase over the steps (VmHWM after resetting it through /proc/self/clear_refs)
 above the RSS after loading the model; the optimizer's state is in it.
 
-On the CPU, small GPT-2 and Mistral configs in float32; on a GPU, a ~1B Mistral-architecture config
-in bf16, plus minitune with MINITUNE_KERNELS=torch (its PyTorch paths instead of the Triton kernels;
-its own model and AdamW, the variable set around its steps only), so the kernels' share is visible.
+On the CPU, small GPT-2 and Mistral configs in float32 and sft-tiny-mistral; on a GPU, a ~1B
+Mistral-architecture config in bf16 and its SFT step (float32 weights, bf16 autocast), plus minitune
+with MINITUNE_KERNELS=torch (its PyTorch paths instead of the Triton kernels; its own model and
+optimizer, the variable set around its steps only), so the kernels' share is visible.
 Writes <out>/bench_train.json and <out>/bench_train.md (after each stage, so a run cut short keeps
 what it measured), which state whether "a minitune training step is at least as fast as
 transformers' on the same config" holds (the goal is the CPU's; a GPU run reports it for
@@ -71,6 +93,18 @@ CONFIGS = {
                                      "tie_word_embeddings": False},
                    8, 1024, "cuda"),
 }
+# SFT configs, name: (weights: None for the bundled tiny-mistral folder, else the CONFIGS entry whose random
+# checkpoint is written in float32; examples per micro-batch, micro-batches per optimizer step, device type).
+# Two micro-batches (the example's default is one) so that the step exercises gradient accumulation and its
+# normalisation by the targets of the whole accumulated batch, where the two libraries could differ.
+SFT_CONFIGS = {
+    "sft-tiny-mistral": (None, 16, 2, "cpu"),
+    "sft-mistral-1b": ("mistral-1b", 16, 2, "cuda"),
+}
+SFT_STEPS = 4  # distinct optimizer steps of the example's data, trained on in turn
+EXAMPLE = ROOT / "examples" / "finetune_mistral.py"
+TINY_MISTRAL = ROOT / "examples" / "assets" / "tiny-mistral"  # the example's default --model and tokenizer
+ALL_CONFIGS = {**CONFIGS, **SFT_CONFIGS}  # each entry's last field is its device type
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}  # first-step losses "agree" within this
 LIBRARIES = ("transformers", "minitune", "minitune-torch")  # minitune-torch: minitune with MINITUNE_KERNELS=torch
 
@@ -94,40 +128,127 @@ def kernels_env(library: str):
             os.environ["MINITUNE_KERNELS"] = old
 
 
-class Trainer:
-    """One library's model (loaded from the checkpoint), its AdamW and its loss: step() is one timed step."""
+def load_example():
+    """examples/finetune_mistral.py as a module (examples/ is not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("finetune_mistral", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, library: str, folder: str, ids, dtype, device):
+
+class Data:
+    """What every library of a child process trains on: `steps[i]` is step i's batch, `tokens[i]` its tokens.
+
+    Random configs: one batch of random ids, every step, in --dtype. SFT configs: the example's first
+    SFT_STEPS optimizer steps (lists of collated micro-batches), float32 weights, its autocast and args."""
+
+    def __init__(self, name: str, dtype_name: str, device):
         import torch
-        self.library, self.ids, self.on_gpu = library, ids, device.type == "cuda"
+        self.sft = name in SFT_CONFIGS
+        if not self.sft:
+            _, config_args, batch, seq, _ = CONFIGS[name]
+            gen = torch.Generator().manual_seed(SEED)
+            self.steps = [torch.randint(0, config_args["vocab_size"], (batch, seq), generator=gen).to(device)]
+            self.tokens, self.weights_dtype, self.describe = [batch * seq], getattr(torch, dtype_name), {}
+            return
+        import minitune
+        from minitune.data import collate, pad_id
+        from minitune.train import autocast
+        _, batch, accum, _ = SFT_CONFIGS[name]
+        self.example = ex = load_example()
+        self.args = args = ex.parse_args(["--batch-size", str(batch), "--grad-accum", str(accum),
+                                          "--device", device.type, "--dtype", dtype_name])
+        tok = minitune.load_tokenizer(args.model)
+        train, _, _ = ex.load_examples(args, tok)
+        self.total_steps = ex.total_steps(args, len(train), world=1)
+        self.steps = [[ex.to_device(collate(b, pad_id(tok)), device)
+                       for b in ex.micro_batches(train, step, batch, accum, args.seed, 0, 1)]
+                      for step in range(SFT_STEPS)]
+        self.tokens = [sum(int(b["attention_mask"].ne(0).sum()) for b in step) for step in self.steps]
+        self.autocast = lambda: autocast(device, args.dtype)
+        self.weights_dtype = torch.float32  # the example's float32 master weights
+        self.describe = {"micro_batches": [[list(b["input_ids"].shape) for b in step] for step in self.steps],
+                         "tokens": self.tokens, "targets": [sum(int((b["labels"][:, 1:] != -100).sum())
+                                                                for b in step) for step in self.steps],
+                         "example_args": {k: getattr(args, k) for k in ("lr", "weight_decay", "schedule", "warmup",
+                                                                        "max_grad_norm", "max_length", "seed")},
+                         "total_steps": self.total_steps}
+
+
+def transformers_sft_step(model, batches: list[dict], optimizer, scheduler, autocast, max_grad_norm: float) -> dict:
+    """The example's train_step done the transformers way; {"loss": the mean over the step's targets}.
+
+    num_items_in_batch=n makes transformers' causal-LM loss sum over the micro-batch's targets and divide
+    by n (transformers/loss/loss_utils.py, fixed_cross_entropy); n counts the targets as the example does."""
+    import torch
+    n_targets = max(sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches), 1)
+    loss_sum = 0.0
+    for b in batches:
+        with autocast():  # the forward only, as the example
+            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                         num_items_in_batch=n_targets).loss
+        loss.backward()
+        loss_sum += loss.detach()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm).item()  # .item(): the example's sync
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss_sum.item()}
+
+
+class Trainer:
+    """One library's model (loaded from the checkpoint), its optimizer and its step: step() is one timed step."""
+
+    def __init__(self, library: str, folder: str, data: Data, device):
+        import torch
+        self.library, self.data, self.on_gpu, self.done = library, data, device.type == "cuda", 0
         if library == "transformers":
             import transformers
             transformers.logging.set_verbosity_error()
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=data.weights_dtype).to(device)
             self.compute_loss = lambda model, ids: model(input_ids=ids, labels=ids).loss
         else:
             import minitune
             from minitune.losses import causal_lm_loss
-            self.model = minitune.load_model(folder, dtype=dtype, device=device)
+            self.model = minitune.load_model(folder, dtype=data.weights_dtype, device=device)
             self.compute_loss = lambda model, ids: causal_lm_loss(model, ids, labels=ids)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        if data.sft:
+            from minitune.optim import make_optimizer, make_scheduler
+            a = data.args
+            self.optimizer = make_optimizer(self.model, lr=a.lr, weight_decay=a.weight_decay)
+            self.scheduler = make_scheduler(self.optimizer, a.schedule, min(a.warmup, data.total_steps),
+                                            data.total_steps)
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
 
-    def step(self) -> tuple[float, float]:
-        """(seconds, loss) of forward, backward, AdamW step, zero_grad."""
+    def run_step(self, batch) -> float:
+        """One optimizer step on this batch (random ids, or an SFT step's micro-batches); its loss."""
+        if self.data.sft:
+            step = transformers_sft_step if self.library == "transformers" else self.data.example.train_step
+            return step(self.model, batch, self.optimizer, self.scheduler, self.data.autocast,
+                        self.data.args.max_grad_norm)["loss"]
+        loss = self.compute_loss(self.model, batch)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def step(self) -> tuple[float, float, int]:
+        """(seconds, loss, non-padding tokens) of the next step: forward, backward, optimizer step, zero_grad."""
         import torch
+        i = self.done % len(self.data.steps)
+        self.done += 1
         with kernels_env(self.library):
             if self.on_gpu:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            loss = self.compute_loss(self.model, self.ids)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            value = loss.item()
+            value = self.run_step(self.data.steps[i])
             if self.on_gpu:
                 torch.cuda.synchronize()
-            return time.perf_counter() - t0, value
+            return time.perf_counter() - t0, value, self.data.tokens[i]
 
     def info(self) -> dict:
         params = {id(p): p for p in self.model.parameters()}.values()
@@ -142,18 +263,13 @@ class Trainer:
         return out
 
 
-def batch_ids(vocab: int, batch: int, seq: int, device):
-    import torch
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(SEED)).to(device)
-
-
-def child_paired(libraries: list[str], folder: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
-                 dtype_name: str, device_name: str) -> dict:
+def child_paired(libraries: list[str], folder: str, name: str, steps: int, warmup: int, dtype_name: str,
+                 device_name: str) -> dict:
     """Speed: every library in this one process, one step of each per round, the order rotated each round."""
     import torch
-    dtype, device = getattr(torch, dtype_name), torch.device(device_name)
-    ids = batch_ids(vocab, batch, seq, device)
-    trainers = [Trainer(library, folder, ids, dtype, device) for library in libraries]
+    device = torch.device(device_name)
+    data = Data(name, dtype_name, device)
+    trainers = [Trainer(library, folder, data, device) for library in libraries]
     losses = {t.library: [] for t in trainers}
     rounds = []
     for r in range(warmup + steps):
@@ -161,25 +277,27 @@ def child_paired(libraries: list[str], folder: str, vocab: int, batch: int, seq:
         order = trainers[shift:] + trainers[:shift]
         seconds = {}
         for t in order:
-            seconds[t.library], loss = t.step()
+            seconds[t.library], loss, tokens = t.step()
             losses[t.library].append(loss)
-        if r >= warmup:
-            rounds.append({"order": [t.library for t in order], "seconds": seconds})
+        if r >= warmup:  # every library trained on the same batch this round: one token count
+            rounds.append({"order": [t.library for t in order], "seconds": seconds, "tokens": tokens})
     per_library = {}
     for t in trainers:
         timed = [rd["seconds"][t.library] for rd in rounds]
         per_library[t.library] = {**t.info(), "losses": losses[t.library], "step_seconds": timed,
-                                  "median_step_s": statistics.median(timed)}
-    return {"libraries": per_library, "rounds": rounds}
+                                  "median_step_s": statistics.median(timed),
+                                  "tokens_per_s": statistics.median(rd["tokens"] / s for rd, s in
+                                                                    zip(rounds, timed, strict=True))}
+    return {"libraries": per_library, "rounds": rounds, "data": data.describe}
 
 
-def child_memory(library: str, folder: str, vocab: int, batch: int, seq: int, steps: int, warmup: int,
-                 dtype_name: str, device_name: str) -> dict:
+def child_memory(library: str, folder: str, name: str, steps: int, warmup: int, dtype_name: str,
+                 device_name: str) -> dict:
     """Memory: this library alone in a fresh process; the peak over its steps."""
     import torch
-    dtype, device = getattr(torch, dtype_name), torch.device(device_name)
+    device = torch.device(device_name)
     on_gpu = device.type == "cuda"
-    trainer = Trainer(library, folder, batch_ids(vocab, batch, seq, device), dtype, device)
+    trainer = Trainer(library, folder, Data(name, dtype_name, device), device)
     if on_gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -187,7 +305,7 @@ def child_memory(library: str, folder: str, vocab: int, batch: int, seq: int, st
     else:
         base = proc_status()["VmRSS"]
         peak_reset = reset_peak()
-    seconds, losses = zip(*(trainer.step() for _ in range(warmup + steps)))
+    seconds, losses, _ = zip(*(trainer.step() for _ in range(warmup + steps)), strict=True)
     result = {"library": library, **trainer.info(), "losses": list(losses), "step_seconds": list(seconds)}
     if on_gpu:
         result.update(peak_bytes=torch.cuda.max_memory_allocated(), peak_increase_bytes=
@@ -213,11 +331,35 @@ def write_checkpoint(config_class: str, config_args: dict, folder: str, dtype_na
     model.save_pretrained(folder)
 
 
+def config_entry(name: str) -> dict:
+    """What a config trains, for the JSON and the table."""
+    if name in SFT_CONFIGS:
+        weights, batch, accum, _ = SFT_CONFIGS[name]
+        return {"kind": "sft", "weights": weights or str(TINY_MISTRAL.relative_to(ROOT)), "batch": batch,
+                "grad_accum": accum, "sft_steps": SFT_STEPS, "example": str(EXAMPLE.relative_to(ROOT))}
+    config_class, config_args, batch, seq, _ = CONFIGS[name]
+    return {"kind": "random", "config_class": config_class, "config_args": config_args, "batch": batch, "seq": seq}
+
+
+def prepare_weights(name: str, tmp: str, args) -> str:
+    """The checkpoint folder a config trains: the bundled tiny-mistral, or a random one written to tmp
+    (in --dtype; in float32 for an SFT config: the example's master weights)."""
+    base, dtype = (SFT_CONFIGS[name][0], "float32") if name in SFT_CONFIGS else (name, args.dtype)
+    if base is None:
+        print(f"{name}: the bundled {TINY_MISTRAL.relative_to(ROOT)}", flush=True)
+        return str(TINY_MISTRAL)
+    config_class, config_args = CONFIGS[base][:2]
+    t0 = time.perf_counter()
+    write_checkpoint(config_class, config_args, tmp, dtype)
+    print(f"{name}: wrote a random {config_class} checkpoint ({dtype}) in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return tmp
+
+
 def run_child(mode: str, libraries: list[str], folder: str, name: str, steps: int, warmup: int, args) -> dict:
-    _, config_args, batch, seq, _ = CONFIGS[name]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--libraries", ",".join(libraries),
-           "--dir", folder, "--vocab", str(config_args["vocab_size"]), "--batch", str(batch), "--seq", str(seq),
-           "--steps", str(steps), "--warmup", str(warmup), "--dtype", args.dtype, "--device", args.device]
+           "--dir", folder, "--name", name, "--steps", str(steps), "--warmup", str(warmup), "--dtype", args.dtype,
+           "--device", args.device]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(), timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -234,24 +376,24 @@ def spread(values: list[float]) -> dict:
 
 def bench_config(name: str, args, save) -> dict:
     """Timing in one process (all libraries interleaved), then memory in one fresh process per library."""
-    config_class, config_args, batch, seq, _ = CONFIGS[name]
     libraries = list(LIBRARIES if args.device.startswith("cuda") else LIBRARIES[:2])
-    entry = {"config": name, "config_class": config_class, "config_args": config_args, "batch": batch, "seq": seq,
-             "runs": [{"library": library} for library in libraries]}
+    entry = {"config": name, **config_entry(name), "runs": [{"library": library} for library in libraries]}
     save(entry)
     rows = {r["library"]: r for r in entry["runs"]}
-    with tempfile.TemporaryDirectory(prefix="minitune-bench-train-") as folder:
-        t0 = time.perf_counter()
-        write_checkpoint(config_class, config_args, folder, args.dtype)
-        print(f"{name}: wrote a random {config_class} checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="minitune-bench-train-") as tmp:
+        folder = prepare_weights(name, tmp, args)
 
+        # an SFT config's warm-up sees each of its batches (their shapes) once, so no timed step is a first
+        warmup = entry["warmup"] = max(args.warmup, SFT_STEPS) if entry["kind"] == "sft" else args.warmup
         t0 = time.perf_counter()
         try:
-            paired = run_child("paired", libraries, folder, name, args.steps, args.warmup, args)
+            paired = run_child("paired", libraries, folder, name, args.steps, warmup, args)
             entry["rounds"] = paired["rounds"]
+            if paired["data"]:
+                entry["data"] = paired["data"]
             for library, r in paired["libraries"].items():
-                rows[library].update(r, tokens_per_s=batch * seq / r["median_step_s"])
-            print(f"  timing, {len(libraries)} libraries interleaved in one process, {args.warmup} + {args.steps} "
+                rows[library].update(r)
+            print(f"  timing, {len(libraries)} libraries interleaved in one process, {warmup} + {args.steps} "
                   f"rounds: {time.perf_counter() - t0:.1f} s", flush=True)
             for library in libraries:
                 r = rows[library]
@@ -263,7 +405,7 @@ def bench_config(name: str, args, save) -> dict:
         if "rounds" in entry:
             base = [rd["seconds"]["transformers"] for rd in entry["rounds"]]
             for library in libraries[1:]:
-                ratios = [rd["seconds"][library] / b for rd, b in zip(entry["rounds"], base)]
+                ratios = [rd["seconds"][library] / b for rd, b in zip(entry["rounds"], base, strict=True)]
                 rows[library].update(time_ratios=ratios, time_ratio=spread(ratios))
                 rows[library]["speed_ratio"] = 1 / rows[library]["time_ratio"]["median"]
                 s = rows[library]["time_ratio"]
@@ -303,29 +445,71 @@ def fmt_spread(s: dict) -> str:
     return f"{s['median']:.3f} [{s['q1']:.3f}–{s['q3']:.3f}] ({s['min']:.3f}–{s['max']:.3f})"
 
 
+def shape(e: dict) -> str:
+    """batch x seq; for SFT, micro-batches x examples x the longest padded micro-batch."""
+    if e["kind"] == "random":
+        return f"{e['batch']} x {e['seq']}"
+    longest = max((t for step in e["data"]["micro_batches"] for _, t in step), default=0) if "data" in e else "?"
+    return f"{e['grad_accum']} x {e['batch']} x ≤{longest}"
+
+
+def sft_how(e: dict) -> str:
+    a = e.get("data", {}).get("example_args")
+    settings = (f" (lr {a['lr']:g}, weight decay {a['weight_decay']:g}, {a['schedule']} over "
+                f"{e['data']['total_steps']} steps after {a['warmup']} warmup steps, clipping at "
+                f"{a['max_grad_norm']:g})" if a else "")
+    return (f"SFT configs: the training step of `{e['example']}` on its bundled chats, the first {e['sft_steps']} "
+            "optimizer steps of its data order (its `micro_batches`, right-padded by `minitune.data.collate`, the loss "
+            "on the assistant turns only) trained on in turn, float32 weights under the example's autocast (bf16 on "
+            "a GPU). minitune runs the example's `train_step` (gradient accumulation normalised by the targets of the "
+            "whole step, clipping, AdamW step, scheduler step); transformers the same step with "
+            "`model(input_ids, attention_mask, labels, num_items_in_batch=<the step's targets>).loss` per micro-batch. "
+            f"Both use the example's `make_optimizer` and `make_scheduler`{settings}.")
+
+
+def sft_data_line(e: dict) -> str:
+    if "data" not in e:
+        return f"- {e['config']}: the timing run failed or has not finished"
+    d = e["data"]
+    lengths = [t for step in d["micro_batches"] for _, t in step]
+    span = lambda v: f"{min(v)}–{max(v)}"  # noqa: E731
+    return (f"- {e['config']} ({e['weights']}): {len(d['tokens'])} optimizer steps in turn, each {e['grad_accum']} "
+            f"micro-batches of {e['batch']} chats padded to {span(lengths)} tokens; {span(d['tokens'])} non-padding "
+            f"tokens and {span(d['targets'])} target tokens per step.")
+
+
 def markdown(result: dict) -> str:
     from bench_kernels import environment_line
     on_cpu = result["environment"]["device_type"] == "cpu"
-    how = (f"One step = forward, backward, AdamW step (lr {LR}), zero_grad; the same random weights (a seeded "
-           "transformers model saved and loaded by each) and the same batch of random token ids. "
-           "**Speed**: one process holds every library's model and AdamW; "
-           f"warm-up rounds: {result['warmup']}, then {result['steps']} timed rounds of one step per library, back "
-           "to back, the order rotated each round. ms / step and tokens/s: each library's median over the rounds. "
-           "Per-round ratio: in each round, the library's step time / transformers' step time, as median "
-           "[interquartile range] (min–max) over the rounds; the drift of a noisy machine cancels within a round. "
-           "vs transformers: tokens/s relative to transformers = 1 / the median per-round ratio. "
-           f"**Memory**: one fresh process per library, {result['mem_warmup']} warm-up + {result['mem_steps']} steps; ")
+    sft = [e for e in result["configs"] if e["kind"] == "sft"]
+    how = ""
+    if len(sft) < len(result["configs"]):
+        how += (f"Random-token configs: one step = forward, backward, AdamW step (lr {LR}), zero_grad; the same "
+                "random weights (a seeded transformers model saved and loaded by each) and the same batch of random "
+                "token ids. ")
+    if sft:
+        how += sft_how(next((e for e in sft if "data" in e), sft[0])) + " "
+    sft_warmup = f" ({max(result['warmup'], SFT_STEPS)} for SFT configs: one per distinct step at least)" if sft else ""
+    how += ("**Speed**: one process holds every library's model and optimizer; "
+            f"warm-up rounds: {result['warmup']}{sft_warmup}, then {result['steps']} timed rounds of one step per "
+            "library, back to back, the order rotated each round. ms / step: each library's median over the rounds; "
+            "tokens/s: its median over the rounds of the step's non-padding tokens / its time. "
+            "Per-round ratio: in each round, the library's step time / transformers' step time, as median "
+            "[interquartile range] (min–max) over the rounds; the drift of a noisy machine cancels within a round. "
+            "vs transformers: tokens/s relative to transformers = 1 / the median per-round ratio. "
+            f"**Memory**: one fresh process per library, {result['mem_warmup']} warm-up + {result['mem_steps']} "
+            "steps; ")
     how += ("peak +MB: the RSS increase during the steps over the RSS after loading (weights excluded; gradients, "
             "optimizer state and activations included)." if on_cpu else
             "peak MB: torch.cuda.max_memory_allocated; peak +MB: its increase over the loaded weights.")
-    header = ("| config | params | batch x seq | library | kernels backend | ms / step | tokens/s | vs transformers "
-              "| per-round ratio | peak MB | peak +MB | first-step loss |")
+    header = ("| config | params | batch x seq | library | kernels backend | ms / step | tokens/s (non-padding) "
+              "| vs transformers | per-round ratio | peak MB | peak +MB | first-step loss |")
     lines = ["# Training step: minitune against transformers", "", environment_line(result["environment"]), "",
              how, "", header, "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for e in result["configs"]:
         for r in e["runs"]:
             params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "—"
-            cells = [e["config"], params, f"{e['batch']} x {e['seq']}", r["library"], r.get("backend") or "—"]
+            cells = [e["config"], params, shape(e), r["library"], r.get("backend") or "—"]
             if "median_step_s" in r:
                 cells += [f"{r['median_step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}"]
                 if r["library"] == "transformers":
@@ -339,6 +523,8 @@ def markdown(result: dict) -> str:
             first = r.get("losses") or r.get("memory", {}).get("losses")
             cells.append(f"{first[0]:.6f}" if first else "—")
             lines.append("| " + " | ".join(cells) + " |")
+    if sft:
+        lines += [""] + [sft_data_line(e) for e in sft]
     errors = [f"- {e['config']} timing: {e['timing_error'][:300]}" for e in result["configs"] if "timing_error" in e]
     errors += [f"- {e['config']} {r['library']} memory: {r['memory_error'][:300]}"
                for e in result["configs"] for r in e["runs"] if "memory_error" in r]
@@ -379,7 +565,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out", help="where bench_train.json and bench_train.md go")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(LOSS_RTOL), help="default: bfloat16 on a GPU, float32 on the CPU")
-    ap.add_argument("--configs", help=f"comma-separated subset of {', '.join(CONFIGS)} (default: the device's)")
+    ap.add_argument("--configs", help=f"comma-separated subset of {', '.join(ALL_CONFIGS)} (default: the device's)")
     ap.add_argument("--steps", type=int, default=10, help="timed rounds (one step of each library per round)")
     ap.add_argument("--warmup", type=int, default=2, help="rounds before the timed ones")
     ap.add_argument("--mem-steps", type=int, default=2, help="steps of each fresh memory process, after --mem-warmup")
@@ -388,23 +574,21 @@ def main() -> None:
     ap.add_argument("--child", choices=["paired", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--libraries", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
-    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--batch", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--name", help=argparse.SUPPRESS)
     args = ap.parse_args()
     device_type = torch.device(args.device).type
     args.dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
 
     if args.child:
-        common = (args.dir, args.vocab, args.batch, args.seq, args.steps, args.warmup, args.dtype, args.device)
+        common = (args.dir, args.name, args.steps, args.warmup, args.dtype, args.device)
         libraries = args.libraries.split(",")
         r = child_paired(libraries, *common) if args.child == "paired" else child_memory(libraries[0], *common)
         print("RESULT " + json.dumps(r), flush=True)
         return
 
-    names = args.configs.split(",") if args.configs else [n for n, c in CONFIGS.items() if c[4] == device_type]
-    if bad := [n for n in names if n not in CONFIGS]:
-        ap.error(f"--configs: unknown {bad}; choose from {list(CONFIGS)}")
+    names = args.configs.split(",") if args.configs else [n for n, c in ALL_CONFIGS.items() if c[-1] == device_type]
+    if bad := [n for n in names if n not in ALL_CONFIGS]:
+        ap.error(f"--configs: unknown {bad}; choose from {list(ALL_CONFIGS)}")
     if args.steps < 1 or args.warmup < 0 or args.mem_steps < 0 or args.mem_warmup < 0:
         ap.error("--steps must be >= 1, --warmup, --mem-steps and --mem-warmup >= 0")
     if args.mem_steps + args.mem_warmup < 1:

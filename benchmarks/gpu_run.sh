@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# On a lent GPU (see benchmarks/README.md), the one prepared run, under 8 minutes on an H100: the GPU
-# correctness tests (kernels on CUDA tensors, CUDA model paths, models), then bench_kernels.py --sweep
-# and bench_train.py. Each step has its own time limit; a step that fails or times out does not
-# stop the next. Output: $OUT (or benchmarks/out/): gpu_run.txt (this log), bench_kernels.{json,md},
-# bench_train.{json,md}.
+# On a lent GPU (see benchmarks/README.md), the one prepared run, under 10 minutes on an H100: the GPU
+# correctness tests (kernels on CUDA tensors, CUDA model paths, models), then bench_kernels.py --sweep,
+# bench_train.py's random-token step and its SFT step. Each step has its own time limit; a step that
+# fails or times out does not stop the next. Output: $OUT (or benchmarks/out/): gpu_run.txt (this log),
+# bench_kernels.{json,md}, bench_train.{json,md}, sft/bench_train.{json,md}.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out}"
@@ -38,6 +38,7 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print i
 
   step tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py tests/test_models.py
   step bench_kernels 200 python3 benchmarks/bench_kernels.py --sweep --out "$out"
-  step bench_train 170 python3 benchmarks/bench_train.py --out "$out"
+  step bench_train 170 python3 benchmarks/bench_train.py --configs mistral-1b --out "$out"
+  step bench_train_sft 120 python3 benchmarks/bench_train.py --configs sft-mistral-1b --out "$out/sft"
   date -u
 } 2>&1 | tee "$out/gpu_run.txt"
