@@ -1,6 +1,6 @@
 """The project's main job: every workflow on the bundled tiny models, one report.
 
-    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; about a minute on 2 cores
+    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; 36 s on 2 cores
     python examples/reproduce.py --max-steps 3    # a smoke run: every workflow, a few steps each
 
 Each workflow runs as its example script with the defaults (a separate process, as a user would run
