@@ -33,9 +33,18 @@ from tqdm import tqdm
 import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from minitune.losses import IGNORE_INDEX
 from minitune.optim import make_optimizer, make_scheduler, scale_learning_rates
 from minitune.plot import plot_training
-from minitune.train import MetricsLog, add_common_args, all_reduce_sum, autocast, init_distributed, parse_common_args
+from minitune.train import (
+    MetricsLog,
+    add_common_args,
+    all_reduce_sum,
+    autocast,
+    init_distributed,
+    parse_common_args,
+    world_size,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -115,14 +124,15 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
     Each micro-batch's loss is its sum over its targets divided by the number of targets in the whole
     accumulated batch, all ranks together. The step's gradient is then that of the mean over all its
     targets, whatever the micro-batches' lengths; a mean of per-micro-batch means would give a short
-    batch the weight of a long one. `amp` gives the autocast context of the forward passes. Returns
-    the loss (mean over targets), the gradient norm before
-    clipping and the number of tokens (all ranks). Raises FloatingPointError, before updating anything,
-    when the loss or the gradient is not finite.
+    batch the weight of a long one. `amp` gives the autocast context of the forward passes.
+
+    Returns the loss (mean over targets), the gradient norm before clipping and the number of tokens
+    (all ranks). Raises FloatingPointError, before updating anything, when the loss or the gradient
+    is not finite.
     """
     device = next(model.parameters()).device
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    world = world_size()
+    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
     tokens = sum(int(b["attention_mask"].ne(0).sum()) for b in batches)
     n_targets, n_tokens = all_reduce_sum([targets, tokens], device)
     n_targets = max(n_targets, 1.0)
@@ -166,7 +176,7 @@ def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: in
         with amp():
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
         targets = mt.losses.shift_labels(batch["labels"])  # (B, T): the next token, -100 off the answers
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         answer_logits, answer_targets = logits[keep].float(), targets[keep]  # (N, V), (N,): the answers only
         loss_sum += torch.nn.functional.cross_entropy(answer_logits, answer_targets, reduction="sum").item()
         correct += int((answer_logits.argmax(-1) == answer_targets).sum())
