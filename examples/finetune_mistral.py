@@ -276,6 +276,7 @@ def main(argv=None) -> None:
         base.save_pretrained(out / "final")
         tok.save_pretrained(out / "final")
         plot_training(log.records, out / "training.png", title=f"SFT of {Path(args.model).name}")
+    del model  # DDP's reducer first: the process group freed from inside it can hang at exit (pytorch#56297)
     if dist.is_initialized():
         dist.destroy_process_group()
 

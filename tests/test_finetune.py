@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,10 +26,22 @@ def run(out: Path, *args: str, torchrun: bool = False) -> list[dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
         if torchrun else [sys.executable]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launcher, str(SCRIPT), "--out", str(out), *SMALL, *args], capture_output=True,
-                          text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    returncode, stderr = _run([*launcher, str(SCRIPT), "--out", str(out), *SMALL, *args], env=env)
+    assert returncode == 0, stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _run(command: list[str], env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+    """(exit status, stderr). On a timeout the whole process group goes, torchrun's workers included."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{stderr[-3000:]}")
+    return proc.returncode, stderr
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -137,10 +150,9 @@ def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
 
 
 def _fails(out: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, *args], capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode != 0
-    return proc.stderr
+    returncode, stderr = _run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, *args])
+    assert returncode != 0
+    return stderr
 
 
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(tmp_path):
