@@ -116,8 +116,12 @@ class CausalLM(nn.Module):
         return key
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """The state dict in the hub's names and layouts; a tied head is the embedding, left out."""
-        state = {k: self.tensor_from_checkpoint(k, v) for k, v in self.state_dict().items()}
+        """The state dict in the hub's names and layouts; a tied head is the embedding, left out.
+
+        LoRA tensors are never part of it (mt.lora.save_adapter writes them): the base weights as they
+        stand go out, which are the merged ones after mt.lora.merge_lora."""
+        state = {k: self.tensor_from_checkpoint(k, v) for k, v in self.state_dict().items()
+                 if ".lora_A." not in k and ".lora_B." not in k}
         if self.head_is_tied:
             del state["lm_head.weight"]
         return state
