@@ -36,13 +36,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     Each parameter appears once (model.parameters() yields a tied one once), in model order, so the
     optimizer's state dict lines up across runs. An empty group is dropped.
     """
+    return decay_groups(model, [p for p in model.parameters() if p.requires_grad], weight_decay)
+
+
+def decay_groups(model: nn.Module, params: list[nn.Parameter], weight_decay: float, name: str = "",
+                 **options) -> list[dict]:
+    """`params` split into a "<name>decay" and a "<name>no_decay" group by param_groups' rule (matrices
+    of linear layers decay; biases, norms and embeddings of `model` do not), each with `options`."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
-    groups = [dict(name="decay", params=decay, weight_decay=weight_decay),
-              dict(name="no_decay", params=no_decay, weight_decay=0.0)]
+    for p in params:
+        (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [dict(name=f"{name}decay", params=decay, weight_decay=weight_decay, **options),
+              dict(name=f"{name}no_decay", params=no_decay, weight_decay=0.0, **options)]
     return [g for g in groups if g["params"]]
 
 
@@ -138,4 +144,5 @@ def scale_learning_rates(scheduler: LambdaLR, factor: float) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() returns
 
 
-__all__ = ["SCHEDULES", "Schedule", "param_groups", "make_optimizer", "make_scheduler", "scale_learning_rates"]
+__all__ = ["SCHEDULES", "Schedule", "param_groups", "decay_groups", "make_optimizer", "make_scheduler",
+           "scale_learning_rates"]
