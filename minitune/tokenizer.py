@@ -107,6 +107,21 @@ class Tokenizer:
         """All ids, added tokens included: transformers' len(tokenizer), the size an embedding needs."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def add_tokens(self, tokens: Sequence[str], special: bool = False) -> int:
+        """Add whole tokens (domain words, chat markers) at the end of the vocabulary; returns how many were new.
+
+        An added token is matched before the model's own splitting, so it always encodes to its one id.
+        Special tokens are also skipped by decode(skip_special_tokens=True). Grow the model to match with
+        `model.resize_token_embeddings(len(tokenizer))`.
+        """
+        from tokenizers import AddedToken
+        new = [t for t in dict.fromkeys(tokens) if self.backend.token_to_id(t) is None]
+        added = [AddedToken(t, special=special, normalized=not special) for t in new]
+        count = self.backend.add_special_tokens(added) if special else self.backend.add_tokens(added)
+        if special:
+            self.extra_special_tokens += new
+        return count
+
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)
 

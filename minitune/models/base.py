@@ -140,6 +140,38 @@ class CausalLM(nn.Module):
         """Whether lm_head is the embedding matrix itself (not merely equal to it)."""
         return self.lm_head.weight is self.input_embeddings().weight
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_size: int, pad_to_multiple_of: int | None = None) -> int:
+        """Grow the token embedding (and an untied head) to `new_size` rows, rounded up to a multiple of
+        `pad_to_multiple_of` (64 keeps matmuls on tensor-core shapes); returns the new size.
+
+        New rows start at the mean of the existing rows, embedding and head each: a new token starts as
+        an "average" token, with a logit near the typical one, not a random vector that the softmax
+        would give a huge or tiny probability (Hewitt 2021, "Initializing new word embeddings").
+        config.vocab_size follows, so save_pretrained writes a checkpoint transformers loads.
+        """
+        if pad_to_multiple_of:
+            new_size = -(-new_size // pad_to_multiple_of) * pad_to_multiple_of
+        old = self.input_embeddings()
+        if new_size < old.num_embeddings:
+            raise ValueError(f"resize_token_embeddings: {new_size} rows is fewer than the {old.num_embeddings} the "
+                             "model has; shrinking would drop trained tokens")
+        tied = self.head_is_tied
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            extra = weight.float().mean(0, keepdim=True).expand(new_size - weight.size(0), -1).to(weight.dtype)
+            return nn.Parameter(torch.cat([weight, extra]), requires_grad=weight.requires_grad)
+
+        old.weight = grown(old.weight)
+        old.num_embeddings = new_size
+        if tied:
+            self.lm_head.weight = old.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = new_size
+        self.config.vocab_size = new_size
+        return new_size
+
     def tie_weights(self) -> None:
         """Share the output projection with the input embedding when the config says so."""
         if self.config.tie_word_embeddings:
