@@ -4,6 +4,7 @@
     python examples/finetune_mistral.py --model mistralai/Mistral-7B-v0.1 --data chats.jsonl --max-length 2048
     torchrun --nproc_per_node=2 examples/finetune_mistral.py           # data parallel (DDP), the same script
     python examples/finetune_mistral.py --resume auto                  # continue the run in --out
+    python examples/finetune_mistral.py --lora-r 8 --lora-targets all-linear   # LoRA: <out>/adapter and a merged final
 
 The data: chats ({"messages": [...]}, rendered with the tokenizer's chat template) or {"prompt",
 "completion"} pairs, the loss on the assistant turns / completions only. The loop: gradient
@@ -39,10 +40,13 @@ from minitune.plot import plot_training
 from minitune.train import (
     MetricsLog,
     add_common_args,
+    add_lora_args,
     all_reduce_sum,
+    apply_lora_args,
     autocast,
     init_distributed,
     parse_common_args,
+    save_final,
     world_size,
 )
 
@@ -61,6 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an example longer than --max-length: stop with its file:line, drop it, or cut its start")
     p.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not just the answers")
     p.add_argument("--exact-match-samples", type=int, default=64, help="held-out chats answered greedily")
+    add_lora_args(p)
     return parse_common_args(p, argv)
 
 
@@ -221,6 +226,7 @@ def main(argv=None) -> None:
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # float32 master weights
     model.gradient_checkpointing = args.grad_checkpointing
+    apply_lora_args(model, args)  # with --lora-r: only the adapter trains
     amp = functools.partial(autocast, device, args.dtype)
 
     train, val, questions = load_examples(args, tok)
@@ -273,8 +279,7 @@ def main(argv=None) -> None:
             save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
                             state={"run": run, "lr": args.lr, "metrics": log.records})
     if rank == 0:
-        base.save_pretrained(out / "final")
-        tok.save_pretrained(out / "final")
+        save_final(base, tok, out, args)
         plot_training(log.records, out / "training.png", title=f"SFT of {Path(args.model).name}")
     del model  # DDP's reducer first: the process group freed from inside it can hang at exit (pytorch#56297)
     if dist.is_initialized():

@@ -17,7 +17,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -59,6 +59,46 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, o
     p("--packing", action="store_true", help="several examples per row, each attending only to itself")
     parser.set_defaults(**defaults)
     return parser
+
+
+def add_lora_args(parser: argparse.ArgumentParser, targets: Sequence[str] = ("q_proj", "v_proj")
+                  ) -> argparse.ArgumentParser:
+    """--lora-r (0: full fine-tuning), --lora-alpha, --lora-dropout, --lora-targets, --rslora, --lora-final."""
+    p = parser.add_argument
+    p("--lora-r", type=int, default=0, help="LoRA rank; 0 trains every weight")
+    p("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: the update is alpha / r * B A")
+    p("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch's input")
+    p("--lora-targets", nargs="+", default=list(targets),
+      help="module names (q_proj), fnmatch patterns over paths, or all-linear")
+    p("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
+    p("--lora-final", default="merged", choices=("merged", "none"),
+      help="besides <out>/adapter: the merged model in <out>/final, or no full model")
+    return parser
+
+
+def apply_lora_args(model: torch.nn.Module, args: argparse.Namespace) -> bool:
+    """apply_lora from the --lora-* flags when --lora-r > 0; whether it did."""
+    if not getattr(args, "lora_r", 0):
+        return False
+    from . import lora
+    lora.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                    target_modules=args.lora_targets, use_rslora=args.rslora)
+    return True
+
+
+def save_final(model: torch.nn.Module, tok, out: Path, args: argparse.Namespace) -> None:
+    """The run's result: <out>/final (HF layout, with the tokenizer) and, with LoRA, <out>/adapter (PEFT's
+    format) beside it; the full model is then the merged one, or absent with --lora-final none."""
+    if getattr(args, "lora_r", 0):
+        from . import lora
+        lora.save_adapter(model, out / "adapter", base_model_name_or_path=args.model)
+        tok.save_pretrained(out / "adapter")
+        if args.lora_final == "none":
+            return
+        lora.save_model(model, out / "final", merged=True)
+    else:
+        model.save_pretrained(out / "final")
+    tok.save_pretrained(out / "final")
 
 
 def parse_common_args(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None) -> argparse.Namespace:

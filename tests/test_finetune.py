@@ -191,3 +191,25 @@ def test_an_error_in_the_data_names_its_line_in_the_file(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
     assert f"{data}:3" in _fails(tmp_path / "bad", "--data", str(data), "--val-data", str(data), "--max-steps", "1")
+
+
+def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_path):
+    import minitune as mt
+
+    lora = ["--lora-r", "4", "--lora-targets", "q_proj", "v_proj", "down_proj", "--lr", "3e-3", "--warmup", "1"]
+    straight = run(tmp_path / "straight", "--max-steps", "4", *lora)
+    run(tmp_path / "cut", "--max-steps", "4", "--save-every", "2", *lora)
+    (tmp_path / "cut" / "final").rename(tmp_path / "first-final")
+    resumed = run(tmp_path / "cut", "--max-steps", "4", "--save-every", "2", "--resume", "auto", *lora)
+    strip = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in straight]
+    assert [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in resumed] == strip
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not [k for k in a if "lora" in k]  # the merged model is a plain checkpoint
+    base = ROOT / "examples" / "assets" / "tiny-mistral"
+    assert any(not torch.equal(a[k], load_file(base / "model.safetensors")[k]) for k in a)  # it did train
+    adapted = mt.lora.load_adapter(mt.load_model(base).eval(), tmp_path / "straight" / "adapter")
+    merged = mt.load_model(tmp_path / "straight" / "final").eval()
+    x = torch.tensor([mt.load_tokenizer(base).encode("What is 3 plus 4?")])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), merged(x), atol=1e-5, rtol=1e-5)
