@@ -33,6 +33,8 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 import minitune as mt
+from minitune.data import token_stream
+from minitune.evaluate import stream_loss as validation_loss
 from minitune.optim import make_optimizer, make_scheduler
 from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE
 from minitune.train import MetricsLog
@@ -109,30 +111,10 @@ def build_model(name: str, tok: mt.Tokenizer) -> mt.models.CausalLM:
     return cls(cls.config_class.from_dict(raw, source=f"CONFIGS[{name!r}]"))
 
 
-def token_stream(tok: mt.Tokenizer, texts: list[str]) -> torch.Tensor:
-    """All documents end to end, each closed by EOS (and opened by BOS where the tokenizer adds one)."""
-    ids = [i for ids in tok.batch_encode(texts) for i in [*ids, tok.eos_token_id]]
-    return torch.tensor(ids, dtype=torch.long)
-
-
 def random_windows(stream: torch.Tensor, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
     """batch_size windows of seq_len tokens at random offsets (documents packed, as in GPT pre-training)."""
     starts = torch.randint(len(stream) - seq_len, (batch_size,), generator=gen)
     return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])  # (B, T)
-
-
-@torch.no_grad()
-def validation_loss(model, stream: torch.Tensor, seq_len: int, batch_size: int = 32) -> float:
-    """Mean next-token loss over the whole validation stream, cut into consecutive windows."""
-    was_training = model.training
-    model.eval()
-    windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)
-    total, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        total += mt.losses.causal_lm_loss(model, batch, reduction="sum").item()
-        count += batch.numel() - batch.size(0)  # the last position of a window has no target
-    model.train(was_training)
-    return total / count
 
 
 # Plain-text completions that state each fact, in the corpus's own wordings.

@@ -245,6 +245,13 @@ def encode_records(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_leng
     return examples
 
 
+def token_stream(tok: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """Raw-text documents end to end as one LongTensor, each closed by EOS (and opened by BOS where the
+    tokenizer adds one): the pre-training layout, cut into windows for language modelling."""
+    ids = [i for ids in tok.batch_encode(list(texts)) for i in [*ids, tok.eos_token_id]]
+    return torch.tensor(ids, dtype=torch.long)
+
+
 def pad_id(tok: Tokenizer) -> int:
     """The id that fills padding: the tokenizer's pad token, else its EOS (Mistral and GPT-2 have no pad), else 0.
     Padding is masked out everywhere, so any id would do; these keep it a token the model knows."""

@@ -120,3 +120,21 @@ def generate_answers(model, tok, prompts: Sequence[str | list[dict]], batch_size
         out = generate(model, ids, max_new_tokens, eos_token_id=tok.eos_token_id, attention_mask=mask)
         answers += [tok.decode(row) for row in out[:, width:].tolist()]
     return answers
+
+
+@torch.no_grad()
+def stream_loss(model, stream: torch.Tensor, seq_len: int, batch_size: int = 32) -> float:
+    """Mean next-token loss over a token stream cut into consecutive windows of seq_len (the tail that
+    does not fill a window is left out); exp of it is the perplexity. Each window starts fresh, so a
+    window's first tokens are predicted from little context: a slight overestimate of the loss."""
+    from .losses import causal_lm_loss
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)  # (N, T)
+    total, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        total += causal_lm_loss(model, batch.to(device), reduction="sum").item()
+        count += batch.numel() - batch.size(0)  # the last position of a window has no target
+    model.train(was_training)
+    return total / count
