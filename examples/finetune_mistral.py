@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import array
-import contextlib
 import functools
 import hashlib
 import math
@@ -45,9 +44,12 @@ from minitune.train import (
     apply_lora_args,
     autocast,
     init_distributed,
+    micro_batches,
     parse_common_args,
     save_final,
-    world_size,
+    to_device,
+    total_steps,
+    train_step,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -98,70 +100,6 @@ def question_and_answer(record: dict, where: str) -> tuple[str | list[dict], str
     if last["role"] != "assistant":
         raise ValueError(f"{where}: a held-out chat must end with the assistant's answer, not a {last['role']!r} turn")
     return question, last["content"]
-
-
-def micro_batches(train: list[dict], step: int, batch_size: int, grad_accum: int, seed: int, rank: int,
-                  world: int) -> list[list[dict]]:
-    """This rank's micro-batches for optimizer step `step` (0-based).
-
-    The step's global batch is the same for any world size (rank r takes examples r, r + W, ...), and
-    it depends on the step alone, so a resumed run continues mid-epoch exactly where it stopped."""
-    picked = D.step_indices(len(train), step, batch_size * grad_accum * world, seed)
-    mine = [train[i] for i in D.shard(picked, rank, world)]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-
-
-def total_steps(args, n_train: int, world: int) -> int:
-    """--max-steps, or the optimizer steps of --epochs over the training examples (rows when packed)."""
-    return args.max_steps or math.ceil(args.epochs * n_train / (args.batch_size * args.grad_accum * world))
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-# ---------------------------------------------------------------- one optimizer step
-
-
-def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_norm: float = 1.0) -> dict:
-    """One optimizer step over the accumulated micro-batches of every rank.
-
-    Each micro-batch's loss is its sum over its targets divided by the number of targets in the whole
-    accumulated batch, all ranks together. The step's gradient is then that of the mean over all its
-    targets, whatever the micro-batches' lengths; a mean of per-micro-batch means would give a short
-    batch the weight of a long one. `amp` gives the autocast context of the forward passes.
-
-    Returns the loss (mean over targets), the gradient norm before clipping and the number of tokens
-    (all ranks). Raises FloatingPointError, before updating anything, when the loss or the gradient
-    is not finite.
-    """
-    device = next(model.parameters()).device
-    world = world_size()
-    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    tokens = sum(int(b["attention_mask"].ne(0).sum()) for b in batches)
-    n_targets, n_tokens = all_reduce_sum([targets, tokens], device)
-    n_targets = max(n_targets, 1.0)
-    loss_sum = torch.zeros((), device=device)
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with amp():
-                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
-            # DDP averages gradients over the ranks; n_targets counts every rank's targets: scale back by world
-            (loss * (world / n_targets)).backward()
-        loss_sum += loss.detach()
-    clip = max_grad_norm if max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    loss = all_reduce_sum([loss_sum.item()], device)[0] / n_targets
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"the loss is {loss} and the gradient norm {grad_norm}")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens}
 
 
 # ---------------------------------------------------------------- validation

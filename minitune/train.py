@@ -2,19 +2,26 @@
 
     parser = argparse.ArgumentParser()
     add_common_args(parser, model=..., data=..., out="runs/sft", lr=1e-3)    # DESIGN's shared flags
+    add_lora_args(parser)                                                   # --lora-r and friends
     args = parse_common_args(parser, argv)
     rank, world, device = init_distributed(args.device)                     # plain, or under torchrun
-    with autocast(device, args.dtype): ...                                  # bf16 on CUDA, float32 on CPU
     log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)              # one JSON object per line
+    for step in range(start, total_steps(args, len(train), world)):
+        batches = micro_batches(train, step, args.batch_size, args.grad_accum, args.seed, rank, world)
+        result = train_step(model, [to_device(collate(b, pad), device) for b in batches], optimizer,
+                            scheduler, lambda: autocast(device, args.dtype), args.max_grad_norm)
+    save_final(model, tok, out, args)                                       # final/ (and adapter/)
 
-No trainer class and no loop here: these are the few lines that would otherwise be copied from one
-example to the next.
+No trainer class: these are the pieces that would otherwise be copied from one example to the next;
+the loop that strings them together stays in each example, in plain sight.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -24,6 +31,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .data import shard, step_indices
+from .losses import IGNORE_INDEX
 from .optim import SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
@@ -140,6 +149,67 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def micro_batches(train: list[dict], step: int, batch_size: int, grad_accum: int, seed: int, rank: int,
+                  world: int) -> list[list[dict]]:
+    """This rank's micro-batches for optimizer step `step` (0-based).
+
+    The step's global batch is the same for any world size (rank r takes examples r, r + W, ...), and
+    it depends on the step alone, so a resumed run continues mid-epoch exactly where it stopped."""
+    picked = step_indices(len(train), step, batch_size * grad_accum * world, seed)
+    mine = [train[i] for i in shard(picked, rank, world)]
+    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def total_steps(args, n_train: int, world: int) -> int:
+    """--max-steps, or the optimizer steps of --epochs over the training examples (rows when packed)."""
+    return args.max_steps or math.ceil(args.epochs * n_train / (args.batch_size * args.grad_accum * world))
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_norm: float = 1.0) -> dict:
+    """One optimizer step over the accumulated micro-batches of every rank.
+
+    Each micro-batch's loss is its sum over its targets divided by the number of targets in the whole
+    accumulated batch, all ranks together. The step's gradient is then that of the mean over all its
+    targets, whatever the micro-batches' lengths; a mean of per-micro-batch means would give a short
+    batch the weight of a long one. `amp` gives the autocast context of the forward passes.
+
+    Returns the loss (mean over targets), the gradient norm before clipping and the number of tokens
+    (all ranks). Raises FloatingPointError, before updating anything, when the loss or the gradient
+    is not finite.
+    """
+    device = next(model.parameters()).device
+    world = world_size()
+    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+    tokens = sum(int(b["attention_mask"].ne(0).sum()) for b in batches)
+    n_targets, n_tokens = all_reduce_sum([targets, tokens], device)
+    n_targets = max(n_targets, 1.0)
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with amp():
+                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
+            # DDP averages gradients over the ranks; n_targets counts every rank's targets: scale back by world
+            (loss * (world / n_targets)).backward()
+        loss_sum += loss.detach()
+    clip = max_grad_norm if max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+    loss = all_reduce_sum([loss_sum.item()], device)[0] / n_targets
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the loss is {loss} and the gradient norm {grad_norm}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens}
 
 
 def autocast(device: torch.device, dtype: str) -> torch.autocast:
