@@ -14,28 +14,37 @@ def have_matplotlib() -> bool:
     return True
 
 
-def plot_training(metrics: Sequence[dict], path: str | Path, title: str = "") -> Path | None:
-    """Training loss per step and validation loss at each evaluation (left), validation exact match or
-    token accuracy where logged (right). Returns the PNG's path, or None without matplotlib."""
+LOSSES = ("loss (nats per target token)", ("loss", "val_loss"), None)
+SHARES = ("share", ("val_exact_match", "val_token_acc"), (0, 1))
+
+
+def plot_training(metrics: Sequence[dict], path: str | Path, title: str = "",
+                  panels: Sequence[tuple] = (LOSSES, SHARES)) -> Path | None:
+    """One panel per (y label, metric names, y limits or None): by default training loss per step with the
+    validation loss at each evaluation, and validation exact match and token accuracy. A panel with none
+    of its metrics logged is left out. Returns the PNG's path, or None without matplotlib."""
     if not have_matplotlib():
         return None
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, keys in ((left, ("loss", "val_loss")), (right, ("val_exact_match", "val_token_acc"))):
+    panels = [panel for panel in panels if any(key in m for m in metrics for key in panel[1])]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (ylabel, keys, ylim) in zip(axes[0], panels, strict=True):
         for key in keys:
             points = [(m["step"], m[key]) for m in metrics if key in m]
             if points:
                 steps, values = zip(*points, strict=True)
-                ax.plot(steps, values, marker="o" if key.startswith("val") else None, markersize=3, label=key)
+                ax.plot(steps, values, marker="o" if key != "loss" else None, markersize=3, label=key)
         ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if ylim:
+            ax.set_ylim(*ylim)
         ax.legend()
         ax.grid(alpha=0.3)
-    left.set_ylabel("loss (nats per target token)")
-    right.set_ylabel("share")
-    right.set_ylim(0, 1)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -240,3 +240,48 @@ class MetricsLog:
             f.write(line + "\n")
         if self.echo:
             tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
+
+
+class PeakMemory:
+    """Peak memory of a `with` block above the memory in use when it starts (so weights loaded before are
+    left out; gradients, optimizer state and activations counted). On CUDA: torch's peak allocation. On a
+    Linux CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs at the start).
+    After the block: `peak_bytes`, and `measure`, which says which of the two (or that neither worked)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_bytes, self.measure = torch.device(device), 0, ""
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = _proc_status("VmRSS")
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+            except OSError:
+                self.start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+            self.measure = "CUDA: torch.cuda.max_memory_allocated above the start"
+        elif self.start is not None:
+            self.peak_bytes = _proc_status("VmHWM") - self.start
+            self.measure = "CPU: peak resident memory (VmHWM) above the start"
+        else:
+            self.measure = "not measured (no CUDA, no /proc/self/clear_refs)"
+
+
+def _proc_status(key: str) -> int | None:
+    """A /proc/self/status field in bytes (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

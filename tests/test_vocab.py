@@ -32,16 +32,18 @@ def test_added_tokens_grow_the_model_and_save_in_a_layout_transformers_loads(nam
     x = torch.tensor([tok.encode("Mira lives in", add_special_tokens=True)])
     with torch.no_grad():
         old_logits = model(x)
-    size = model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
-    assert size % 64 == 0 and size >= len(tok) and size >= rows and model.config.vocab_size == size
+    assert before < rows  # the bundled embeddings are padded past their tokenizers
+    size = model.resize_token_embeddings(len(tok) + 40, pad_to_multiple_of=64, new_tokens_from=before)
+    assert size == 1152 and model.config.vocab_size == size  # 1088 rows + 1: up to the next multiple of 64
     emb = model.input_embeddings().weight
-    assert torch.equal(emb[:rows], old_embedding)
-    torch.testing.assert_close(emb[rows:], old_embedding.mean(0).expand(size - rows, -1))
+    assert torch.equal(emb[:before], old_embedding[:before])
+    torch.testing.assert_close(emb[before:], old_embedding[:before].mean(0).expand(size - before, -1))
     assert model.head_is_tied == (name == "tiny-gpt2")
     if name == "tiny-mistral":
-        torch.testing.assert_close(model.lm_head.weight[rows:], old_head.mean(0).expand(size - rows, -1))
+        head = model.lm_head.weight
+        torch.testing.assert_close(head[before:], old_head[:before].mean(0).expand(size - before, -1))
     with torch.no_grad():
-        torch.testing.assert_close(model(x)[..., :rows], old_logits)  # old tokens' logits unchanged
+        torch.testing.assert_close(model(x)[..., :before], old_logits[..., :before])  # old tokens' logits kept
 
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
@@ -56,7 +58,12 @@ def test_added_tokens_grow_the_model_and_save_in_a_layout_transformers_loads(nam
     assert Backend.from_file(str(tmp_path / "tokenizer.json")).token_to_id("ramekin") == tok.token_to_id("ramekin")
 
 
-def test_shrinking_is_refused():
+def test_appended_rows_start_at_the_mean_and_shrinking_is_refused():
     model = mt.load_model(ASSETS / "tiny-mistral")
+    old = model.input_embeddings().weight.detach().clone()
+    assert model.resize_token_embeddings(1090) == 1090
+    torch.testing.assert_close(model.input_embeddings().weight[1088:], old.mean(0).expand(2, -1))
     with pytest.raises(ValueError, match="fewer than the"):
         model.resize_token_embeddings(10)
+    with pytest.raises(ValueError, match="new_tokens_from=2000 must be in 1..1090"):
+        model.resize_token_embeddings(1100, new_tokens_from=2000)

@@ -141,33 +141,40 @@ class CausalLM(nn.Module):
         return self.lm_head.weight is self.input_embeddings().weight
 
     @torch.no_grad()
-    def resize_token_embeddings(self, new_size: int, pad_to_multiple_of: int | None = None) -> int:
+    def resize_token_embeddings(self, new_size: int, pad_to_multiple_of: int | None = None,
+                                new_tokens_from: int | None = None) -> int:
         """Grow the token embedding (and an untied head) to `new_size` rows, rounded up to a multiple of
         `pad_to_multiple_of` (64 keeps matmuls on tensor-core shapes); returns the new size.
 
-        New rows start at the mean of the existing rows, embedding and head each: a new token starts as
-        an "average" token, with a logit near the typical one, not a random vector that the softmax
-        would give a huge or tiny probability (Hewitt 2021, "Initializing new word embeddings").
+        The rows of new tokens start at the mean of the rows before them, embedding and head each: a new
+        token starts as an "average" token, with a logit near the typical one, not a random vector that
+        the softmax would give a huge or tiny probability (Hewitt 2021, "Initializing new word
+        embeddings"). New tokens are the ids from `new_tokens_from` (the tokenizer's length before it
+        grew) on; by default the rows appended here. Pass it when the embedding was already padded past
+        the tokenizer: those spare rows were never a token, and a tied head has trained them down.
         config.vocab_size follows, so save_pretrained writes a checkpoint transformers loads.
         """
+        old = self.input_embeddings()
+        rows = old.num_embeddings
         if pad_to_multiple_of:
             new_size = -(-new_size // pad_to_multiple_of) * pad_to_multiple_of
-        old = self.input_embeddings()
-        if new_size < old.num_embeddings:
-            raise ValueError(f"resize_token_embeddings: {new_size} rows is fewer than the {old.num_embeddings} the "
-                             "model has; shrinking would drop trained tokens")
-        tied = self.head_is_tied
+        new_size = max(new_size, rows) if new_tokens_from is not None else new_size
+        start = rows if new_tokens_from is None else new_tokens_from
+        if new_size < rows:
+            raise ValueError(f"resize_token_embeddings: {new_size} rows is fewer than the {rows} the model has; "
+                             "shrinking would drop trained tokens")
+        if not 0 < start <= rows:
+            raise ValueError(f"resize_token_embeddings: new_tokens_from={start} must be in 1..{rows}")
 
         def grown(weight: torch.Tensor) -> nn.Parameter:
-            extra = weight.float().mean(0, keepdim=True).expand(new_size - weight.size(0), -1).to(weight.dtype)
-            return nn.Parameter(torch.cat([weight, extra]), requires_grad=weight.requires_grad)
+            mean = weight[:start].float().mean(0, keepdim=True).to(weight.dtype)
+            out = torch.cat([weight[:start], mean.expand(new_size - start, -1)])  # (new_size, C)
+            return nn.Parameter(out, requires_grad=weight.requires_grad)
 
+        tied = self.head_is_tied
         old.weight = grown(old.weight)
         old.num_embeddings = new_size
-        if tied:
-            self.lm_head.weight = old.weight
-        else:
-            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.weight = old.weight if tied else grown(self.lm_head.weight)
         self.lm_head.out_features = new_size
         self.config.vocab_size = new_size
         return new_size

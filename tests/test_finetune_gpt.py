@@ -1,0 +1,77 @@
+"""examples/finetune_gpt.py: every technique through --compare on a small budget, and what each leaves frozen."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "finetune_gpt.py"
+BASE = ROOT / "examples" / "assets" / "tiny-gpt2"
+SMALL = ["--max-steps", "4", "--eval-every", "4", "--seq-len", "64", "--batch-size", "4", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gpt")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--compare", "--out", str(out), *SMALL],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def result(out: Path, technique: str) -> dict:
+    return json.loads((out / technique / "result.json").read_text())
+
+
+def test_the_comparison_has_every_technique_with_measured_numbers(compared):
+    table = (compared / "comparison.md").read_text()
+    for technique in ("full", "head", "freeze-k", "gradual", "lora"):
+        assert f"| {technique} |" in table
+        r = result(compared, technique)
+        assert r["steps"] == 4 and r["step_ms"] > 0 and r["target_ppl"] > 1 and r["source_ppl"] > 1
+        assert r["target_ppl"] < r["target_ppl_before"]  # four steps already help on the new domain
+    assert (compared / "comparison.csv").read_text().count("\n") == 6
+    pytest.importorskip("matplotlib")
+    assert (compared / "comparison.png").stat().st_size > 10_000
+
+
+def test_trainable_parameter_counts(compared):
+    full, head, frozen, gradual, lora = (result(compared, t) for t in ("full", "head", "freeze-k", "gradual", "lora"))
+    assert full["trainable"] == full["total"] == gradual["trainable"]  # gradual has opened everything by the end
+    wte = 1088 * 128  # tiny-gpt2's tied embedding is its head
+    assert head["trainable"] == wte + 2 * 128  # + the final LayerNorm
+    assert head["trainable"] < frozen["trainable"] < full["trainable"]
+    # LoRA r=8 on every linear layer of 4 blocks: c_attn 128->384, c_proj 128->128, c_fc 128->512, mlp c_proj 512->128
+    assert lora["trainable"] == 4 * 8 * ((128 + 384) + (128 + 128) + (128 + 512) + (512 + 128))
+    assert lora["total"] == full["total"] + lora["trainable"]
+
+
+def test_frozen_weights_leave_the_run_bit_identical(compared):
+    base = load_file(BASE / "model.safetensors")
+    frozen = load_file(compared / "freeze-k" / "final" / "model.safetensors")
+    head = load_file(compared / "head" / "final" / "model.safetensors")
+    for key, value in base.items():
+        bottom = key.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0.", "transformer.h.1."))
+        assert torch.equal(frozen[key], value) == bottom, key  # freeze-k: embeddings and blocks 0, 1
+        assert torch.equal(head[key], value) == (not key.startswith(("transformer.wte", "transformer.ln_f"))), key
+    assert (compared / "lora" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_add_tokens_grows_the_vocabulary_for_the_target_words(tmp_path):
+    import minitune as mt
+
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *SMALL, "--add-tokens", "6"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    words = proc.stderr.split("added 6 tokens: ")[1].splitlines()[0].split()
+    tok = mt.load_tokenizer(tmp_path / "final")
+    assert len(words) == 6 and all(tok.token_to_id(w) is not None for w in words)
+    model = mt.load_model(tmp_path / "final")
+    assert len(tok) == 1054 + 6 and model.config.vocab_size == 1088  # the padded rows had room for them
