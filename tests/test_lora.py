@@ -202,3 +202,26 @@ def test_load_adapter_errors_name_the_file(tmp_path, pair):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \(4, 64\)"):
         load_adapter(mt.load_model(tmp_path / "base"), tmp_path / "a")
+
+
+def test_lora_under_fsdp2_with_checkpointing_matches_one_process():
+    """Two gloo processes, each block and the root fully_shard-ed: the same loss and LoRA gradients as one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = str(Path(__file__).with_name("fsdp_lora_worker.py"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    def result(*launcher: str, mode: str) -> dict:
+        proc = subprocess.run([*launcher, worker, mode], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    one = result(sys.executable, mode="one")
+    two = result(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", mode="fsdp")
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    assert two["grads"].keys() == one["grads"].keys() and all("lora_" in n for n in one["grads"])
+    for name, norm in one["grads"].items():
+        assert two["grads"][name] == pytest.approx(norm, rel=1e-4), name
