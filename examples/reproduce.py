@@ -1,12 +1,14 @@
 """The project's main job: every workflow on the bundled tiny models, one report.
 
-    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; 36 s on 2 cores
+    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; about 5 minutes on 2 cores
     python examples/reproduce.py --max-steps 3    # a smoke run: every workflow, a few steps each
+    python examples/reproduce.py --sections sft   # some of the workflows
 
 Each workflow runs as its example script with the defaults (a separate process, as a user would run
 it), then the report measures its models on the held-out data. Sections so far: supervised
-fine-tuning of tiny-mistral (held-out exact match and perplexity, before and after). Transfer
-learning, DPO and the model comparison join as they land.
+fine-tuning of tiny-mistral (held-out exact match and perplexity, before and after), and transfer
+learning of tiny-gpt2 (every technique: target quality against forgetting). DPO and the model
+comparison join as they land.
 """
 
 from __future__ import annotations
@@ -66,17 +68,34 @@ def sft_section(runs: Path, report: Path, extra: list[str]) -> str:
             f"![training curves](sft.png)\n")
 
 
+def transfer_section(runs: Path, report: Path, extra: list[str]) -> str:
+    out = runs / "gpt"
+    command, seconds = run_example("finetune_gpt.py", out, ["--compare", *extra])
+    if (out / "comparison.png").exists():
+        shutil.copy(out / "comparison.png", report / "transfer.png")
+    return (f"## Transfer learning: tiny-gpt2 from the valley to the kitchen\n\n"
+            f"`{command}` ({seconds:.0f} s here): each technique with the same data, steps and peak learning "
+            f"rate. Target: perplexity on `examples/data/target/validation.jsonl`; forgetting: perplexity on "
+            f"`examples/data/source/validation.jsonl`, the domain the model was trained on.\n\n"
+            f"{(out / 'comparison.md').read_text()}\n![target quality against forgetting](transfer.png)\n")
+
+
+SECTIONS = {"sft": sft_section, "transfer": transfer_section}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs",
                         help="where the report and each workflow's run go (runs/sft, ...: replaced each time)")
     parser.add_argument("--max-steps", type=int, help="cap every workflow's optimizer steps (a quick smoke run)")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
+                        help="which workflows to run (default: all)")
     args = parser.parse_args()
     extra = ["--max-steps", str(args.max_steps)] if args.max_steps else []
     runs = Path(args.runs)
     report = runs / "report"
     report.mkdir(parents=True, exist_ok=True)
-    sections = [sft_section(runs, report, extra)]
+    sections = [SECTIONS[name](runs, report, extra) for name in args.sections]
     (report / "REPORT.md").write_text("# minitune: the workflows on the bundled tiny models\n\n" + "\n".join(sections))
     print(f"wrote {report / 'REPORT.md'}")
 
