@@ -14,6 +14,12 @@ Two kinds of config, both full optimizer steps of each library on the same weigh
     transformers:  loss = model(input_ids=ids, labels=ids).loss
     both:          loss.backward(); AdamW.step() (lr LR); zero_grad()
 
+- LoRA (lora-mistral-small; lora-mistral-1b on a GPU): the random-token step of the named base config
+  with LoRA r=16, alpha 32 on every linear layer but the head, AdamW over the adapters only:
+
+    minitune:      minitune.lora.apply_lora(model, ...); causal_lm_loss(model, ids, labels=ids)
+    transformers:  peft.get_peft_model(model, LoraConfig(...)); model(input_ids=ids, labels=ids).loss
+
 - the SFT step of examples/finetune_mistral.py (sft-tiny-mistral: the bundled tiny-mistral folder
   itself; sft-mistral-1b on a GPU: mistral-1b's random checkpoint, written in float32): the first
   SFT_STEPS optimizer steps of the example's data order over its bundled chats (its parse_args
@@ -104,7 +110,15 @@ SFT_CONFIGS = {
 SFT_STEPS = 4  # distinct optimizer steps of the example's data, trained on in turn
 EXAMPLE = ROOT / "examples" / "finetune_mistral.py"
 TINY_MISTRAL = ROOT / "examples" / "assets" / "tiny-mistral"  # the example's default --model and tokenizer
-ALL_CONFIGS = {**CONFIGS, **SFT_CONFIGS}  # each entry's last field is its device type
+# LoRA configs, name: (the CONFIGS entry whose random checkpoint and token batch it trains, rank, device type).
+# Adapters on every linear layer but the head, alpha = 2r: minitune's apply_lora against peft's get_peft_model
+# on transformers' model; B starts at zero in both, so the first-step losses are the base model's.
+LORA_CONFIGS = {
+    "lora-mistral-small": ("mistral-small", 16, "cpu"),
+    "lora-mistral-1b": ("mistral-1b", 16, "cuda"),
+}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL_CONFIGS = {**CONFIGS, **SFT_CONFIGS, **LORA_CONFIGS}  # each entry's last field is its device type
 LOSS_RTOL = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}  # first-step losses "agree" within this
 LIBRARIES = ("transformers", "minitune", "minitune-torch")  # minitune-torch: minitune with MINITUNE_KERNELS=torch
 
@@ -147,8 +161,9 @@ class Data:
     def __init__(self, name: str, dtype_name: str, device):
         import torch
         self.sft = name in SFT_CONFIGS
+        self.lora_r = LORA_CONFIGS[name][1] if name in LORA_CONFIGS else 0
         if not self.sft:
-            _, config_args, batch, seq, _ = CONFIGS[name]
+            _, config_args, batch, seq, _ = CONFIGS[LORA_CONFIGS[name][0] if self.lora_r else name]
             gen = torch.Generator().manual_seed(SEED)
             self.steps = [torch.randint(0, config_args["vocab_size"], (batch, seq), generator=gen).to(device)]
             self.tokens, self.weights_dtype, self.describe = [batch * seq], getattr(torch, dtype_name), {}
@@ -198,6 +213,16 @@ def transformers_sft_step(model, batches: list[dict], optimizer, scheduler, auto
     return {"loss": loss_sum.item()}
 
 
+def with_lora(library: str, model, r: int):
+    """LoRA r (alpha 2r) on LORA_TARGETS, the rest frozen: peft on transformers' model, mt.lora on ours."""
+    if library == "transformers":
+        import peft
+        config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, config)
+    import minitune
+    return minitune.lora.apply_lora(model, r=r, alpha=2 * r, target_modules=LORA_TARGETS, verbose=False)
+
+
 class Trainer:
     """One library's model (loaded from the checkpoint), its optimizer and its step: step() is one timed step."""
 
@@ -222,7 +247,9 @@ class Trainer:
             self.scheduler = make_scheduler(self.optimizer, a.schedule, min(a.warmup, data.total_steps),
                                             data.total_steps)
         else:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR)
+            if data.lora_r:
+                self.model = with_lora(library, self.model, data.lora_r)
+            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=LR)
 
     def run_step(self, batch) -> float:
         """One optimizer step on this batch (random ids, or an SFT step's micro-batches); its loss."""
@@ -337,6 +364,10 @@ def config_entry(name: str) -> dict:
         weights, batch, accum, _ = SFT_CONFIGS[name]
         return {"kind": "sft", "weights": weights or str(TINY_MISTRAL.relative_to(ROOT)), "batch": batch,
                 "grad_accum": accum, "sft_steps": SFT_STEPS, "example": str(EXAMPLE.relative_to(ROOT))}
+    if name in LORA_CONFIGS:
+        base, r, _ = LORA_CONFIGS[name]
+        return {**config_entry(base), "kind": "lora", "base": base, "lora_r": r, "lora_alpha": 2 * r,
+                "lora_targets": LORA_TARGETS}
     config_class, config_args, batch, seq, _ = CONFIGS[name]
     return {"kind": "random", "config_class": config_class, "config_args": config_args, "batch": batch, "seq": seq}
 
@@ -344,7 +375,8 @@ def config_entry(name: str) -> dict:
 def prepare_weights(name: str, tmp: str, args) -> str:
     """The checkpoint folder a config trains: the bundled tiny-mistral, or a random one written to tmp
     (in --dtype; in float32 for an SFT config: the example's master weights)."""
-    base, dtype = (SFT_CONFIGS[name][0], "float32") if name in SFT_CONFIGS else (name, args.dtype)
+    base, dtype = (SFT_CONFIGS[name][0], "float32") if name in SFT_CONFIGS else (
+        LORA_CONFIGS[name][0] if name in LORA_CONFIGS else name, args.dtype)
     if base is None:
         print(f"{name}: the bundled {TINY_MISTRAL.relative_to(ROOT)}", flush=True)
         return str(TINY_MISTRAL)
@@ -447,7 +479,7 @@ def fmt_spread(s: dict) -> str:
 
 def shape(e: dict) -> str:
     """batch x seq; for SFT, micro-batches x examples x the longest padded micro-batch."""
-    if e["kind"] == "random":
+    if e["kind"] != "sft":
         return f"{e['batch']} x {e['seq']}"
     longest = max((t for step in e["data"]["micro_batches"] for _, t in step), default=0) if "data" in e else "?"
     return f"{e['grad_accum']} x {e['batch']} x ≤{longest}"
@@ -487,6 +519,11 @@ def markdown(result: dict) -> str:
         how += (f"Random-token configs: one step = forward, backward, AdamW step (lr {LR}), zero_grad; the same "
                 "random weights (a seeded transformers model saved and loaded by each) and the same batch of random "
                 "token ids. ")
+    if any(e["kind"] == "lora" for e in result["configs"]):
+        how += (f"LoRA configs (lora-*): the same, with LoRA adapters (r and alpha in the config's name and JSON; "
+                f"on {', '.join(LORA_TARGETS)}) and AdamW over the adapters only: minitune's mt.lora.apply_lora "
+                "against peft.get_peft_model on transformers' model; B starts at zero, so the first-step loss is "
+                "the base model's. ")
     if sft:
         how += sft_how(next((e for e in sft if "data" in e), sft[0])) + " "
     sft_warmup = f" ({max(result['warmup'], SFT_STEPS)} for SFT configs: one per distinct step at least)" if sft else ""
