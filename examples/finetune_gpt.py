@@ -78,8 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--add-tokens", type=int, default=0, help="add the N most frequent target words that the "
                    "tokenizer splits into 3+ pieces as whole tokens, and grow the embedding to match")
     args = parse_common_args(p, argv)
-    if args.technique == "lora" and not args.lora_r:
-        args.lora_r = 8
+    # the --lora-* flags configure the lora technique (--compare passes them to every run)
+    args.lora_r = (args.lora_r or 8) if args.technique == "lora" else 0
     return args
 
 

@@ -79,6 +79,8 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if self.disabled:
+            raise RuntimeError("merge inside disable_lora: the block would stop being the base model")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
@@ -184,15 +186,15 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model is its base model (a merged adapter is taken out and put back)."""
     layers = [layer for _, layer in _layers(model)]
-    merged = [layer.merged for layer in layers]
+    before = [(layer.merged, layer.disabled) for layer in layers]  # restored as found: blocks may nest
     for layer in layers:
         layer.unmerge()
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer, was_merged in zip(layers, merged, strict=True):
-            layer.disabled = False
+        for layer, (was_merged, was_disabled) in zip(layers, before, strict=True):
+            layer.disabled = was_disabled
             if was_merged:
                 layer.merge()
 
@@ -259,6 +261,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{config_path}: bias={config.get('bias')!r}, modules_to_save="
                          f"{config.get('modules_to_save')!r}; only plain LoRA adapters (bias 'none', no "
                          "modules_to_save) load here")
+    # PEFT options that change the maths, which this LoRA does not implement: refuse rather than guess
+    unsupported = {k: config[k] for k in ("use_dora", "alpha_pattern", "rank_pattern", "layers_to_transform",
+                                          "lora_bias") if config.get(k)}
+    if unsupported:
+        raise ValueError(f"{config_path}: {unsupported} are not supported here; only plain LoRA adapters load")
     tensors = load_file(weights_path)
     paths = sorted({key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in tensors})
     apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),

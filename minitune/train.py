@@ -96,13 +96,14 @@ def apply_lora_args(model: torch.nn.Module, args: argparse.Namespace) -> bool:
 
 
 def save_final(model: torch.nn.Module, tok, out: Path, args: argparse.Namespace) -> None:
-    """The run's result: <out>/final (HF layout, with the tokenizer) and, with LoRA, <out>/adapter (PEFT's
-    format) beside it; the full model is then the merged one, or absent with --lora-final none."""
-    if getattr(args, "lora_r", 0):
-        from . import lora
+    """The run's result: <out>/final (HF layout, with the tokenizer) and, when the model has LoRA layers,
+    <out>/adapter (PEFT's format) beside it; the full model is then the merged one, or absent with
+    --lora-final none."""
+    from . import lora
+    if any(True for _ in lora.lora_layers(model)):
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=args.model)
         tok.save_pretrained(out / "adapter")
-        if args.lora_final == "none":
+        if getattr(args, "lora_final", "merged") == "none":
             return
         lora.save_model(model, out / "final", merged=True)
     else:

@@ -78,3 +78,12 @@ def test_add_tokens_grows_the_vocabulary_for_the_target_words(tmp_path):
     assert len(words) == 6 and all(tok.token_to_id(w) is not None for w in words)
     model = mt.load_model(tmp_path / "final")
     assert len(tok) == 1054 + 6 and model.config.vocab_size == 1088  # the padded rows had room for them
+
+
+def test_lora_flags_configure_only_the_lora_technique():
+    from tests.conftest import example_module
+
+    gpt = example_module("finetune_gpt.py")
+    assert gpt.parse_args(["--technique", "full", "--lora-r", "4"]).lora_r == 0  # --compare passes it to all
+    assert gpt.parse_args(["--technique", "lora", "--lora-r", "4"]).lora_r == 4
+    assert gpt.parse_args(["--technique", "lora"]).lora_r == 8

@@ -111,6 +111,12 @@ def test_disable_gives_the_base_logits_merged_or_not(pair):
         with disable_lora(model):
             torch.testing.assert_close(model(x), base)
         torch.testing.assert_close(model(x), adapted)
+        with disable_lora(model):
+            with disable_lora(model):  # nested, as a DPO helper inside a disabled block would
+                torch.testing.assert_close(model(x), base)
+            torch.testing.assert_close(model(x), base)  # still the base model after the inner block
+            with pytest.raises(RuntimeError, match="merge inside disable_lora"):
+                merge_lora(model)
         merge_lora(model)
         with disable_lora(model):
             torch.testing.assert_close(model(x), base, atol=1e-5, rtol=1e-5)
@@ -201,6 +207,9 @@ def test_load_adapter_errors_name_the_file(tmp_path, pair):
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "r": 2}))
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: .*lora_A.weight has shape \(4, 64\)"):
+        load_adapter(mt.load_model(tmp_path / "base"), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match=r"adapter_config.json: \{'use_dora': True\} are not supported"):
         load_adapter(mt.load_model(tmp_path / "base"), tmp_path / "a")
 
 
