@@ -29,6 +29,15 @@ def randomize(model: nn.Module) -> None:
             layer.lora_A.weight.normal_(0, 0.05)
 
 
+@torch.no_grad()
+def base_and_adapted(model: nn.Module, family: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits before and after LoRA is applied (randomised, so that the adapter changes them)."""
+    base = model(x)
+    apply_lora(model, r=4, alpha=8, target_modules=TARGETS[family], verbose=False)
+    randomize(model)
+    return base, model(x)
+
+
 @pytest.fixture(params=list(CONFIGS))
 def pair(request, tmp_path):
     """(family, transformers model, the same weights loaded by minitune), float32, eval mode."""
@@ -102,12 +111,9 @@ def test_merge_gives_the_unmerged_logits_and_unmerge_restores_the_base(pair):
 def test_disable_gives_the_base_logits_merged_or_not(pair):
     family, _, model, _ = pair
     x = ids()
+    base, adapted = base_and_adapted(model, family, x)
+    assert not torch.allclose(adapted, base, atol=1e-4)
     with torch.no_grad():
-        base = model(x)
-        apply_lora(model, r=4, alpha=8, target_modules=TARGETS[family], verbose=False)
-        randomize(model)
-        adapted = model(x)
-        assert not torch.allclose(adapted, base, atol=1e-4)
         with disable_lora(model):
             torch.testing.assert_close(model(x), base)
         torch.testing.assert_close(model(x), adapted)
@@ -180,11 +186,7 @@ def test_saving_the_full_model_writes_merged_or_base_weights_never_lora(pair):
     import transformers
     family, _, model, tmp_path = pair
     x = ids()
-    with torch.no_grad():
-        base = model(x)
-        apply_lora(model, r=4, alpha=8, target_modules=TARGETS[family], verbose=False)
-        randomize(model)
-        adapted = model(x)
+    base, adapted = base_and_adapted(model, family, x)
     mt.lora.save_model(model, tmp_path / "merged", merged=True)
     mt.lora.save_model(model, tmp_path / "plain", merged=False)
     assert not any(layer.merged for _, layer in mt.lora.lora_layers(model))  # left as it was
