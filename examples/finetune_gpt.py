@@ -86,18 +86,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------- data
 
 
-def read_texts(path: str) -> list[str]:
-    texts = []
-    for lineno, record in D.iter_jsonl(path):
-        if not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: expected {{\"text\": str}}, got keys {sorted(record)}")
-        texts.append(record["text"])
-    return texts
-
-
 def windows(tok, path: str, seq_len: int) -> torch.Tensor:
     """The documents of `path` as one token stream, cut into consecutive windows: (N, seq_len)."""
-    stream = D.token_stream(tok, read_texts(path))
+    stream = D.token_stream(tok, D.read_texts(path))
     if len(stream) < seq_len:
         raise ValueError(f"{path}: {len(stream)} tokens, fewer than one window of --seq-len {seq_len}")
     return stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)
@@ -112,7 +103,7 @@ def split_words(tok, texts: list[str], n: int) -> list[str]:
 # ---------------------------------------------------------------- the techniques
 
 
-def prepare(model, args, steps: int) -> torch.optim.Optimizer:
+def prepare(model, args) -> torch.optim.Optimizer:
     """Freeze, wrap or group the model as the technique says; its optimizer."""
     if args.technique == "lora":
         mt.lora.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -136,11 +127,6 @@ def unfreeze_every(args, model, steps: int) -> int:
     return args.unfreeze_every or max(1, steps // (2 * (n_groups - 2)) if n_groups > 2 else steps)
 
 
-def trainable_counts(model) -> tuple[int, int]:
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 # ---------------------------------------------------------------- one run
 
 
@@ -151,7 +137,7 @@ def run(args) -> dict:
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()
     model.gradient_checkpointing = args.grad_checkpointing
     if args.add_tokens:
-        words, before = split_words(tok, read_texts(args.data), args.add_tokens), len(tok)
+        words, before = split_words(tok, D.read_texts(args.data), args.add_tokens), len(tok)
         tok.add_tokens(words)
         model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, new_tokens_from=before)
         print(f"added {len(words)} tokens: {' '.join(words)}", file=sys.stderr)
@@ -164,7 +150,7 @@ def run(args) -> dict:
     before = evaluate()
     log.write({"step": 0, **before})
 
-    optimizer = prepare(model, args, steps)
+    optimizer = prepare(model, args)
     scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
     every = unfreeze_every(args, model, steps) if args.technique == "gradual" else None
     seconds = []
@@ -184,7 +170,7 @@ def run(args) -> dict:
                 record.update(evaluate())
             log.write(record)
     after = log.records[-1]
-    trainable, total = trainable_counts(model)  # at the end: gradual has opened every group by then
+    trainable, total = mt.lora.parameter_counts(model)  # at the end: gradual has opened every group by then
     summary = {"technique": args.technique, "trainable": trainable, "total": total, "steps": steps,
                "peak_memory_mb": memory.peak_bytes / 1e6, "memory_measure": memory.measure,
                "step_ms": 1e3 * statistics.median(seconds), "target_ppl_before": before["val_ppl"],

@@ -33,7 +33,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
 import minitune as mt
-from minitune.data import token_stream
+from minitune.data import read_jsonl, read_texts, token_stream
 from minitune.evaluate import stream_loss as validation_loss
 from minitune.optim import make_optimizer, make_scheduler
 from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE
@@ -52,28 +52,6 @@ CONFIGS = {
 # Special tokens as the real families have them: GPT-2 one <|endoftext|> for everything and no BOS
 # added; Mistral <unk>, <s>, </s>, with <s> put in front of every text by the post-processor.
 SPECIALS = {"gpt2": ["<|endoftext|>"], "mistral": ["<unk>", "<s>", "</s>"]}
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
-def read_texts(path: Path) -> list[str]:
-    """The "text" of each line of a JSONL file; a bad line is an error naming the file and the line."""
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" string ({e!r})") from None
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{number}: \"text\" is {text!r}, expected a string")
-            texts.append(text)
-    if not texts:
-        raise ValueError(f"{path} holds no documents")
-    return texts
 
 
 def model_context(config: dict) -> int:

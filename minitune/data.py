@@ -245,6 +245,16 @@ def encode_records(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_leng
     return examples
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """The "text" of every record of a raw-text JSONL file ({"text": str}); errors name file:line."""
+    texts = []
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: expected {{\"text\": str}}, got {record!r:.80}")
+        texts.append(record["text"])
+    return texts
+
+
 def token_stream(tok: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """Raw-text documents end to end as one LongTensor, each closed by EOS (and opened by BOS where the
     tokenizer adds one): the pre-training layout, cut into windows for language modelling."""
