@@ -38,3 +38,52 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
     return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
                  reduction=reduction)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example preference losses [B], and the detached implicit rewards of the chosen and rejected answers.
+
+    With the log-ratio margin  h = (log πθ(y_w) − log πref(y_w)) − (log πθ(y_l) − log πref(y_l)):
+
+      sigmoid  −(1 − ε) log σ(β h) − ε log σ(−β h)          DPO (Rafailov et al. 2023, "Direct Preference
+               Optimization: Your Language Model is Secretly a Reward Model"); ε = label_smoothing > 0 is
+               conservative DPO (Mitchell 2023, "A note on DPO with noisy preferences")
+      ipo      (h − 1 / (2β))²                               IPO (Azar et al. 2023, "A General Theoretical
+               Paradigm to Understand Learning from Human Preferences"); pass per-token average log-probs
+               for its length-normalised form
+      hinge    max(0, 1 − β h)                               SLiC (Zhao et al. 2023, "SLiC-HF")
+      robust   ((1 − ε)(−log σ(β h)) + ε log σ(−β h)) / (1 − 2ε)   robust DPO (Chowdhury et al. 2024,
+               "Provably Robust DPO"): an unbiased loss under preference labels flipped with rate ε
+
+    The rewards are β (log πθ − log πref) of each answer, detached: TRL's rewards/chosen and rewards/rejected.
+    When the policy equals the reference, h = 0: the sigmoid loss is ln 2 and both rewards are 0.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(DPO_LOSS_TYPES)}")
+    if beta <= 0:
+        raise ValueError(f"beta must be positive, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                reference_rejected_logps)}
+    if len(shapes) != 1:
+        raise ValueError(f"the four log-probability tensors must have one shape [B], got {sorted(map(tuple, shapes))}")
+    chosen = policy_chosen_logps.float() - reference_chosen_logps.float()
+    rejected = policy_rejected_logps.float() - reference_rejected_logps.float()
+    h = chosen - rejected
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps
+    elif loss_type == "robust":
+        losses = (-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        losses = (h - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen.detach(), beta * rejected.detach()
