@@ -18,9 +18,7 @@ layout in <out>/final.
 from __future__ import annotations
 
 import argparse
-import array
 import functools
-import hashlib
 import math
 import sys
 import time
@@ -32,9 +30,9 @@ from tqdm import tqdm
 
 import minitune as mt
 from minitune import data as D
-from minitune.checkpoint import latest_checkpoint, load_checkpoint, resolve_resume, save_checkpoint
+from minitune.checkpoint import save_checkpoint
 from minitune.losses import IGNORE_INDEX
-from minitune.optim import make_optimizer, make_scheduler, scale_learning_rates
+from minitune.optim import make_optimizer, make_scheduler
 from minitune.plot import plot_training
 from minitune.train import (
     MetricsLog,
@@ -46,7 +44,10 @@ from minitune.train import (
     init_distributed,
     micro_batches,
     parse_common_args,
+    resume,
+    run_settings,
     save_final,
+    stopped,
     to_device,
     total_steps,
     train_step,
@@ -145,17 +146,6 @@ RESUMABLE = {"model", "data", "val_data", "out", "resume", "lr", "device", "dtyp
              "keep_last", "exact_match_samples", "grad_checkpointing"}
 
 
-def run_settings(args, train: list[dict], world: int, steps: int) -> dict:
-    """What a resumed run must share with the saved one: the other flags, the world size, the number of
-    steps, and a fingerprint of the encoded training examples."""
-    digest = hashlib.sha256()
-    for example in train:
-        digest.update(array.array("q", example["input_ids"] + [-1] + example["labels"] + [-2]).tobytes())
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE}
-    return {**flags, "world_size": world, "steps": steps, "train_sha256": digest.hexdigest()}
-
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
@@ -175,21 +165,8 @@ def main(argv=None) -> None:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
-    run = run_settings(args, train, world, steps)
-    start, history = 0, []
-    ckpt = resolve_resume(args.resume, out)
-    if ckpt is not None:
-        saved = load_checkpoint(ckpt, model, optimizer, scheduler)
-        if changed := {k: (saved["state"]["run"].get(k), run.get(k)) for k in saved["state"]["run"].keys() | run.keys()
-                       if saved["state"]["run"].get(k) != run.get(k)}:
-            raise SystemExit(f"{ckpt}: saved by a run with other settings {changed} (saved, now): the data order "
-                             "and optimisation would not continue; resume with the same flags (--lr may change)")
-        if args.lr != saved["state"]["lr"]:  # e.g. after a blow-up: the schedule goes on at the new peak
-            scale_learning_rates(scheduler, args.lr / saved["state"]["lr"])
-        start, history = saved["step"], saved["state"]["metrics"]
-    elif latest_checkpoint(out) is not None:
-        raise SystemExit(f"{out / 'checkpoints'} holds another run's checkpoints: pass --resume auto to continue "
-                         "it, or choose a new --out")
+    run = run_settings(args, train, world, steps, RESUMABLE)
+    start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
 
     if start == 0:
@@ -203,11 +180,7 @@ def main(argv=None) -> None:
         try:
             result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
         except FloatingPointError as e:
-            last = latest_checkpoint(out)
-            raise SystemExit(f"step {step}: {e}; stopped before updating the weights. " + (
-                f"The last good checkpoint is {last}: continue from it with --resume auto and a lower --lr."
-                if last else f"No checkpoint was saved yet (--save-every {args.save_every}): start again with a "
-                "lower --lr.")) from None
+            raise stopped(step, e, out, args.save_every) from None
         record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                   "tokens_per_s": result["tokens"] / (time.perf_counter() - tick)}
         if step % args.eval_every == 0 or step == steps:

@@ -19,7 +19,9 @@ the loop that strings them together stays in each example, in plain sight.
 from __future__ import annotations
 
 import argparse
+import array
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -31,9 +33,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from .checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from .data import shard, step_indices
 from .losses import IGNORE_INDEX
-from .optim import SCHEDULES
+from .optim import SCHEDULES, scale_learning_rates
 
 DTYPES = ("float32", "bfloat16")
 
@@ -201,16 +204,83 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
             # DDP averages gradients over the ranks; n_targets counts every rank's targets: scale back by world
             (loss * (world / n_targets)).backward()
         loss_sum += loss.detach()
+    loss = all_reduce_sum([loss_sum.item()], device)[0] / n_targets
+    grad_norm = optimizer_step(model, optimizer, scheduler, max_grad_norm, loss)
+    return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens}
+
+
+def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, loss: float) -> float:
+    """Clip the accumulated gradients, check them and the step's loss, update, advance the schedule.
+
+    Returns the gradient norm before clipping. A loss or gradient that is not finite raises
+    FloatingPointError before anything is updated (the gradients are dropped), so the weights and the
+    optimizer state stay those of the last good step."""
     clip = max_grad_norm if max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    loss = all_reduce_sum([loss_sum.item()], device)[0] / n_targets
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"the loss is {loss} and the gradient norm {grad_norm}")
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens}
+    return grad_norm
+
+
+def stopped(step: int, error: FloatingPointError, out: Path, save_every: int) -> SystemExit:
+    """The message of a run stopped by a non-finite step: what happened and where to go on from."""
+    last = latest_checkpoint(out)
+    return SystemExit(f"step {step}: {error}; stopped before updating the weights. " + (
+        f"The last good checkpoint is {last}: continue from it with --resume auto and a lower --lr."
+        if last else f"No checkpoint was saved yet (--save-every {save_every}): start again with a lower --lr."))
+
+
+# ---------------------------------------------------------------- resuming
+
+
+def run_settings(args: argparse.Namespace, train: Sequence[dict], world: int, steps: int,
+                 resumable: Iterable[str]) -> dict:
+    """What a resumed run must share with the saved one: every flag but the `resumable` ones, the world
+    size, the number of steps, and a sha256 of the encoded training examples (so changed data under the
+    same path is caught)."""
+    digest = hashlib.sha256()
+    for example in train:
+        _digest_example(digest, example)
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in set(resumable)}
+    return {**flags, "world_size": world, "steps": steps, "train_sha256": digest.hexdigest()}
+
+
+def _digest_example(digest, example) -> None:
+    if isinstance(example, dict):
+        for key in sorted(example):
+            digest.update(f"<{key}>".encode())
+            _digest_example(digest, example[key])
+    elif isinstance(example, (list, tuple)) and all(isinstance(v, int) for v in example):
+        digest.update(array.array("q", example).tobytes() + b"|")
+    else:
+        digest.update(json.dumps(example).encode() + b"|")
+
+
+def resume(args: argparse.Namespace, out: Path, model, optimizer, scheduler, run: dict) -> tuple[int, list[dict]]:
+    """(the step to continue after, the metrics logged up to it): (0, []) for a fresh run.
+
+    `--resume auto` or a checkpoint folder restores the model, optimizer, scheduler and RNG streams, and
+    refuses a checkpoint saved with other `run` settings, naming what differs. A new --lr rescales the
+    schedule to the new peak (the way out of a blow-up). A fresh run refuses a folder that already holds
+    another run's checkpoints, rather than mixing the two."""
+    ckpt = resolve_resume(args.resume, out)
+    if ckpt is None:
+        if latest_checkpoint(out) is not None:
+            raise SystemExit(f"{out / 'checkpoints'} holds another run's checkpoints: pass --resume auto to continue "
+                             "it, or choose a new --out")
+        return 0, []
+    saved = load_checkpoint(ckpt, model, optimizer, scheduler)
+    before = saved["state"]["run"]
+    if changed := {k: (before.get(k), run.get(k)) for k in before.keys() | run.keys() if before.get(k) != run.get(k)}:
+        raise SystemExit(f"{ckpt}: saved by a run with other settings {changed} (saved, now): the data order "
+                         "and optimisation would not continue; resume with the same flags (--lr may change)")
+    if args.lr != saved["state"]["lr"]:  # e.g. after a blow-up: the schedule goes on at the new peak
+        scale_learning_rates(scheduler, args.lr / saved["state"]["lr"])
+    return saved["step"], saved["state"]["metrics"]
 
 
 def autocast(device: torch.device, dtype: str) -> torch.autocast:
