@@ -11,6 +11,10 @@ The whole path of an SFT example, each step a small function you can call on its
 `epoch_order`, `step_indices` and `shard` decide which examples a run sees, in which order, on which
 rank, from seeds only, so a resumed or multi-GPU run sees the same data as a straight single-process one.
 
+Preference pairs (DPO) take the same path: `encode_preference` turns a text, conversational or Anthropic HH
+record into {"chosen", "rejected"}, each an example as above (`load_preferences` for a file), and
+`collate_preferences` stacks the chosen rows over the rejected ones, for one forward through the model.
+
 Labels are aligned with input_ids, as in Hugging Face: the loss shifts them (minitune.losses), so the
 label at position t is the target of position t - 1, and IGNORE_INDEX (-100) marks "no loss here".
 Every data problem raises ValueError, and the message starts with where it is (file:line when known).
@@ -289,17 +293,306 @@ def _string(record: dict, key: str, where: str) -> str:
     return record[key]
 
 
-def _messages(record: dict, where: str) -> list[dict]:
-    messages = record["messages"]
+def _messages(record: dict, where: str, key: str = "messages") -> list[dict]:
+    """record[key] checked to be a non-empty list of {"role": str, "content": str}; errors name key[i]."""
+    messages = record[key]
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{_at(where)}field 'messages': expected a non-empty list of "
+        raise ValueError(f"{_at(where)}field '{key}': expected a non-empty list of "
                          f"{{'role': ..., 'content': ...}} objects, got {messages!r:.80}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"{_at(where)}messages[{i}]: expected an object, got {type(message).__name__}")
-        for key in ("role", "content"):
-            _string(message, key, f"{_at(where)}messages[{i}]")
+            raise ValueError(f"{_at(where)}{key}[{i}]: expected an object, got {type(message).__name__}")
+        for field in ("role", "content"):
+            _string(message, field, f"{_at(where)}{key}[{i}]")
     return messages
+
+
+# ---------------------------------------------------------------- preference encoding
+
+PREFERENCE_TRUNCATION = ("error", "drop", "right")
+HH_ASSISTANT = "\n\nAssistant:"  # what opens an assistant turn in Anthropic HH transcripts
+
+
+def split_shared_prefix(chosen: str, rejected: str, where: str = "") -> tuple[str, str, str]:
+    """(prompt, chosen answer, rejected answer) of an Anthropic HH record, which has no prompt field.
+
+    HH records are whole transcripts ("\\n\\nHuman: ...\\n\\nAssistant: ...") that differ only in the last
+    assistant turn, so the prompt is what they share: their longest common character prefix, cut back to
+    just after the last "\\n\\nAssistant:" in it. The cut matters when the two answers start alike:
+    "Assistant: I think" vs "Assistant: I don't" share " I ", and without the cut the answers would be
+    "think" and "don't", the model never being trained to say "I". With no such marker (not a real HH
+    transcript) the prefix is cut back to its last whitespace, so no shared word is split between prompt
+    and answer; the whitespace goes with the answers, as the space after "Assistant:" does.
+
+    Identical texts, and a prompt that comes out empty (or only whitespace), are errors: there is no
+    pair to learn from, or nothing the answers respond to.
+    """
+    if chosen == rejected:
+        raise ValueError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
+                         "different answers")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    shared = chosen[:n]
+    marker = shared.rfind(HH_ASSISTANT)
+    if marker >= 0:
+        cut = marker + len(HH_ASSISTANT)
+    else:
+        cut = max((i for i, c in enumerate(shared) if c.isspace()), default=0)
+    prompt = chosen[:cut]
+    if not prompt.strip():
+        raise ValueError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) share no prompt: their "
+                         f"common start {shared!r:.60} holds no {HH_ASSISTANT!r} and no whole word; "
+                         "give the prompt in a 'prompt' field")
+    return prompt, chosen[cut:], rejected[cut:]
+
+
+def preference_parts(record: dict, chat: bool = False, where: str = ""
+                     ) -> tuple[str | list[dict], str | list[dict], str | list[dict]]:
+    """(prompt, chosen, rejected) of a preference record: three strings (text) or three message lists.
+
+    The formats, told apart by which fields there are and whether they hold strings or lists:
+      {"prompt": str, "chosen": str, "rejected": str}          text; with chat=True made conversational: the
+                                                                prompt a user turn, each answer an assistant turn
+      {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}  conversational with an explicit prompt
+      {"chosen": [msgs], "rejected": [msgs]}                    conversational, implicit prompt: the leading
+                                                                messages both share; the rest are the answers
+      {"chosen": str, "rejected": str}                          Anthropic HH: split_shared_prefix (stays text,
+                                                                chat or not: its turns are already written out)
+    Other fields (e.g. "check") are ignored. Every answer of a conversation must start with an assistant
+    turn, since what follows the prompt is what the model is trained to write. A text answer may be empty:
+    its EOS is still a target ("say nothing"). Chosen and rejected must differ.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{_at(where)}expected a preference record (a JSON object), got {type(record).__name__}")
+    keys = ("prompt", "chosen", "rejected") if "prompt" in record else ("chosen", "rejected")
+    values = [_text_or_messages(record, key, where) for key in keys]
+    if len({type(value) for value in values}) > 1:
+        got = ", ".join(f"'{key}' a {type(value).__name__}" for key, value in zip(keys, values, strict=True))
+        raise ValueError(f"{_at(where)}expected {_names(keys)} to be all strings (text) or all message lists "
+                         f"(conversational), got {got}")
+    if isinstance(values[0], str):
+        if len(keys) == 2:
+            return split_shared_prefix(*values, where=where)
+        prompt, chosen, rejected = values
+        _check_different(chosen, rejected, where)
+        if chat:
+            return ([{"role": "user", "content": prompt}], [{"role": "assistant", "content": chosen}],
+                    [{"role": "assistant", "content": rejected}])
+        return prompt, chosen, rejected
+    lists = [_messages(record, where, key) for key in keys]
+    if len(keys) == 3:
+        prompt, chosen, rejected = lists
+    else:
+        prompt, chosen, rejected = _split_shared_messages(*lists, where)
+    _check_different(chosen, rejected, where)
+    for key, answer in (("chosen", chosen), ("rejected", rejected)):
+        if answer[0]["role"] != "assistant":
+            what = "the answer" if len(keys) == 3 else f"the answer (after the {len(prompt)} shared messages)"
+            raise ValueError(f"{_at(where)}field '{key}': {what} must start with an assistant turn, "
+                             f"got role {answer[0]['role']!r}")
+    return prompt, chosen, rejected
+
+
+def _text_or_messages(record: dict, key: str, where: str) -> str | list:
+    if key not in record:
+        raise ValueError(f"{_at(where)}missing field '{key}' (a preference record has 'chosen' and 'rejected', "
+                         "and 'prompt' unless the two share it as a prefix)")
+    if not isinstance(record[key], (str, list)):
+        raise ValueError(f"{_at(where)}field '{key}': expected a string or a list of messages, "
+                         f"got {type(record[key]).__name__}")
+    return record[key]
+
+
+def _split_shared_messages(chosen: list[dict], rejected: list[dict], where: str
+                           ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen answer, rejected answer) of two conversations: the prompt is the longest run of
+    leading messages they share."""
+    _check_different(chosen, rejected, where)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise ValueError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) differ from their first "
+                         "message on, so there is no prompt; give the prompt in a 'prompt' field")
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) == n:
+            raise ValueError(f"{_at(where)}field '{key}': no answer: all its {n} messages are shared with the "
+                             "other side, so they are the prompt")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _check_different(chosen: str | list, rejected: str | list, where: str) -> None:
+    if chosen == rejected:
+        raise ValueError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
+                         "different answers")
+
+
+def _names(keys: Sequence[str]) -> str:
+    quoted = [f"'{key}'" for key in keys]
+    return ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def encode_preference(record: dict, tok: Tokenizer, max_length: int, max_prompt_length: int | None = None,
+                      truncation: str = "error", chat: bool = False, where: str = "") -> dict | None:
+    """One preference record as {"chosen": {"input_ids", "labels"}, "rejected": {...}}, or None when dropped.
+
+    Each side is the prompt followed by one answer, labelled like an SFT example (-100 on the prompt), so
+    that the sum of the answer's token log-probs is what DPO compares; the prompt is the same on both sides.
+      text            encode_prompt_completion(prompt, answer, tok): the prompt with the tokenizer's special
+                      tokens (BOS for Mistral), the answer without, EOS appended.
+      conversational  the chat template renders prompt + answer once, and the prompt alone with the generation
+                      prompt (the assistant header), which must be a prefix of it. The whole text is encoded
+                      once (exactly one BOS, even when the template writes the BOS text), so the tokens are the
+                      ones generation sees; a token is an answer token when its last character is past the
+                      prompt (encode_chat's rule). No EOS is appended: the template writes what ends a turn.
+
+    Two limits, each explicit, applied in this order:
+      max_prompt_length  (None: no limit) a longer prompt keeps its end, which is what the answer responds
+                         to: a leading BOS stays, then the last max_prompt_length - 1 prompt tokens (without a
+                         BOS, the last max_prompt_length). The prompt is the leading run of -100 labels.
+      max_length         prompt + answer. A side that is longer is handled by `truncation`:
+                           "error"  raise, naming where, the side, its length and the limit (the default)
+                           "drop"   return None; the caller counts the drops
+                           "right"  cut the end of the answer so each side fits (its EOS may go); an error if
+                                    the prompt alone leaves no room for an answer token
+    """
+    _check_preference_args(max_length, max_prompt_length, truncation)
+    prompt, chosen, rejected = preference_parts(record, chat, where)
+    pair = {}
+    for side, answer in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(prompt, str):
+            ids, labels = encode_prompt_completion(prompt, answer, tok)
+        else:
+            ids, labels = _encode_conversation(prompt, answer, tok, side, where)
+        if max_prompt_length is not None:
+            ids, labels = _truncate_prompt(ids, labels, max_prompt_length, tok.bos_token_id)
+        pair[side] = {"input_ids": ids, "labels": labels}
+    too_long = [side for side, example in pair.items() if len(example["input_ids"]) > max_length]
+    if not too_long:
+        return pair
+    if truncation == "drop":
+        return None
+    if truncation == "error":
+        side = too_long[0]
+        raise ValueError(f"{_at(where)}the {side} side is {len(pair[side]['input_ids'])} tokens (prompt + answer), "
+                         f"longer than max_length={max_length} (raise max_length, set max_prompt_length, "
+                         "or pass truncation='drop' or 'right')")
+    for side in too_long:
+        pair[side] = _truncate_answer(pair[side], max_length, side, where)
+    return pair
+
+
+def _encode_conversation(prompt: list[dict], answer: list[dict], tok: Tokenizer, side: str, where: str
+                         ) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer rendered with the chat template, labels on the answer's tokens."""
+    text = _render(tok, prompt + answer, False, where)
+    prompt_text = _render(tok, prompt, True, where)  # ends with the assistant header
+    if not text.startswith(prompt_text):
+        raise ValueError(f"{_at(where)}the chat template does not render the prompt (with the generation prompt) "
+                         f"as a prefix of the prompt followed by the '{side}' answer, so the answer cannot be "
+                         "located")
+    ids, offsets = _encode_with_offsets(tok, text)
+    start = len(prompt_text)
+    labels = [ids[t] if end > start else IGNORE_INDEX for t, (_, end) in enumerate(offsets)]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise ValueError(f"{_at(where)}the chat template wrote no text for the '{side}' answer, nothing to train on")
+    return ids, labels
+
+
+def _prompt_length(labels: list[int]) -> int:
+    return next((t for t, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+
+
+def _truncate_prompt(ids: list[int], labels: list[int], max_prompt_length: int, bos_id: int | None
+                     ) -> tuple[list[int], list[int]]:
+    """Keep a leading BOS and the last prompt tokens, max_prompt_length in all; the answer is untouched."""
+    n = _prompt_length(labels)
+    if n <= max_prompt_length:
+        return ids, labels
+    keep = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+    cut = n - (max_prompt_length - keep)  # ids[keep:cut] go
+    return ids[:keep] + ids[cut:], labels[:keep] + labels[cut:]
+
+
+def _truncate_answer(example: dict[str, list[int]], max_length: int, side: str, where: str
+                     ) -> dict[str, list[int]]:
+    n = _prompt_length(example["labels"])
+    if n >= max_length:
+        raise ValueError(f"{_at(where)}the {side} side's prompt alone is {n} tokens, leaving no room for an answer "
+                         f"token within max_length={max_length} (set max_prompt_length below max_length, "
+                         "or raise max_length)")
+    return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
+
+
+def encode_preferences(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_length: int,
+                       max_prompt_length: int | None = None, truncation: str = "error", chat: bool = False,
+                       name: str = "the data") -> list[dict]:
+    """encode_preference on (where, record) pairs, `where` being the record's "file:line" for error messages.
+
+    Pairs dropped by truncation="drop" are counted in a warning; dropping all of them is an error.
+    """
+    pairs, dropped = [], 0
+    for where, record in records:
+        pair = encode_preference(record, tok, max_length, max_prompt_length, truncation, chat, where=where)
+        if pair is None:
+            dropped += 1
+        else:
+            pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"{name}: all {dropped} preference pairs are longer than max_length={max_length} "
+                         "and were dropped")
+    if dropped:
+        warnings.warn(f"{name}: dropped {dropped} of {dropped + len(pairs)} preference pairs longer than "
+                      f"max_length={max_length}", stacklevel=2)
+    return pairs
+
+
+def load_preferences(path: str | Path, tok: Tokenizer, max_length: int, max_prompt_length: int | None = None,
+                     truncation: str = "error", chat: bool = False) -> list[dict]:
+    """encode_preference on every record of a JSONL file; errors name file:line (see encode_preferences)."""
+    records = ((f"{path}:{lineno}", record) for lineno, record in iter_jsonl(path))
+    return encode_preferences(records, tok, max_length, max_prompt_length, truncation, chat, name=str(path))
+
+
+def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Encoded preference pairs as one (2B, T) batch, so that the policy scores both sides in one forward.
+
+    Rows 0..B-1 are the chosen sides and rows B..2B-1 the rejected ones, in the examples' order, so the
+    per-row log-probs split as logps[:B], logps[B:]. All rows are right-padded to one width by collate.
+    When the caller has attached "reference_logps" (a pair [chosen, rejected] of floats, precomputed with the
+    reference model) to every example, the batch also has them as float32 (2B,) in the same row order;
+    some examples with and some without is an error, as the batch would need the reference model after all.
+    """
+    if not examples:
+        raise ValueError("collate_preferences: no examples")
+    with_reference = sum("reference_logps" in example for example in examples)
+    if with_reference not in (0, len(examples)):
+        raise ValueError(f"collate_preferences: {with_reference} of {len(examples)} examples have reference_logps; "
+                         "precompute them for every example or for none")
+    rows = [{"input_ids": example[side]["input_ids"], "labels": example[side]["labels"]}
+            for side in ("chosen", "rejected") for example in examples]
+    batch = collate(rows, pad_id)
+    if with_reference:
+        pairs = [example["reference_logps"] for example in examples]
+        for i, pair in enumerate(pairs):
+            if len(pair) != 2:
+                raise ValueError(f"collate_preferences: example {i}: reference_logps: expected a pair "
+                                 f"[chosen, rejected], got {pair!r:.80}")
+        batch["reference_logps"] = torch.tensor([float(pair[0]) for pair in pairs] +
+                                                [float(pair[1]) for pair in pairs], dtype=torch.float32)  # (2B,)
+    return batch
+
+
+def _check_preference_args(max_length: int, max_prompt_length: int | None, truncation: str) -> None:
+    if truncation not in PREFERENCE_TRUNCATION:
+        raise ValueError(f"truncation={truncation!r}: expected one of {', '.join(PREFERENCE_TRUNCATION)}")
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r}: expected a positive int")
+    if max_prompt_length is not None and (not isinstance(max_prompt_length, int)
+                                          or not 0 < max_prompt_length < max_length):
+        raise ValueError(f"max_prompt_length={max_prompt_length!r}: expected None or a positive int below "
+                         f"max_length={max_length}, so an answer token fits")
 
 
 # ---------------------------------------------------------------- batches
