@@ -40,6 +40,32 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
                  reduction=reduction)
 
 
+def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   average: bool = False) -> torch.Tensor:
+    """log π(answer | prompt) of each row [B], float32: the sum of the labelled tokens' log-probabilities.
+
+    labels [B, T] are aligned with input_ids, -100 on the prompt and the padding, as for the LM loss:
+    the label at t is the token predicted from positions < t. The per-token log-probabilities are the
+    negated per-token losses of the fused kernel (reduction="none"), so the [B, T, vocab] logits are
+    never materialised: one chunk of rows at a time, as in training. average=True divides each row's sum
+    by its number of labelled tokens (the length-normalised log-probability of IPO's and SimPO's papers).
+    """
+    token_losses = causal_lm_loss(model, input_ids, labels, attention_mask, reduction="none")  # (B, T), 0 off target
+    logps = -token_losses.sum(-1)  # (B,)
+    if average:
+        logps = logps / (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    return logps
+
+
+def preference_logps(model, batch: dict[str, torch.Tensor], average: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probabilities [B] of a `data.collate_preferences` batch, whose first B rows
+    are the chosen answers and last B the rejected ones: one forward over 2B rows rather than two, so
+    the weights are read (and, under FSDP, gathered) once per step."""
+    logps = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], average)
+    return logps.chunk(2)
+
+
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
