@@ -31,10 +31,11 @@ def run(out: Path, *args: str, torchrun: bool = False) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _run(command: list[str], env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+def _run(command: list[str], env: dict | None = None, timeout: float = 300, cwd: Path | None = None
+         ) -> tuple[int, str]:
     """(exit status, stderr). On a timeout the whole process group goes, torchrun's workers included."""
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -1,0 +1,324 @@
+"""Direct Preference Optimization of an SFT model, with the loop in plain sight.
+
+    python examples/finetune_mistral.py && python examples/dpo.py     # bundled tiny-mistral: SFT, then DPO on it
+    python examples/dpo.py --lora-r 16 --lora-targets all-linear      # LoRA; the reference is the adapter switched off
+    python examples/dpo.py --reference precomputed                    # reference log-probs once, cached in --out
+    python examples/dpo.py --loss-type ipo --average-logps --beta 0.5  # IPO on per-token average log-probs
+    python examples/dpo.py --model HuggingFaceH4/mistral-7b-sft-beta --data pairs.jsonl --lora-r 16 --max-length 1024
+    torchrun --nproc_per_node=2 examples/dpo.py                       # data parallel (DDP), the same script
+
+The data: preference pairs ({"prompt", "chosen", "rejected"} as text or message lists, or Anthropic HH
+strings); text prompts go through the chat template as a user turn (--prompt-format chat), the form the
+SFT model learnt. Each step: one forward of the policy over the chosen and rejected answers together,
+the reference's log-probabilities (a frozen copy, the policy with LoRA off, or precomputed), the DPO
+loss (or a variant), and the update. Logged with TRL's metric names. Validation on held-out pairs
+before, during and after training: the DPO loss, preference agreement (the share of pairs whose
+chosen answer gets the higher implicit reward) and the rule-based win rate of greedy answers against
+the SFT model's; charted in training.png. The model goes to <out>/final (and the adapter to
+<out>/adapter with LoRA).
+
+By default the loss also holds the chosen answer's NLL per token (RPO, Pang et al. 2024, "Iterative
+Reasoning Preference Optimization"; --rpo-alpha 0 is plain DPO). DPO only asks the chosen answer to gain
+on the rejected one relative to the reference, and typically both lose likelihood; on the bundled data
+plain DPO lifts preference agreement as much but leaves the greedy answers where they were (a win rate
+of about 0.5), while the NLL term makes the model say the chosen answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import minitune as mt
+from minitune import data as D
+from minitune.checkpoint import save_checkpoint
+from minitune.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, preference_logps
+from minitune.optim import make_optimizer, make_scheduler
+from minitune.plot import plot_training
+from minitune.reference import (
+    REFERENCE_MODES,
+    Reference,
+    attach_logps,
+    fingerprint,
+    load_logps,
+    precompute_logps,
+    save_logps,
+)
+from minitune.train import (
+    MetricsLog,
+    add_common_args,
+    add_lora_args,
+    all_reduce_sum,
+    apply_lora_args,
+    autocast,
+    init_distributed,
+    micro_batches,
+    optimizer_step,
+    parse_common_args,
+    resume,
+    run_settings,
+    save_final,
+    stopped,
+    to_device,
+    total_steps,
+    world_size,
+)
+
+HERE = Path(__file__).resolve().parent
+SFT_MODEL = "runs/sft/final"  # where examples/finetune_mistral.py leaves its model
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, model=SFT_MODEL, data=str(HERE / "data" / "preference" / "train.jsonl"), out="runs/dpo",
+                    epochs=3.0, batch_size=16, lr=1e-3, warmup=10, eval_every=20, save_every=50)
+    p.add_argument("--val-data", default=str(HERE / "data" / "preference" / "validation.jsonl"),
+                   help="held-out pairs; empty: split --val-fraction off --data")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--max-length", type=int, default=256, help="tokens of prompt + answer")
+    p.add_argument("--max-prompt-length", type=int, default=192, help="a longer prompt keeps its end")
+    p.add_argument("--truncation", default="error", choices=D.PREFERENCE_TRUNCATION,
+                   help="a pair longer than --max-length: stop with its file:line, drop it, or cut the answers' end")
+    p.add_argument("--prompt-format", default="chat", choices=("chat", "text"),
+                   help="text prompts as a user turn of the chat template, or as they are")
+    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
+    p.add_argument("--loss-type", default="sigmoid", choices=DPO_LOSS_TYPES)
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="assumed share of flipped preference labels (conservative DPO, robust)")
+    p.add_argument("--reference", default=None, choices=REFERENCE_MODES,
+                   help="default: lora-disabled with --lora-r, else copy")
+    p.add_argument("--rpo-alpha", type=float, default=1.0,
+                   help="add alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024); 0: plain DPO")
+    p.add_argument("--average-logps", action="store_true",
+                   help="per-token average log-probabilities instead of sums (IPO's length-normalised form)")
+    p.add_argument("--win-rate-samples", type=int, default=256, help="held-out prompts answered greedily")
+    add_lora_args(p)
+    args = parse_common_args(p, argv)
+    args.reference = args.reference or ("lora-disabled" if args.lora_r else "copy")
+    if args.reference == "lora-disabled" and not args.lora_r:
+        p.error("--reference lora-disabled needs LoRA (--lora-r > 0): without adapters there is nothing to disable")
+    if args.packing:
+        p.error("--packing is not supported by DPO: each pair's answers are separate rows of one forward")
+    if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5:
+        p.error("--beta must be positive and --label-smoothing in [0, 0.5)")
+    if args.model == SFT_MODEL and not Path(SFT_MODEL).is_dir():
+        p.error(f"{SFT_MODEL} not found: DPO starts from an SFT model. Run `python examples/finetune_mistral.py` "
+                "first (about 30 s on a CPU), or pass --model <hub id or folder>")
+    return args
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_pairs(args, tok) -> tuple[list[dict], list[dict], list[dict]]:
+    """Encoded training and validation pairs, and the held-out records whose prompts are answered for the
+    win rate (those with a rule-based "check"). Records keep their file:line, so errors name it."""
+    records = [(f"{args.data}:{n}", r) for n, r in D.iter_jsonl(args.data)]
+    if args.val_data:
+        val_records = [(f"{args.val_data}:{n}", r) for n, r in D.iter_jsonl(args.val_data)]
+    else:
+        records, val_records = D.train_val_split(records, args.val_fraction, args.seed)
+    encode = functools.partial(D.encode_preferences, tok=tok, max_length=args.max_length,
+                               max_prompt_length=args.max_prompt_length, truncation=args.truncation,
+                               chat=args.prompt_format == "chat")
+    train = encode(records, name=args.data)
+    val = encode(val_records, name=args.val_data or f"the validation split of {args.data}")
+    judged = [r for _, r in val_records if "check" in r][:args.win_rate_samples]
+    return train, val, judged
+
+
+def answer_length(examples: list[dict]) -> int:
+    """Tokens of the longest answer in the data: what greedy answers may use, and a few more."""
+    return 8 + max(sum(label != IGNORE_INDEX for label in e[side]["labels"])
+                   for e in examples for side in ("chosen", "rejected"))
+
+
+# ---------------------------------------------------------------- one step
+
+
+def dpo_step(model, reference: Reference, batches: list[dict], optimizer, scheduler, amp, args) -> dict:
+    """One optimizer step over the accumulated micro-batches of pairs on every rank.
+
+    Each micro-batch's loss is the sum of its pairs' losses divided by the pairs of the whole accumulated
+    batch, all ranks together, so the step's gradient is that of the mean over all its pairs. Returns
+    that mean and TRL's metrics, averaged over the step's pairs (rewards/accuracies counts a tie as a miss,
+    as TRL does; nll_loss is the RPO term before alpha)."""
+    world = world_size()
+    device = next(model.parameters()).device
+    n_pairs = max(all_reduce_sum([sum(b["input_ids"].size(0) // 2 for b in batches)], device)[0], 1.0)
+    sums = torch.zeros(8, dtype=torch.float64, device=device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with amp():
+                ref_chosen, ref_rejected = reference.logps(batch, args.average_logps)
+                chosen, rejected = preference_logps(model, batch, args.average_logps)  # one forward, 2B rows
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
+            nll = chosen_nll(chosen, answer_tokens(batch), args.average_logps)
+            # DDP averages gradients over the ranks; n_pairs counts every rank's pairs: scale back by world
+            ((losses + args.rpo_alpha * nll).sum() * (world / n_pairs)).backward()
+        sums += torch.stack([(losses + args.rpo_alpha * nll).detach().sum(), chosen_rewards.sum(),
+                             rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum(),
+                             (chosen_rewards - rejected_rewards).sum(), chosen.detach().sum(),
+                             rejected.detach().sum(), nll.detach().sum()]).double()
+    means = [s / n_pairs for s in all_reduce_sum(sums.tolist(), device)]
+    grad_norm = optimizer_step(model, optimizer, scheduler, args.max_grad_norm, means[0])
+    names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "nll_loss")
+    metrics = dict(zip(names, means, strict=True))
+    if not args.rpo_alpha:
+        del metrics["nll_loss"]
+    return {**metrics, "grad_norm": grad_norm}
+
+
+def chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor, average: bool) -> torch.Tensor:
+    """The chosen answers' negative log-likelihood per token [B], from their log-probabilities (sums or means)."""
+    return -chosen if average else -chosen / chosen_tokens
+
+
+def answer_tokens(batch: dict) -> torch.Tensor:
+    """The number of answer tokens of each chosen row [B] (the first B rows of a collate_preferences batch)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0]
+
+
+# ---------------------------------------------------------------- validation
+
+
+def greedy_answers(model, tok, judged: list[dict], args, max_new_tokens: int, amp) -> list[str]:
+    """The model's greedy answers to the judged records' prompts (rendered as in training)."""
+    prompts = [D.preference_parts(r, chat=args.prompt_format == "chat")[0] for r in judged]
+    with amp():
+        return mt.evaluate.generate_answers(model, tok, prompts, args.batch_size, max_new_tokens)
+
+
+@torch.no_grad()
+def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: list[dict], sft_answers: list[str],
+             args, max_new_tokens: int, amp) -> dict:
+    """On held-out pairs: val_loss (the training objective: the DPO loss, plus the RPO term when
+    --rpo-alpha > 0), val_preference_accuracy (the share of pairs whose
+    chosen answer gets the higher implicit reward β·log(π/π_ref); a tie counts one half, so the SFT model
+    itself scores 0.5), and on the judged prompts val_win_rate (greedy answers against the SFT model's,
+    by the records' rules; a tie counts one half) and val_rule_score (the share of answers that satisfy
+    their rule). Under torch.distributed `val` and `val_reference` are this rank's share of the pairs, and each
+    rank answers every W-th prompt; the sums are added up, so every rank returns the numbers of one process."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = next(model.parameters()).device
+    policy = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)  # (N, 2)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], val_reference[:, 0],
+                                                        val_reference[:, 1], args.beta, args.loss_type,
+                                                        args.label_smoothing)
+    tokens = torch.tensor([sum(label != IGNORE_INDEX for label in pair["chosen"]["labels"]) for pair in val])
+    losses = losses + args.rpo_alpha * chosen_nll(policy[:, 0], tokens, args.average_logps)
+    agree = (chosen_rewards > rejected_rewards).double() + 0.5 * (chosen_rewards == rejected_rewards).double()
+    mine = list(range(rank, len(judged), world))
+    model.eval()
+    answers = greedy_answers(model, tok, [judged[i] for i in mine], args, max_new_tokens, amp)
+    model.train()
+    scores = [mt.evaluate.rule_score(judged[i]["check"], a) for i, a in zip(mine, answers, strict=True)]
+    sft_scores = [mt.evaluate.rule_score(judged[i]["check"], sft_answers[i]) for i in mine]
+    wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(scores, sft_scores, strict=True))
+    loss_sum, agreed, pairs, wins, hits, asked = all_reduce_sum(
+        [losses.sum().item(), agree.sum().item(), len(losses), wins, sum(scores), len(scores)], device)
+    return {"val_loss": loss_sum / pairs, "val_preference_accuracy": agreed / pairs,
+            "val_win_rate": wins / max(asked, 1), "val_rule_score": hits / max(asked, 1)}
+
+
+# ---------------------------------------------------------------- the run
+
+# Flags a resumed run may change (see finetune_mistral.py); --model may not: it is the reference.
+RESUMABLE = {"data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every", "keep_last",
+             "win_rate_samples", "grad_checkpointing"}
+LOSSES = ("loss", ("loss", "val_loss"), None)
+SHARES = ("share of held-out pairs / prompts", ("val_preference_accuracy", "val_win_rate", "rewards/accuracies"),
+          (0, 1))
+REWARDS = ("implicit reward β·log(π/π_ref)", ("rewards/chosen", "rewards/rejected", "rewards/margins"), None)
+
+
+def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp) -> torch.Tensor:
+    """--reference precomputed: the model's log-probabilities on the training pairs, from <out>'s cache when it
+    holds them for this model and data, else computed in one pass (by every rank) and cached by rank 0."""
+    key = fingerprint(model, examples, args.average_logps)
+    cache = out / "reference_logps.safetensors"
+    logps = load_logps(cache, key)
+    if logps is None:
+        logps = precompute_logps(model, examples, D.pad_id(tok), args.batch_size, args.average_logps, amp,
+                                 desc="reference log-probs")
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            save_logps(cache, logps, key)
+    return logps
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    rank, world, device = init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    tok = mt.load_tokenizer(args.model)
+    model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # the SFT model: policy and reference
+    model.gradient_checkpointing = args.grad_checkpointing
+    amp = functools.partial(autocast, device, args.dtype)
+    sft_model = fingerprint(model, [], average=False)  # a resumed run must start from the same reference
+
+    train, val, judged = load_pairs(args, tok)
+    new_tokens = answer_length(train)
+    val = val[rank::world]  # this rank's held-out pairs, scored in the same batches before and during training
+    # Everything the reference gives, taken before training moves the policy:
+    val_reference = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)
+    sft_answers = greedy_answers(model, tok, judged, args, new_tokens, amp)
+    if args.reference == "precomputed":
+        train = attach_logps(train, reference_logps_for(model, train, tok, args, out, amp))
+    reference = Reference(args.reference, model)  # "copy" copies the weights now, before LoRA and training
+    apply_lora_args(model, args)  # with --lora-r: only the adapter trains
+
+    steps = total_steps(args, len(train), world)
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
+    base = model
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    run = {**run_settings(args, train, world, steps, RESUMABLE), "sft_model": sft_model}
+    start, history = resume(args, out, model, optimizer, scheduler, run)
+    log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
+    evaluate = functools.partial(validate, base, tok, val, val_reference, judged, sft_answers, args, new_tokens, amp)
+
+    if start == 0:
+        log.write({"step": 0, **evaluate()})
+    for step in tqdm(range(start + 1, steps + 1), desc="dpo", initial=start, total=steps, disable=rank != 0,
+                     file=sys.stderr):
+        tick = time.perf_counter()
+        batches = [to_device(D.collate_preferences(b, D.pad_id(tok)), device) for b in
+                   micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)]
+        lr = scheduler.get_last_lr()[0]
+        try:
+            result = dpo_step(model, reference, batches, optimizer, scheduler, amp, args)
+        except FloatingPointError as e:
+            raise stopped(step, e, out, args.save_every) from None
+        tokens = all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in batches)], device)[0]
+        record = {"step": step, **result, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - tick)}
+        if step % args.eval_every == 0 or step == steps:
+            record.update(evaluate())
+        log.write(record)
+        if step % args.save_every == 0 and step < steps:
+            save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
+                            state={"run": run, "lr": args.lr, "metrics": log.records})
+    if rank == 0:
+        save_final(base, tok, out, args)
+        plot_training(log.records, out / "training.png", title=f"DPO of {'/'.join(Path(args.model).parts[-2:])}",
+                      panels=(LOSSES, SHARES, REWARDS))
+    del model, reference  # DDP's reducer first: the process group freed from inside it can hang (pytorch#56297)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""examples/dpo.py end to end on the bundled tiny-mistral: metrics, the reference modes, resume, DDP, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minitune as mt
+from minitune.plot import have_matplotlib
+from tests.conftest import example_module
+from tests.test_finetune import _run
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "dpo.py"
+TINY = ROOT / "examples" / "assets" / "tiny-mistral"
+TRL_NAMES = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+             "logps/rejected")
+VAL_NAMES = ("val_loss", "val_preference_accuracy", "val_win_rate", "val_rule_score")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> list[str]:
+    """Flags for a quick run: the first 24 training pairs and 12 held-out ones, 4 pairs a step."""
+    folder = tmp_path_factory.mktemp("pairs")
+    files = {}
+    for split, n in (("train", 24), ("validation", 12)):
+        lines = (ROOT / "examples" / "data" / "preference" / f"{split}.jsonl").read_text().splitlines()[:n]
+        files[split] = folder / f"{split}.jsonl"
+        files[split].write_text("\n".join(lines) + "\n")
+    return ["--model", str(TINY), "--data", str(files["train"]), "--val-data", str(files["validation"]),
+            "--batch-size", "4", "--warmup", "1", "--eval-every", "2", "--win-rate-samples", "6", "--device", "cpu"]
+
+
+def run(out: Path, *args: str, torchrun: bool = False) -> list[dict]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
+        if torchrun else [sys.executable]
+    returncode, stderr = _run([*launcher, str(SCRIPT), "--out", str(out), *args],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert returncode == 0, stderr[-3000:]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def fails(out: Path, *args: str, cwd: Path | None = None) -> str:
+    returncode, stderr = _run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=cwd)
+    assert returncode != 0
+    return stderr
+
+
+def without_timing(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
+
+
+def test_a_run_logs_trl_metrics_starts_at_the_reference_and_saves_the_model(tmp_path, small):
+    metrics = run(tmp_path / "d", *small, "--max-steps", "4", "--rpo-alpha", "0")
+    first, step1 = metrics[0], metrics[1]
+    # before any update the policy is the reference: every reward is 0, the loss ln 2, agreement and win rate 1/2
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["val_preference_accuracy"] == 0.5 and first["val_win_rate"] == 0.5
+    assert step1["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert step1["rewards/chosen"] == step1["rewards/rejected"] == step1["rewards/margins"] == 0.0
+    assert step1["rewards/accuracies"] == 0.0  # TRL's: a tie is not a win
+    assert all(name in m for m in metrics[1:] for name in (*TRL_NAMES, "lr", "grad_norm", "tokens_per_s"))
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 2, 4]
+    assert all(set(VAL_NAMES) <= m.keys() for m in metrics if "val_loss" in m)
+    assert metrics[-1]["val_preference_accuracy"] != 0.5  # the policy moved
+    assert step1["logps/chosen"] < 0 and step1["logps/rejected"] < 0
+    model = mt.load_model(tmp_path / "d" / "final")
+    assert not torch.equal(model.lm_head.weight, mt.load_model(TINY).lm_head.weight)
+    if have_matplotlib():
+        assert (tmp_path / "d" / "training.png").exists()
+
+
+def test_rpo_adds_the_chosen_answers_nll_per_token():
+    dpo = example_module("dpo.py")
+    batch = {"labels": torch.tensor([[-100, 5, 6, 7], [-100, -100, 5, -100], [-100, 8, 9, -100], [-100, 1, 2, 3]])}
+    tokens = dpo.answer_tokens(batch)  # the chosen rows are the first two
+    assert tokens.tolist() == [3, 1]
+    chosen = torch.tensor([-6.0, -3.0])  # their summed (or, with average, mean) log-probabilities
+    torch.testing.assert_close(dpo.chosen_nll(chosen, tokens, average=False), torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(dpo.chosen_nll(chosen, tokens, average=True), torch.tensor([6.0, 3.0]))
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def test_the_three_reference_modes_train_the_same_way(tmp_path, small):
+    """Full fine-tuning with a frozen copy or precomputed log-probs, LoRA with the adapter disabled or
+    precomputed: the same losses, rewards and held-out numbers step for step."""
+    flags = [*small, "--max-steps", "3"]
+    copy = run(tmp_path / "copy", *flags, "--reference", "copy")
+    pre = run(tmp_path / "pre", *flags, "--reference", "precomputed")
+    lora = ["--lora-r", "4", "--lora-targets", "all-linear", "--lr", "1e-2"]
+    disabled = run(tmp_path / "disabled", *flags, *lora)  # lora-disabled is the default with LoRA
+    lora_pre = run(tmp_path / "lora-pre", *flags, *lora, "--reference", "precomputed")
+    assert (tmp_path / "pre" / "reference_logps.safetensors").exists()
+    for a, b in ((copy, pre), (disabled, lora_pre)):
+        for x, y in zip(without_timing(a), without_timing(b), strict=True):
+            assert x.keys() == y.keys()
+            for key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (key, x, y)
+    assert disabled[-1]["loss"] != pytest.approx(copy[-1]["loss"], rel=1e-3)  # LoRA trains something else
+    assert (tmp_path / "disabled" / "adapter" / "adapter_config.json").exists()
+
+
+def test_resume_continues_the_same_run_bit_for_bit(tmp_path, small):
+    """6 steps straight, then --resume auto from its step-3 checkpoint: the same metrics and weights. With the
+    frozen-copy reference, the resumed run must take its reference from --model again (not from the
+    resumed policy), or its losses would differ."""
+    flags = [*small, "--max-steps", "6", "--save-every", "3"]
+    straight = run(tmp_path / "d", *flags)
+    weights = final_weights(tmp_path / "d")
+    assert [p.name for p in (tmp_path / "d" / "checkpoints").iterdir()] == ["step-3"]
+    resumed = run(tmp_path / "d", *flags, "--resume", "auto")  # steps 4-6 again, from the checkpoint
+    assert without_timing(resumed) == without_timing(straight)
+    again = final_weights(tmp_path / "d")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert "other settings" in fails(tmp_path / "d", *flags, "--resume", "auto", "--beta", "0.5")
+
+
+def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path, small):
+    one = run(tmp_path / "one", *small, "--max-steps", "2", "--batch-size", "4", "--grad-accum", "2")
+    two = run(tmp_path / "two", *small, "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", torchrun=True)
+    for a, b in zip(without_timing(one), without_timing(two), strict=True):
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+
+
+def test_refusals_name_what_to_do(tmp_path, small):
+    assert "needs LoRA" in fails(tmp_path / "a", *small, "--reference", "lora-disabled")
+    assert "--packing is not supported" in fails(tmp_path / "b", *small, "--packing")
+    # the default --model is the SFT example's output: without it, say how to make it
+    message = fails(tmp_path / "c", cwd=tmp_path)
+    assert "runs/sft/final not found" in message and "finetune_mistral.py" in message
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
+    assert f"{bad}:2: missing field 'rejected'" in fails(tmp_path / "d", *small, "--data", str(bad))
