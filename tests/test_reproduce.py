@@ -1,5 +1,6 @@
 """examples/reproduce.py, the main job, end to end with its defaults: the report, and the issue's bar for each
-workflow (SFT: held-out exact match up by at least 30 points, answer loss down)."""
+workflow (SFT: held-out exact match up by at least 30 points, answer loss down; DPO: held-out preference
+agreement from 0.5 to at least 0.85, and a win rate against the SFT model above 0.5)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def report(tmp_path_factory) -> tuple[Path, str]:
     runs = tmp_path_factory.mktemp("runs")
     # the transfer-learning section is --compare, which tests/test_finetune_gpt.py runs on a small budget
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "reproduce.py"), "--runs", str(runs),
-                           "--sections", "sft"], capture_output=True, text=True, timeout=900)
+                           "--sections", "sft", "dpo"], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return runs, (runs / "report" / "REPORT.md").read_text()
 
@@ -39,3 +40,18 @@ def test_sft_section_shows_the_gain_on_held_out_chats(report):
     assert (runs / "sft" / "final" / "model.safetensors").is_file()
     pytest.importorskip("matplotlib")
     assert "![training curves](sft.png)" in text and (runs / "report" / "sft.png").stat().st_size > 10_000
+
+
+def test_dpo_section_shows_agreement_and_win_rate_on_held_out_pairs(report):
+    runs, text = report
+    assert "## Preference alignment" in text and "dpo.py --out" in text
+    cells = re.search(r"\| DPO \+ NLL \(the default\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \|", text)
+    assert cells, text
+    agreement, win_rate, satisfied = map(float, cells.groups())
+    assert re.search(r"\| SFT \(the reference\) \| 0\.500 \| 0\.500 \|", text)
+    assert agreement >= 0.85 and win_rate > 0.5, (agreement, win_rate)
+    sft_satisfied = float(re.search(r"\| SFT \(the reference\) \| 0\.500 \| 0\.500 \| ([\d.]+)% \|", text).group(1))
+    assert satisfied > sft_satisfied
+    assert (runs / "dpo" / "final" / "model.safetensors").is_file() and "| plain DPO |" in text
+    pytest.importorskip("matplotlib")
+    assert (runs / "report" / "dpo.png").stat().st_size > 10_000
