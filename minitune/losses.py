@@ -61,7 +61,7 @@ def preference_logps(model, batch: dict[str, torch.Tensor], average: bool = Fals
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) log-probabilities [B] of a `data.collate_preferences` batch, whose first B rows
     are the chosen answers and last B the rejected ones: one forward over 2B rows rather than two, so
-    the weights are read (and, under FSDP, gathered) once per step."""
+    the weights are read (and, under FSDP, gathered) once per micro-batch."""
     logps = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], average)
     return logps.chunk(2)
 
@@ -96,6 +96,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         raise ValueError(f"beta must be positive, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type not in ("sigmoid", "robust"):
+        raise ValueError(f"label_smoothing applies to the sigmoid and robust losses, not to {loss_type!r}")
     shapes = {t.shape for t in (policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                                 reference_rejected_logps)}
     if len(shapes) != 1:

@@ -16,7 +16,9 @@ memory question, not a mathematical one:
     ref_chosen, ref_rejected = reference.logps(batch)    # a data.collate_preferences batch
 
 Reference log-probabilities are computed in eval mode (no dropout) without a graph: they are constants
-of the loss.
+of the loss. Train the policy without dropout too (disable_dropout, TRL's default): with it, the policy's
+log-probabilities are noisy where the reference's are not, and as the loss is convex in the margin the
+noise biases it upwards; the policy would not even equal the reference before the first step.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ from .data import collate_preferences
 from .losses import preference_logps
 
 REFERENCE_MODES = ("copy", "lora-disabled", "precomputed")
+
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Set every nn.Dropout of the model to p = 0 (the models' attention dropout is one too); returns the model."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    return model
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -65,7 +75,8 @@ class Reference:
 
     Build it from the policy before training changes it: "copy" copies the model then. "lora-disabled"
     needs LoRA layers on the policy by the time logps is first called. "precomputed" reads the batch's
-    "reference_logps", which collate_preferences puts there when the examples carry them (attach_logps).
+    "reference_logps", which collate_preferences puts there when the examples carry them (attach_logps); they
+    were computed with or without `average` when precomputed, so the argument is not used then.
     """
 
     def __init__(self, mode: str, policy: nn.Module):
@@ -98,7 +109,7 @@ def precompute_logps(model: nn.Module, examples: Sequence[dict], pad_id: int, ba
                      ) -> torch.Tensor:
     """[N, 2] float32 (chosen, rejected) log-probabilities of `model` on encoded preference examples, in batches."""
     device = next(model.parameters()).device
-    rows = []
+    rows = [torch.zeros(0, 2)]  # so that no examples (a small validation set's share on one rank) gives (0, 2)
     starts = range(0, len(examples), batch_size)
     for i in tqdm(starts, desc=desc, disable=desc is None, leave=False):
         batch = collate_preferences(examples[i:i + batch_size], pad_id)
@@ -117,13 +128,14 @@ def attach_logps(examples: Sequence[dict], logps: torch.Tensor) -> list[dict]:
     return [{**example, "reference_logps": row} for example, row in zip(examples, logps.tolist(), strict=True)]
 
 
-def fingerprint(model: nn.Module, examples: Sequence[dict], average: bool) -> str:
-    """What cached reference log-probabilities depend on: the examples' tokens, `average`, and the model.
+def fingerprint(model: nn.Module, examples: Sequence[dict], average: bool, dtype: str = "float32") -> str:
+    """What cached reference log-probabilities depend on: the examples' tokens, `average`, the compute dtype
+    (autocast) and the model: its config and its weights.
 
-    The model enters through each tensor's name, shape and float64 sum and sum of squares: cheap on a
+    The weights enter through each tensor's name, shape and float64 sum and sum of squares: cheap on a
     7B model, and any retraining of the weights changes it (it is a check against a stale cache, not a
     cryptographic hash of the weights)."""
-    digest = hashlib.sha256(f"average={average}".encode())
+    digest = hashlib.sha256(f"average={average} dtype={dtype} config={getattr(model, 'config', None)!r}".encode())
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
             t = tensor.detach().double()
@@ -156,6 +168,6 @@ def load_logps(path: str | os.PathLike, fingerprint: str) -> torch.Tensor | None
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: not a readable reference log-probability cache ({e}); delete it to recompute") from e
     if saved != fingerprint:
-        raise ValueError(f"{path}: reference log-probabilities computed for other examples or another reference "
-                         "model (the fingerprint differs); delete the file to recompute them")
+        raise ValueError(f"{path}: reference log-probabilities computed for other examples, another reference "
+                         "model or another compute dtype (the fingerprint differs); delete the file to recompute them")
     return logps

@@ -55,10 +55,40 @@ def test_sigmoid_gradient_matches_the_closed_form():
     torch.testing.assert_close(pr.grad, beta * weight)
 
 
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_robust_loss_is_unbiased_under_flipped_labels(eps):
+    """Chowdhury et al.'s defining property: if each label is flipped with probability ε, the expected robust
+    loss, (1 − ε) L(h) + ε L(−h), is the clean DPO loss of h. The flipped pair swaps the two answers."""
+    beta = 0.4
+    clean, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta)
+    kept, _, _ = dpo_loss(PC, PR, RC, RR, beta=beta, loss_type="robust", label_smoothing=eps)
+    flipped, _, _ = dpo_loss(PR, PC, RR, RC, beta=beta, loss_type="robust", label_smoothing=eps)
+    torch.testing.assert_close((1 - eps) * kept + eps * flipped, clean)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust"])
+def test_smoothed_gradients_match_the_closed_form(loss_type):
+    """Conservative DPO: d/dh of −(1−ε) log σ(βh) − ε log σ(−βh) is −β((1−ε) σ(−βh) − ε σ(βh)); the robust
+    loss's is −β((1−ε) σ(−βh) + ε σ(βh)) / (1 − 2ε). The chosen log-prob gets it, the rejected its negative."""
+    beta, eps = 0.7, 0.2
+    pc, pr = PC.clone().requires_grad_(), PR.clone().requires_grad_()
+    losses, _, _ = dpo_loss(pc, pr, RC, RR, beta=beta, loss_type=loss_type, label_smoothing=eps)
+    losses.sum().backward()
+    h = torch.tensor(H)
+    if loss_type == "sigmoid":
+        dh = -beta * ((1 - eps) * torch.sigmoid(-beta * h) - eps * torch.sigmoid(beta * h))
+    else:
+        dh = -beta * ((1 - eps) * torch.sigmoid(-beta * h) + eps * torch.sigmoid(beta * h)) / (1 - 2 * eps)
+    torch.testing.assert_close(pc.grad, dh)
+    torch.testing.assert_close(pr.grad, -dh)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"loss_type": "kto"}, "loss_type='kto': expected one of sigmoid, ipo, hinge, robust"),
     ({"beta": 0.0}, "beta must be positive, got 0.0"),
     ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\), got 0.5"),
+    ({"label_smoothing": 0.1, "loss_type": "ipo"}, "label_smoothing applies to the sigmoid and robust losses"),
+    ({"label_smoothing": 0.1, "loss_type": "hinge"}, "not to 'hinge'"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -18,6 +18,7 @@ from minitune.losses import IGNORE_INDEX, dpo_loss, preference_logps, sequence_l
 from minitune.reference import (
     Reference,
     attach_logps,
+    disable_dropout,
     fingerprint,
     load_logps,
     precompute_logps,
@@ -85,6 +86,17 @@ def test_sequence_logps_equals_the_full_logits_computation_in_value_and_gradient
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_sequence_logps_never_builds_the_full_logits(mistral, monkeypatch):
+    """The log-probabilities come from the fused loss over the hidden states; lm_head's forward (the [B, T, V]
+    logits) never runs."""
+    def no_logits(*_):
+        raise AssertionError("lm_head's forward ran: the full logits were built")
+    monkeypatch.setattr(mistral.lm_head, "forward", no_logits)
+    batch = collate_preferences(pairs(2), PAD)
+    chosen, rejected = preference_logps(mistral, batch)
+    assert chosen.shape == rejected.shape == (2,)
+
+
 def test_sequence_logps_ignores_prompt_and_padding_tokens(mistral):
     """A row's value is its own: the same with any padding (width, pad id), and it depends on the prompt
     only as context: the prompt's tokens are not scored."""
@@ -146,6 +158,21 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards(model):
     losses, chosen, rejected = dpo_loss(*preference_logps(model, batch), *Reference("copy", model).logps(batch))
     torch.testing.assert_close(losses, torch.full((3,), math.log(2)))
     assert chosen.abs().max() == 0 and rejected.abs().max() == 0
+
+
+def test_without_dropout_a_training_policy_equals_its_reference(tmp_path):
+    """GPT-2 has dropout 0.1 everywhere: in train mode its log-probs are noisy while the reference's (eval mode)
+    are not, so the loss is not ln 2 before any update. disable_dropout makes the two agree."""
+    save_hf(tiny_gpt2_config(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1), tmp_path / "g")
+    policy = mt.load_model(tmp_path / "g").train()
+    batch = collate_preferences(pairs(4), PAD)
+    reference = Reference("copy", policy)
+    noisy = dpo_loss(*preference_logps(policy, batch), *reference.logps(batch))[0]
+    assert (noisy - math.log(2)).abs().max() > 1e-4
+    disable_dropout(policy)
+    assert policy.training and all(m.p == 0 for m in policy.modules() if isinstance(m, torch.nn.Dropout))
+    clean = dpo_loss(*preference_logps(policy, batch), *reference.logps(batch))[0]
+    torch.testing.assert_close(clean, torch.full((4,), math.log(2)))
 
 
 def test_reference_misuse_is_explained(mistral):

@@ -68,7 +68,7 @@ class Attention(nn.Module):
         self.n_head = config.n_head
         self.c_attn = nn.Linear(C, 3 * C)  # q, k, v for all heads at once
         self.c_proj = nn.Linear(C, C)
-        self.attn_pdrop = config.attn_pdrop
+        self.attn_dropout = nn.Dropout(config.attn_pdrop)  # applied inside attend; a module so it can be found
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.scale = 1.0 / math.sqrt(C // self.n_head) if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:  # 1/(layer+1): keeps deep stacks stable in fp16
@@ -81,7 +81,7 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-        y = attend(q, k, v, mask, self.scale, self.attn_pdrop if self.training else 0.0)
+        y = attend(q, k, v, mask, self.scale, self.attn_dropout.p if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -118,7 +118,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=False)
         self.o_proj = nn.Linear(self.n_head * hs, config.hidden_size, bias=False)
-        self.dropout = config.attention_dropout
+        self.attn_dropout = nn.Dropout(config.attention_dropout)  # applied inside attend; a module so it can be found
         self.layer_idx = layer_idx
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
@@ -129,7 +129,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hs)
-        y = attend(q, k, v, mask, self.hs ** -0.5, self.dropout if self.training else 0.0)
+        y = attend(q, k, v, mask, self.hs ** -0.5, self.attn_dropout.p if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hs))
 
 
