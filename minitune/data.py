@@ -344,6 +344,10 @@ def split_shared_prefix(chosen: str, rejected: str, where: str = "") -> tuple[st
         raise ValueError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) share no prompt: their "
                          f"common start {shared!r:.60} holds no {HH_ASSISTANT!r} and no whole word; "
                          "give the prompt in a 'prompt' field")
+    for key, answer in (("chosen", chosen[cut:]), ("rejected", rejected[cut:])):
+        if "\n\nHuman:" in answer:
+            raise ValueError(f"{_at(where)}'{key}': the answer after the shared prompt holds a later Human turn: the "
+                             "two transcripts differ before their last assistant turn, so they are not one pair")
     return prompt, chosen[cut:], rejected[cut:]
 
 
@@ -387,10 +391,11 @@ def preference_parts(record: dict, chat: bool = False, where: str = ""
         prompt, chosen, rejected = _split_shared_messages(*lists, where)
     _check_different(chosen, rejected, where)
     for key, answer in (("chosen", chosen), ("rejected", rejected)):
-        if answer[0]["role"] != "assistant":
+        roles = [message["role"] for message in answer]
+        if set(roles) != {"assistant"}:
             what = "the answer" if len(keys) == 3 else f"the answer (after the {len(prompt)} shared messages)"
-            raise ValueError(f"{_at(where)}field '{key}': {what} must start with an assistant turn, "
-                             f"got role {answer[0]['role']!r}")
+            raise ValueError(f"{_at(where)}field '{key}': {what} must be assistant turns only, got roles {roles} "
+                             "(two conversations that differ before their last turn are not one preference pair)")
     return prompt, chosen, rejected
 
 
@@ -467,6 +472,9 @@ def encode_preference(record: dict, tok: Tokenizer, max_length: int, max_prompt_
             ids, labels = _encode_conversation(prompt, answer, tok, side, where)
         if max_prompt_length is not None:
             ids, labels = _truncate_prompt(ids, labels, max_prompt_length, tok.bos_token_id)
+        if labels[0] != IGNORE_INDEX:  # position 0 predicts nothing: the answer's first token would go unscored
+            raise ValueError(f"{_at(where)}the prompt is empty and {tok!r} adds no BOS, so the {side} answer's first "
+                             "token has no position to be predicted from; give a non-empty prompt")
         pair[side] = {"input_ids": ids, "labels": labels}
     too_long = [side for side, example in pair.items() if len(example["input_ids"]) > max_length]
     if not too_long:
@@ -539,6 +547,8 @@ def encode_preferences(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_
             dropped += 1
         else:
             pairs.append(pair)
+    if not pairs and not dropped:
+        raise ValueError(f"{name}: no preference pairs")
     if not pairs:
         raise ValueError(f"{name}: all {dropped} preference pairs are longer than max_length={max_length} "
                          "and were dropped")

@@ -249,15 +249,17 @@ def run_settings(args: argparse.Namespace, train: Sequence[dict], world: int, st
     return {**flags, "world_size": world, "steps": steps, "train_sha256": digest.hexdigest()}
 
 
-def _digest_example(digest, example) -> None:
-    if isinstance(example, dict):
-        for key in sorted(example):
-            digest.update(f"<{key}>".encode())
+def _digest_example(digest, example: dict) -> None:
+    """An encoded example's tokens and labels (a packed row's other fields follow from them), then its other
+    fields in key order: the sides of a preference pair as examples, anything else as JSON."""
+    if "input_ids" in example:
+        digest.update(array.array("q", example["input_ids"] + [-1] + example["labels"] + [-2]).tobytes())
+    for key in sorted(set(example) - {"input_ids", "labels", "attention_mask", "position_ids"}):
+        digest.update(f"<{key}>".encode())
+        if isinstance(example[key], dict):
             _digest_example(digest, example[key])
-    elif isinstance(example, (list, tuple)) and all(isinstance(v, int) for v in example):
-        digest.update(array.array("q", example).tobytes() + b"|")
-    else:
-        digest.update(json.dumps(example).encode() + b"|")
+        else:
+            digest.update(json.dumps(example[key]).encode())
 
 
 def resume(args: argparse.Namespace, out: Path, model, optimizer, scheduler, run: dict) -> tuple[int, list[dict]]:

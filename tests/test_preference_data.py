@@ -374,14 +374,19 @@ A = [{"role": "assistant", "content": "b"}]
     ({"prompt": ASK, "chosen": [{"role": 1, "content": "b"}], "rejected": A},
      r"chosen\[0\]: field 'role': expected a string, got int"),
     ({"prompt": ASK, "chosen": A, "rejected": A}, "'chosen' and 'rejected' are identical"),
-    ({"prompt": ASK, "chosen": ASK, "rejected": A}, "field 'chosen': the answer must start with an assistant turn, "
-                                                    "got role 'user'"),
+    ({"prompt": ASK, "chosen": ASK, "rejected": A}, r"field 'chosen': the answer must be assistant turns only, "
+                                                    r"got roles \['user'\]"),
+    ({"prompt": ASK, "chosen": [*A, *ASK, *A], "rejected": A},
+     r"field 'chosen': the answer must be assistant turns only, got roles \['assistant', 'user', 'assistant'\] "
+     r"\(two conversations that differ before"),
     ({"chosen": ASK + A, "rejected": ASK + A}, "'chosen' and 'rejected' are identical"),
     ({"chosen": A, "rejected": ASK + A}, r"'chosen' and 'rejected' \(with no 'prompt' field\) differ from their "
                                          "first message on, so there is no prompt"),
     ({"chosen": ASK, "rejected": ASK + A}, "field 'chosen': no answer: all its 1 messages are shared"),
     ({"chosen": [*ASK, *A, *ASK], "rejected": [*ASK, *A, {"role": "user", "content": "other"}]},
-     r"field 'chosen': the answer \(after the 2 shared messages\) must start with an assistant turn"),
+     r"field 'chosen': the answer \(after the 2 shared messages\) must be assistant turns only"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d", "rejected": "\n\nHuman: a\n\nAssistant: x"},
+     "'chosen': the answer after the shared prompt holds a later Human turn"),
 ])
 def test_bad_record_errors_name_where_and_field(mistral, record, match):
     with pytest.raises(ValueError, match=r"f\.jsonl:3: " + match):
@@ -459,3 +464,16 @@ def test_load_preferences_reads_the_bundled_data(mistral):
             assert prompt_ids(encoded[side]) == generation
             assert mistral.decode(supervised(encoded[side]), skip_special_tokens=False) == record[side] + "</s>\n"
     assert len(load_preferences(PREFERENCE_DATA / "validation.jsonl", mistral, max_length=256)) == 162
+
+
+def test_an_empty_prompt_without_bos_is_refused(gpt2, mistral):
+    """Position 0 predicts nothing: with no prompt and no BOS the answer's first token could never be scored."""
+    with pytest.raises(ValueError, match="f.jsonl:2: the prompt is empty and .* adds no BOS, so the chosen answer"):
+        encode_preference({"prompt": "", "chosen": "yes", "rejected": "no"}, gpt2, 64, where="f.jsonl:2")
+    pair = encode_preference({"prompt": "", "chosen": "yes", "rejected": "no"}, mistral, 64)  # BOS is the prompt
+    assert pair["chosen"]["labels"][0] == IGNORE_INDEX and pair["chosen"]["labels"][1] != IGNORE_INDEX
+
+
+def test_no_records_is_its_own_error(mistral):
+    with pytest.raises(ValueError, match="the data: no preference pairs"):
+        encode_preferences([], mistral, 64)
