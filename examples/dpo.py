@@ -47,6 +47,7 @@ from minitune.reference import (
     REFERENCE_MODES,
     Reference,
     attach_logps,
+    disable_dropout,
     fingerprint,
     load_logps,
     precompute_logps,
@@ -97,18 +98,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="default: lora-disabled with --lora-r, else copy")
     p.add_argument("--rpo-alpha", type=float, default=1.0,
                    help="add alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024); 0: plain DPO")
-    p.add_argument("--average-logps", action="store_true",
-                   help="per-token average log-probabilities instead of sums (IPO's length-normalised form)")
+    p.add_argument("--average-logps", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-token average log-probabilities instead of sums; default: on for ipo (its paper's "
+                        "length-normalised form, as TRL does), off otherwise")
     p.add_argument("--win-rate-samples", type=int, default=256, help="held-out prompts answered greedily")
     add_lora_args(p)
     args = parse_common_args(p, argv)
     args.reference = args.reference or ("lora-disabled" if args.lora_r else "copy")
+    args.average_logps = args.loss_type == "ipo" if args.average_logps is None else args.average_logps
+    if args.lora_dropout:
+        p.error("--lora-dropout: DPO trains without dropout (the reference has none; see disable_dropout)")
     if args.reference == "lora-disabled" and not args.lora_r:
         p.error("--reference lora-disabled needs LoRA (--lora-r > 0): without adapters there is nothing to disable")
     if args.packing:
         p.error("--packing is not supported by DPO: each pair's answers are separate rows of one forward")
     if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5:
         p.error("--beta must be positive and --label-smoothing in [0, 0.5)")
+    if args.label_smoothing and args.loss_type not in ("sigmoid", "robust"):
+        p.error(f"--label-smoothing applies to the sigmoid and robust losses, not to {args.loss_type}")
     if args.model == SFT_MODEL and not Path(SFT_MODEL).is_dir():
         p.error(f"{SFT_MODEL} not found: DPO starts from an SFT model. Run `python examples/finetune_mistral.py` "
                 "first (about 30 s on a CPU), or pass --model <hub id or folder>")
@@ -182,8 +189,11 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
 
 
 def chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor, average: bool) -> torch.Tensor:
-    """The chosen answers' negative log-likelihood per token [B], from their log-probabilities (sums or means)."""
-    return -chosen if average else -chosen / chosen_tokens
+    """The chosen answers' negative log-likelihood per token [B], from their log-probabilities (sums or means).
+
+    Each pair's own mean over its answer tokens, as in Pang et al.'s NLL term; TRL's rpo_alpha takes the mean
+    over all the chosen tokens of a micro-batch instead, which weighs long answers more."""
+    return -chosen if average else -chosen / chosen_tokens.clamp(min=1)
 
 
 def answer_tokens(batch: dict) -> torch.Tensor:
@@ -217,8 +227,9 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], val_reference[:, 0],
                                                         val_reference[:, 1], args.beta, args.loss_type,
                                                         args.label_smoothing)
-    tokens = torch.tensor([sum(label != IGNORE_INDEX for label in pair["chosen"]["labels"]) for pair in val])
-    losses = losses + args.rpo_alpha * chosen_nll(policy[:, 0], tokens, args.average_logps)
+    if val:
+        losses = losses + args.rpo_alpha * chosen_nll(policy[:, 0], answer_tokens(D.collate_preferences(val, 0)),
+                                                      args.average_logps)
     agree = (chosen_rewards > rejected_rewards).double() + 0.5 * (chosen_rewards == rejected_rewards).double()
     mine = list(range(rank, len(judged), world))
     model.eval()
@@ -226,11 +237,13 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
     model.train()
     scores = [mt.evaluate.rule_score(judged[i]["check"], a) for i, a in zip(mine, answers, strict=True)]
     sft_scores = [mt.evaluate.rule_score(judged[i]["check"], sft_answers[i]) for i in mine]
-    wins = sum(1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(scores, sft_scores, strict=True))
+    wins = mt.evaluate.win_rate(scores, sft_scores) * len(scores) if scores else 0.0
     loss_sum, agreed, pairs, wins, hits, asked = all_reduce_sum(
         [losses.sum().item(), agree.sum().item(), len(losses), wins, sum(scores), len(scores)], device)
-    return {"val_loss": loss_sum / pairs, "val_preference_accuracy": agreed / pairs,
-            "val_win_rate": wins / max(asked, 1), "val_rule_score": hits / max(asked, 1)}
+    metrics = {"val_loss": loss_sum / pairs, "val_preference_accuracy": agreed / pairs}
+    if asked:  # held-out records without a rule-based "check" (HH, most user data) give no win rate
+        metrics.update(val_win_rate=wins / asked, val_rule_score=hits / asked)
+    return metrics
 
 
 # ---------------------------------------------------------------- the run
@@ -247,7 +260,7 @@ REWARDS = ("implicit reward β·log(π/π_ref)", ("rewards/chosen", "rewards/rej
 def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp) -> torch.Tensor:
     """--reference precomputed: the model's log-probabilities on the training pairs, from <out>'s cache when it
     holds them for this model and data, else computed in one pass (by every rank) and cached by rank 0."""
-    key = fingerprint(model, examples, args.average_logps)
+    key = fingerprint(model, examples, args.average_logps, args.dtype)
     cache = out / "reference_logps.safetensors"
     logps = load_logps(cache, key)
     if logps is None:
@@ -266,8 +279,9 @@ def main(argv=None) -> None:
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # the SFT model: policy and reference
     model.gradient_checkpointing = args.grad_checkpointing
+    disable_dropout(model)  # as the reference: the policy's log-probs must not be noisier than the reference's
     amp = functools.partial(autocast, device, args.dtype)
-    sft_model = fingerprint(model, [], average=False)  # a resumed run must start from the same reference
+    sft_model = fingerprint(model, [], False)  # a resumed run must start from the same reference
 
     train, val, judged = load_pairs(args, tok)
     new_tokens = answer_length(train)

@@ -83,10 +83,10 @@ def transfer_section(runs: Path, report: Path, extra: list[str]) -> str:
 
 
 @torch.no_grad()
-def preference_eval(sft_dir: Path, dpo_dir: Path, test_file: Path) -> tuple[dict, dict]:
-    """The DPO model against the SFT model on every held-out pair, measured as dpo.py validates: its
-    numbers, and per rule the share of greedy answers of each model that satisfy it."""
-    args = dpo.parse_args(["--model", str(sft_dir), "--val-data", str(test_file)])
+def preference_eval(sft_dir: Path, dpo_dir: Path, test_file: Path, flags: list[str]) -> tuple[dict, dict]:
+    """The DPO model against the SFT model on every held-out pair, measured as dpo.py (run with `flags`)
+    validates: its numbers, and per rule the share of greedy answers of each model that satisfy it."""
+    args = dpo.parse_args(["--model", str(sft_dir), "--val-data", str(test_file), *flags])
     tok = mt.load_tokenizer(sft_dir)
     sft_model, dpo_model = (mt.load_model(d, dtype=torch.float32).eval() for d in (sft_dir, dpo_dir))
     records = [(f"{test_file}:{n}", r) for n, r in D.iter_jsonl(test_file)]
@@ -94,7 +94,7 @@ def preference_eval(sft_dir: Path, dpo_dir: Path, test_file: Path) -> tuple[dict
                                  chat=args.prompt_format == "chat", name=str(test_file))
     judged = [r for _, r in records]
     amp, new_tokens = contextlib.nullcontext, dpo.answer_length(pairs)
-    reference = mt.reference.precompute_logps(sft_model, pairs, D.pad_id(tok), args.batch_size)
+    reference = mt.reference.precompute_logps(sft_model, pairs, D.pad_id(tok), args.batch_size, args.average_logps)
     answers = {name: dpo.greedy_answers(m, tok, judged, args, new_tokens, amp)
                for name, m in (("sft", sft_model), ("dpo", dpo_model))}
     numbers = dpo.validate(dpo_model, tok, pairs, reference, judged, answers["sft"], args, new_tokens, amp)
@@ -107,6 +107,10 @@ def preference_eval(sft_dir: Path, dpo_dir: Path, test_file: Path) -> tuple[dict
     return numbers, rules
 
 
+# The default run, and plain DPO for comparison (only its result is reported: it validates at the start and end).
+DPO_RUNS = {"DPO + NLL (the default)": ("dpo", []), "plain DPO": ("dpo-plain", ["--rpo-alpha", "0"])}
+
+
 def dpo_section(runs: Path, report: Path, extra: list[str]) -> str:
     sft_dir = runs / "sft" / "final"
     if not sft_dir.is_dir():
@@ -114,24 +118,26 @@ def dpo_section(runs: Path, report: Path, extra: list[str]) -> str:
                          "run with --sections sft dpo")
     test = HERE / "data" / "preference" / "test.jsonl"
     rows, commands = [], []
-    # Plain DPO, for comparison: only its result is reported, so it validates at the start and end only.
-    for name, flags in (("DPO + NLL (the default)", []), ("plain DPO", ["--rpo-alpha", "0", "--eval-every", "1000"])):
-        out = runs / ("dpo" if not flags else "dpo-plain")
-        command, seconds = run_example("dpo.py", out, ["--model", str(sft_dir), *flags, *extra])
+    for name, (folder, flags) in DPO_RUNS.items():
+        quiet = ["--eval-every", "100000"] if flags else []
+        command, seconds = run_example("dpo.py", runs / folder, ["--model", str(sft_dir), *flags, *quiet, *extra])
         commands.append(f"`{command}` ({seconds:.0f} s here)")
-        numbers, rules = preference_eval(sft_dir, out / "final", test)
-        steps = [m for m in D.read_jsonl(out / "metrics.jsonl") if "logps/chosen" in m]
+        numbers, rules = preference_eval(sft_dir, runs / folder / "final", test, [*flags, *extra])
+        steps = [m for m in D.read_jsonl(runs / folder / "metrics.jsonl") if "logps/chosen" in m]
         numbers["chosen_logps"] = [sum(m["logps/chosen"] for m in ten) / len(ten) for ten in (steps[:10], steps[-10:])]
         rows.append((name, numbers, rules))
-        if not flags and (out / "training.png").exists():
-            shutil.copy(out / "training.png", report / "dpo.png")
+    if (runs / "dpo" / "training.png").exists():
+        shutil.copy(runs / "dpo" / "training.png", report / "dpo.png")
+    rules = rows[0][2]
+    n_test = sum(r["n"] for r in rules.values())
     table = "\n".join(f"| {name} | {n['val_preference_accuracy']:.3f} | {n['val_win_rate']:.3f} | "
                       f"{n['val_rule_score']:.1%} |" for name, n, _ in rows)
-    _, _, rules = rows[0]
     by_rule = "\n".join(f"| {rule} | {r['n']} | {r['sft'] / r['n']:.1%} | " +
                         " | ".join(f"{rr[rule]['dpo'] / rr[rule]['n']:.1%}" for _, _, rr in rows) + " |"
                         for rule, r in sorted(rules.items()))
-    n_test = sum(r["n"] for r in rules.values())
+    chosen = "; ".join(f"{name}: {n['chosen_logps'][0]:.1f} over the first 10 steps, {n['chosen_logps'][1]:.1f} "
+                       "over the last 10" for name, n, _ in rows)
+    better = [name for name, n, _ in rows if n["val_win_rate"] > 0.5]
     return (f"## Preference alignment: DPO of the SFT model\n\n{commands[0]}; {commands[1]}. Held-out: "
             f"`{test.relative_to(HERE.parent)}`, {n_test} pairs whose questions no training split asks. The SFT "
             "model is the reference: against itself its preference agreement (the share of pairs whose chosen "
@@ -139,13 +145,11 @@ def dpo_section(runs: Path, report: Path, extra: list[str]) -> str:
             "| model | preference agreement | win rate vs SFT | answers that satisfy the rule |\n"
             f"|---|---:|---:|---:|\n| SFT (the reference) | 0.500 | 0.500 | "
             f"{sum(r['sft'] for r in rules.values()) / n_test:.1%} |\n{table}\n\n"
-            "Greedy answers that satisfy their record's rule (`minitune.evaluate.rule_score`):\n\n"
             "The default adds the chosen answer's negative log-likelihood per token to the DPO loss (RPO, "
-            "`--rpo-alpha 1`). Plain DPO raises preference agreement about as much, but it does so by pushing the "
-            "rejected answers down faster than the chosen ones, which sink too: the training pairs' `logps/chosen` "
-            + "; ".join(f"{name}: {n['chosen_logps'][0]:.1f} over the first 10 steps, {n['chosen_logps'][1]:.1f} over "
-                        "the last 10" for name, n, _ in rows)
-            + ". Greedy answers follow the likelihood, so only the default answers better than the SFT model.\n\n"
+            "`--rpo-alpha 1`). DPO alone only asks the chosen answer to gain on the rejected one relative to the "
+            f"reference. The training pairs' mean `logps/chosen`: {chosen}. Greedy answers better than the SFT "
+            f"model's (win rate above 0.5): {', '.join(better) if better else 'none'}.\n\n"
+            "Greedy answers that satisfy their record's rule (`minitune.evaluate.rule_score`):\n\n"
             "| rule | pairs | SFT | " + " | ".join(name for name, _, _ in rows) + " |\n|---|---:|---:|"
             + "---:|" * len(rows) + f"\n{by_rule}\n\n![DPO: preference agreement and win rate over steps](dpo.png)\n")
 

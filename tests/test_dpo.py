@@ -69,7 +69,7 @@ def test_a_run_logs_trl_metrics_starts_at_the_reference_and_saves_the_model(tmp_
     assert all(name in m for m in metrics[1:] for name in (*TRL_NAMES, "lr", "grad_norm", "tokens_per_s"))
     assert [m["step"] for m in metrics if "val_loss" in m] == [0, 2, 4]
     assert all(set(VAL_NAMES) <= m.keys() for m in metrics if "val_loss" in m)
-    assert metrics[-1]["val_preference_accuracy"] != 0.5  # the policy moved
+    assert metrics[-1]["rewards/chosen"] != 0 and metrics[-1]["val_loss"] != first["val_loss"]  # the policy moved
     assert step1["logps/chosen"] < 0 and step1["logps/rejected"] < 0
     model = mt.load_model(tmp_path / "d" / "final")
     assert not torch.equal(model.lm_head.weight, mt.load_model(TINY).lm_head.weight)
@@ -126,16 +126,33 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path, small):
 
 
 def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path, small):
-    one = run(tmp_path / "one", *small, "--max-steps", "2", "--batch-size", "4", "--grad-accum", "2")
-    two = run(tmp_path / "two", *small, "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2", torchrun=True)
+    """DDP with LoRA and the disabled-adapter reference (the base model's forward beside the wrapped policy)."""
+    lora = ["--max-steps", "2", "--grad-accum", "2", "--lora-r", "4", "--lr", "1e-2", "--warmup", "0"]
+    one = run(tmp_path / "one", *small, *lora, "--batch-size", "4")
+    two = run(tmp_path / "two", *small, *lora, "--batch-size", "2", torchrun=True)
     for a, b in zip(without_timing(one), without_timing(two), strict=True):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
+    assert one[-1]["rewards/margins"] != 0
+
+
+def test_flags_resolve_and_refuse_what_dpo_cannot_do(capsys):
+    dpo = example_module("dpo.py")
+    args = dpo.parse_args(["--model", str(TINY)])
+    assert (args.reference, args.average_logps, args.rpo_alpha) == ("copy", False, 1.0)
+    args = dpo.parse_args(["--model", str(TINY), "--loss-type", "ipo", "--lora-r", "8"])
+    assert (args.reference, args.average_logps) == ("lora-disabled", True)  # IPO's length-normalised form
+    assert dpo.parse_args(["--model", str(TINY), "--loss-type", "ipo", "--no-average-logps"]).average_logps is False
+    for flags, message in ((["--reference", "lora-disabled"], "needs LoRA"),
+                           (["--packing"], "--packing is not supported"),
+                           (["--lora-r", "4", "--lora-dropout", "0.1"], "DPO trains without dropout"),
+                           (["--loss-type", "hinge", "--label-smoothing", "0.1"], "not to hinge")):
+        with pytest.raises(SystemExit):
+            dpo.parse_args(["--model", str(TINY), *flags])
+        assert message in capsys.readouterr().err
 
 
 def test_refusals_name_what_to_do(tmp_path, small):
-    assert "needs LoRA" in fails(tmp_path / "a", *small, "--reference", "lora-disabled")
-    assert "--packing is not supported" in fails(tmp_path / "b", *small, "--packing")
     # the default --model is the SFT example's output: without it, say how to make it
     message = fails(tmp_path / "c", cwd=tmp_path)
     assert "runs/sft/final not found" in message and "finetune_mistral.py" in message
