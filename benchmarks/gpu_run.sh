@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # On a lent GPU (see benchmarks/README.md), the one prepared run, under 10 minutes on an H100: the GPU
 # correctness tests (kernels on CUDA tensors, CUDA model paths, models), then bench_kernels.py --sweep,
-# bench_train.py's random-token step and its SFT step. Each step has its own time limit; a step that
-# fails or times out does not stop the next. Output: $OUT (or benchmarks/out/): gpu_run.txt (this log),
-# bench_kernels.{json,md}, bench_train.{json,md}, sft/bench_train.{json,md}.
+# bench_train.py's random-token step, its SFT step and last its LoRA DPO step with each reference model
+# (copy, lora-disabled, precomputed). Each step has its own time limit; a step that fails or times out
+# does not stop the next (the limits add up to more than 10 minutes: a run cut short loses the DPO step
+# first, and bench_train.py writes its report after each stage). Output: $OUT (or benchmarks/out/):
+# gpu_run.txt (this log), bench_kernels.{json,md}, bench_train.{json,md}, sft/bench_train.{json,md},
+# dpo/bench_train.{json,md}.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out}"
@@ -40,5 +43,6 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print i
   step bench_kernels 200 python3 benchmarks/bench_kernels.py --sweep --out "$out"
   step bench_train 170 python3 benchmarks/bench_train.py --configs mistral-1b --out "$out"
   step bench_train_sft 120 python3 benchmarks/bench_train.py --configs sft-mistral-1b --out "$out/sft"
+  step bench_train_dpo 150 python3 benchmarks/bench_train.py --configs dpo-lora-mistral-1b --out "$out/dpo"
   date -u
 } 2>&1 | tee "$out/gpu_run.txt"
