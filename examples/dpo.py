@@ -227,10 +227,11 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], val_reference[:, 0],
                                                         val_reference[:, 1], args.beta, args.loss_type,
                                                         args.label_smoothing)
-    if val:
+    agreed = 0.0
+    if val:  # (a small validation set leaves some ranks without pairs)
         losses = losses + args.rpo_alpha * chosen_nll(policy[:, 0], answer_tokens(D.collate_preferences(val, 0)),
                                                       args.average_logps)
-    agree = (chosen_rewards > rejected_rewards).double() + 0.5 * (chosen_rewards == rejected_rewards).double()
+        agreed = len(val) * mt.evaluate.preference_accuracy(chosen_rewards.tolist(), rejected_rewards.tolist())
     mine = list(range(rank, len(judged), world))
     model.eval()
     answers = greedy_answers(model, tok, [judged[i] for i in mine], args, max_new_tokens, amp)
@@ -239,7 +240,7 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
     sft_scores = [mt.evaluate.rule_score(judged[i]["check"], sft_answers[i]) for i in mine]
     wins = mt.evaluate.win_rate(scores, sft_scores) * len(scores) if scores else 0.0
     loss_sum, agreed, pairs, wins, hits, asked = all_reduce_sum(
-        [losses.sum().item(), agree.sum().item(), len(losses), wins, sum(scores), len(scores)], device)
+        [losses.sum().item(), agreed, len(losses), wins, sum(scores), len(scores)], device)
     metrics = {"val_loss": loss_sum / pairs, "val_preference_accuracy": agreed / pairs}
     if asked:  # held-out records without a rule-based "check" (HH, most user data) give no win rate
         metrics.update(val_win_rate=wins / asked, val_rule_score=hits / asked)

@@ -102,6 +102,12 @@ def win_rate(policy_scores, reference_scores) -> float:
     return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in pairs) / len(pairs)
 
 
+def preference_accuracy(chosen_rewards, rejected_rewards) -> float:
+    """Share of preference pairs whose chosen answer gets the higher reward (for DPO, the implicit reward
+    β·log(π/π_ref)); a tie counts one half, so a policy equal to its reference scores 0.5. The same count as
+    win_rate, the chosen answer against the rejected one. (TRL's rewards/accuracies counts a tie as a miss.)"""
+    return win_rate(chosen_rewards, rejected_rewards)
+
 
 @torch.no_grad()
 def generate_answers(model, tok, prompts: Sequence[str | list[dict]], batch_size: int = 16,

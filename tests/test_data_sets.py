@@ -21,6 +21,7 @@ from minitune.evaluate import (
     exact_match,
     is_refusal,
     normalize_answer,
+    preference_accuracy,
     rule_score,
     win_rate,
 )
@@ -583,6 +584,11 @@ def test_win_rate():
     assert win_rate([1.0, 1.0], [0.0, 1.0]) == pytest.approx(0.75)
     assert win_rate([0.0], [1.0]) == 0.0
     assert win_rate(iter([1.0, 0.5]), (s for s in [0.0, 0.5])) == pytest.approx(0.75)
+
+
+def test_preference_accuracy_counts_a_tie_as_one_half():
+    assert preference_accuracy([0.3, -0.1, 0.0, 2.0], [0.1, 0.2, 0.0, 1.0]) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    assert preference_accuracy([0.0] * 5, [0.0] * 5) == 0.5  # a policy equal to its reference
 
 
 @pytest.mark.parametrize("policy, reference", [([], []), ([1.0], [0.0, 1.0]), ([1.0, 0.0], [0.0])])
