@@ -128,11 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_pairs(args, tok) -> tuple[list[dict], list[dict], list[dict]]:
     """Encoded training and validation pairs, and the held-out records whose prompts are answered for the
     win rate (those with a rule-based "check"). Records keep their file:line, so errors name it."""
-    records = [(f"{args.data}:{n}", r) for n, r in D.iter_jsonl(args.data)]
-    if args.val_data:
-        val_records = [(f"{args.val_data}:{n}", r) for n, r in D.iter_jsonl(args.val_data)]
-    else:
-        records, val_records = D.train_val_split(records, args.val_fraction, args.seed)
+    records, val_records = D.read_splits(args.data, args.val_data, args.val_fraction, args.seed)
     encode = functools.partial(D.encode_preferences, tok=tok, max_length=args.max_length,
                                max_prompt_length=args.max_prompt_length, truncation=args.truncation,
                                chat=args.prompt_format == "chat")

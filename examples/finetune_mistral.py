@@ -78,11 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def load_examples(args, tok) -> tuple[list[dict], list[dict], list[tuple]]:
     """Encoded training and validation examples, and (question, reference answer) pairs of held-out
     records for exact match. Records keep their file:line through the split, so errors name it."""
-    records = [(f"{args.data}:{n}", r) for n, r in D.iter_jsonl(args.data)]
-    if args.val_data:
-        val_records = [(f"{args.val_data}:{n}", r) for n, r in D.iter_jsonl(args.val_data)]
-    else:
-        records, val_records = D.train_val_split(records, args.val_fraction, args.seed)
+    records, val_records = D.read_splits(args.data, args.val_data, args.val_fraction, args.seed)
     encode = functools.partial(D.encode_records, tok=tok, max_length=args.max_length,
                                train_on_prompt=args.train_on_prompt, truncation=args.truncation)
     train = encode(records, name=args.data)

@@ -699,6 +699,17 @@ def train_val_split(records: Sequence, val_fraction: float, seed: int) -> tuple[
     return train, [record for i, record in enumerate(records) if i in val]
 
 
+def read_splits(data: str | Path, val_data: str | Path | None, val_fraction: float, seed: int
+                ) -> tuple[list[tuple[str, dict]], list[tuple[str, dict]]]:
+    """The training and held-out records as ("file:line", record) pairs, so that errors found later (while
+    encoding) still name where a record came from: both files, or, without val_data, a seeded
+    train_val_split of the training file."""
+    records = [(f"{data}:{n}", r) for n, r in iter_jsonl(data)]
+    if val_data:
+        return records, [(f"{val_data}:{n}", r) for n, r in iter_jsonl(val_data)]
+    return train_val_split(records, val_fraction, seed)
+
+
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
     """The order in which an epoch visits examples 0..n-1: a permutation that depends on (seed, epoch) only.
 

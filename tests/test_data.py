@@ -26,6 +26,7 @@ from minitune.data import (
     load_sft,
     pack,
     read_jsonl,
+    read_splits,
     shard,
     step_indices,
     train_val_split,
@@ -503,6 +504,16 @@ def test_pack_rejects_an_example_longer_than_a_row():
 
 
 # ---------------------------------------------------------------- splits and data order
+
+
+def test_read_splits_keeps_file_and_line_through_the_split(tmp_path):
+    train = write(tmp_path, "t.jsonl", [json.dumps({"i": i}) for i in range(10)])
+    held = write(tmp_path, "v.jsonl", ["", json.dumps({"i": 99})])
+    records, val = read_splits(train, held, 0.5, seed=0)
+    assert records[3] == (f"{train}:4", {"i": 3}) and val == [(f"{held}:2", {"i": 99})]
+    records, val = read_splits(train, "", 0.2, seed=0)  # no held-out file: a seeded split of the training file
+    assert (records, val) == train_val_split([(f"{train}:{i + 1}", {"i": i}) for i in range(10)], 0.2, 0)
+    assert len(val) == 2 and all(where.startswith(f"{train}:") for where, _ in val)
 
 
 def test_train_val_split_is_deterministic_and_disjoint():
