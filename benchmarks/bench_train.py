@@ -106,6 +106,7 @@ information; DPO configs have no speed goal). MB is 10**6 bytes.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -709,7 +710,7 @@ def shape(e: dict) -> str:
     """batch x seq; for SFT, micro-batches x examples x the longest padded micro-batch."""
     if e["kind"] != "sft":
         return f"{e['batch']} x {e['seq']}"
-    longest = max((t for step in e["data"]["micro_batches"] for _, t in step), default=0) if "data" in e else "?"
+    longest = max(padded_lengths(e["data"]), default=0) if "data" in e else "?"
     return f"{e['grad_accum']} x {e['batch']} x ≤{longest}"
 
 
@@ -727,12 +728,20 @@ def sft_how(e: dict) -> str:
             f"Both use the example's `make_optimizer` and `make_scheduler`{settings}.")
 
 
+def span(values) -> str:
+    return f"{min(values)}–{max(values)}"
+
+
+def padded_lengths(d: dict) -> list[int]:
+    """The padded length of every micro-batch of a config's measured steps."""
+    return [t for step in d["micro_batches"] for _, t in step]
+
+
 def sft_data_line(e: dict) -> str:
     if "data" not in e:
         return f"- {e['config']}: the timing run failed or has not finished"
     d = e["data"]
-    lengths = [t for step in d["micro_batches"] for _, t in step]
-    span = lambda v: f"{min(v)}–{max(v)}"  # noqa: E731
+    lengths = padded_lengths(d)
     return (f"- {e['config']} ({e['weights']}): {len(d['tokens'])} optimizer steps in turn, each {e['grad_accum']} "
             f"micro-batches of {e['batch']} chats padded to {span(lengths)} tokens; {span(d['tokens'])} non-padding "
             f"tokens and {span(d['targets'])} target tokens per step.")
@@ -929,11 +938,7 @@ def dpo_markdown(result: dict, configs: list[dict], heading: bool) -> list[str]:
         if not all("peak_increase_bytes" in rows.get(m, {}) for m in DPO_REFERENCES):
             lines.append(f"- {e['config']}: n/a (a memory run failed or has not finished)")
             continue
-
-        def extra(key: str, mode: str) -> str:
-            if key not in rows[mode] or key not in rows["lora-disabled"]:
-                return "n/a"
-            return f"{(rows[mode][key] - rows['lora-disabled'][key]) / 1e6:+.0f} MB"
+        extra = functools.partial(_over_lora_disabled, rows)
         weights = rows["copy"].get("reference_bytes") or rows["copy"].get("base_weights_bytes")
         size = f"; the copy's weights are {weights / 1e6:.0f} MB" if weights else ""
         lines.append(f"- {e['config']}: peak +MB: copy {extra('peak_increase_bytes', 'copy')}, precomputed "
@@ -943,9 +948,16 @@ def dpo_markdown(result: dict, configs: list[dict], heading: bool) -> list[str]:
     return lines
 
 
+def _over_lora_disabled(rows: dict, key: str, mode: str) -> str:
+    """A memory figure of `mode` less lora-disabled's, in MB (n/a when either is missing)."""
+    if key not in rows[mode] or key not in rows["lora-disabled"]:
+        return "n/a"
+    return f"{(rows[mode][key] - rows['lora-disabled'][key]) / 1e6:+.0f} MB"
+
+
 def dpo_shape(e: dict) -> str:
     """micro-batches x pairs per micro-batch x the longest padded micro-batch (its rows are 2 x pairs)."""
-    longest = max((t for step in e["data"]["micro_batches"] for _, t in step), default=0) if "data" in e else "?"
+    longest = max(padded_lengths(e["data"]), default=0) if "data" in e else "?"
     return f"{e['grad_accum']} x {e['batch']} x ≤{longest}"
 
 
@@ -953,8 +965,7 @@ def dpo_data_line(e: dict) -> str:
     if "data" not in e:
         return f"- {e['config']}: the timing run failed or has not finished"
     d = e["data"]
-    lengths = [t for step in d["micro_batches"] for _, t in step]
-    span = lambda v: f"{min(v)}–{max(v)}"  # noqa: E731
+    lengths = padded_lengths(d)
     precompute = next((r for r in e["runs"] if r.get("precompute_seconds") is not None), None)
     once = (f" precomputed's one-off pass over the {precompute['precompute_pairs']} pairs of these steps took "
             f"{precompute['precompute_seconds']:.2f} s (the example's would cover all {d['pairs']} training pairs)."

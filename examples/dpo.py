@@ -153,11 +153,12 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
     Each micro-batch's loss is the sum of its pairs' losses divided by the pairs of the whole accumulated
     batch, all ranks together, so the step's gradient is that of the mean over all its pairs. Returns
     that mean and TRL's metrics, averaged over the step's pairs (rewards/accuracies counts a tie as a miss,
-    as TRL does; nll_loss is the RPO term before alpha)."""
+    as TRL does; nll_loss is the RPO term before alpha), the gradient norm and the step's non-padding tokens
+    (all ranks)."""
     world = world_size()
     device = next(model.parameters()).device
     n_pairs = max(all_reduce_sum([sum(b["input_ids"].size(0) // 2 for b in batches)], device)[0], 1.0)
-    sums = torch.zeros(8, dtype=torch.float64, device=device)
+    sums = torch.zeros(9, dtype=torch.float64, device=device)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
@@ -173,15 +174,16 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
         sums += torch.stack([(losses + args.rpo_alpha * nll).detach().sum(), chosen_rewards.sum(),
                              rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum(),
                              (chosen_rewards - rejected_rewards).sum(), chosen.detach().sum(),
-                             rejected.detach().sum(), nll.detach().sum()]).double()
-    means = [s / n_pairs for s in all_reduce_sum(sums.tolist(), device)]
+                             rejected.detach().sum(), nll.detach().sum(), batch["attention_mask"].sum()]).double()
+    *totals, tokens = all_reduce_sum(sums.tolist(), device)
+    means = [s / n_pairs for s in totals]
     grad_norm = optimizer_step(model, optimizer, scheduler, args.max_grad_norm, means[0])
     names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
              "logps/chosen", "logps/rejected", "nll_loss")
     metrics = dict(zip(names, means, strict=True))
     if not args.rpo_alpha:
         del metrics["nll_loss"]
-    return {**metrics, "grad_norm": grad_norm}
+    return {**metrics, "grad_norm": grad_norm, "tokens": tokens}
 
 
 def chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor, average: bool) -> torch.Tensor:
@@ -314,7 +316,7 @@ def main(argv=None) -> None:
             result = dpo_step(model, reference, batches, optimizer, scheduler, amp, args)
         except FloatingPointError as e:
             raise stopped(step, e, out, args.save_every) from None
-        tokens = all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in batches)], device)[0]
+        tokens = result.pop("tokens")
         record = {"step": step, **result, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - tick)}
         if step % args.eval_every == 0 or step == steps:
             record.update(evaluate())

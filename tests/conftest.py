@@ -65,3 +65,11 @@ def save_hf(config, folder: Path, **save_kwargs):
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(folder, **save_kwargs)
     return model
+
+
+def with_template(tok, template: str):
+    """A shallow copy of a Tokenizer with another chat template."""
+    import copy
+    tok = copy.copy(tok)
+    tok.chat_template = template
+    return tok

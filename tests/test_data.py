@@ -7,7 +7,6 @@ with {% generation %} tags around what each assistant turn writes) marks the sam
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from itertools import pairwise
@@ -34,6 +33,7 @@ from minitune.data import (
 from minitune.losses import IGNORE_INDEX
 from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
 from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE, load_tokenizer
+from tests.conftest import with_template
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MISTRAL = ROOT / "examples" / "assets" / "tiny-mistral"
@@ -65,12 +65,6 @@ def mistral():
 @pytest.fixture(scope="module")
 def gpt2():
     return load_tokenizer(TINY_GPT2)
-
-
-def with_template(tok, template):
-    tok = copy.copy(tok)
-    tok.chat_template = template
-    return tok
 
 
 def write(tmp_path: Path, name: str, lines: list[str]) -> Path:

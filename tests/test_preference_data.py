@@ -7,7 +7,6 @@ and transformers' apply_chat_template on the real Mistral tokenizer.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from minitune.data import (
 )
 from minitune.losses import IGNORE_INDEX
 from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE, load_tokenizer
+from tests.conftest import with_template
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MISTRAL = ROOT / "examples" / "assets" / "tiny-mistral"
@@ -53,12 +53,6 @@ def mistral():
 @pytest.fixture(scope="module")
 def gpt2():
     return load_tokenizer(TINY_GPT2)
-
-
-def with_template(tok, template):
-    tok = copy.copy(tok)
-    tok.chat_template = template
-    return tok
 
 
 def write(tmp_path: Path, name: str, records: list) -> Path:
