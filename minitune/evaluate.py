@@ -7,6 +7,8 @@ rule scores any generated answer, so a fine-tuned policy's win rate over its ref
 
 from __future__ import annotations
 
+import math
+import random
 import string
 from collections.abc import Sequence
 from typing import Any, Mapping
@@ -144,3 +146,193 @@ def stream_loss(model, stream: torch.Tensor, seq_len: int, batch_size: int = 32)
         count += batch.numel() - batch.size(0)  # the last position of a window has no target
     model.train(was_training)
     return total / count
+
+
+# ---------------------------------------------------------------- perplexity over long texts
+
+
+@torch.no_grad()
+def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -> dict:
+    """Perplexity of a long token sequence with a sliding window, the protocol of transformers' "Perplexity
+    of fixed-length models" guide: windows of max_length tokens start every `stride` tokens, and each scores
+    only the tokens no earlier window scored, with up to max_length - stride tokens of context before them.
+    stride = max_length gives disjoint windows (each window's first tokens see little context: an
+    overestimate); a smaller stride gives every scored token more context, at more forward passes.
+
+    ids: a 1-D LongTensor (a document, or documents joined). With stride < max_length every token but the
+    first is scored exactly once; with stride = max_length, as in the guide, the first token of each window
+    has no context in it and is not scored. Returns {"ppl", "nll" (mean per scored token), "tokens"
+    (scored), "windows"}.
+    """
+    from .losses import IGNORE_INDEX, causal_lm_loss
+    if not 0 < stride <= max_length:
+        raise ValueError(f"stride={stride} must be in (0, max_length={max_length}]")
+    if ids.dim() != 1 or ids.numel() < 2:
+        raise ValueError(f"expected a 1-D sequence of at least 2 tokens, got shape {tuple(ids.shape)}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count, windows, scored_to = 0.0, 0, 0, 0  # scored_to: tokens before it are scored (or the first)
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + max_length, ids.numel())
+        window = ids[begin:end].to(device).unsqueeze(0)  # (1, T)
+        labels = window.clone()
+        labels[0, :max(scored_to - begin, 0)] = IGNORE_INDEX  # already scored by an earlier window: context only
+        total += causal_lm_loss(model, window, labels, reduction="sum").item()
+        count += int((labels[0, 1:] != IGNORE_INDEX).sum())
+        windows += 1
+        scored_to = end
+        if end == ids.numel():
+            break
+    model.train(was_training)
+    nll = total / count
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows}
+
+
+# ---------------------------------------------------------------- multiple choice by log-likelihood
+
+
+@torch.no_grad()
+def choice_logprobs(model, tok, context: str, choices: Sequence[str]) -> list[float]:
+    """log p(choice | context) of each choice, summed over the choice's tokens: the context is encoded with
+    the tokenizer's special tokens, each choice without, and appended to it (write the separating space into
+    the choices, as " Paris"). All choices in one batch."""
+    from .data import collate
+    from .losses import IGNORE_INDEX, sequence_logps
+    prefix = tok.encode(context)
+    rows = []
+    for choice in choices:
+        answer = tok.encode(choice, add_special_tokens=False)
+        if not answer:
+            raise ValueError(f"choice {choice!r} encodes to no tokens")
+        rows.append({"input_ids": prefix + answer, "labels": [IGNORE_INDEX] * len(prefix) + answer})
+    batch = collate(rows, pad_id(tok))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps = sequence_logps(model, batch["input_ids"].to(device), batch["labels"].to(device),
+                           batch["attention_mask"].to(device))
+    model.train(was_training)
+    return logps.tolist()
+
+
+def multiple_choice_scores(logprobs: Sequence[float], choices: Sequence[str], answer: int) -> dict:
+    """acc: the highest log-likelihood is the answer's; acc_norm: the same after dividing each by its choice's
+    length in characters (lm-evaluation-harness's acc_norm), which stops long choices losing for being long."""
+    acc = max(range(len(logprobs)), key=lambda i: logprobs[i]) == answer
+    normed = [lp / max(len(c), 1) for lp, c in zip(logprobs, choices, strict=True)]
+    acc_norm = max(range(len(normed)), key=lambda i: normed[i]) == answer
+    return {"acc": float(acc), "acc_norm": float(acc_norm)}
+
+
+# ---------------------------------------------------------------- intervals and folds
+
+
+def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+                 ) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-item scores and its percentile bootstrap interval (Efron): the
+    items are resampled with replacement `resamples` times, and the interval is the middle `confidence`
+    of the resampled means. Seeded, so a report's intervals are repeatable."""
+    if not values:
+        raise ValueError("bootstrap_ci needs at least one value")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence}: expected a fraction in (0, 1)")
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(x), (resamples, len(x)), generator=generator)  # (R, N)
+    means = x[picks].mean(dim=1)  # (R,)
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return x.mean().item(), low, high
+
+
+def kfold_indices(n: int, k: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
+    """k (train, validation) index lists over 0..n-1: a seeded permutation cut into k folds as equal as
+    possible; each fold is the validation set once and the rest train. The folds are disjoint and cover
+    every index."""
+    if not 2 <= k <= n:
+        raise ValueError(f"k={k} folds of {n} items: need 2 <= k <= n")
+    from .data import _permutation
+    order = _permutation(n, random.Random(seed))
+    folds = [sorted(order[i::k]) for i in range(k)]
+    return [(sorted(j for f, fold in enumerate(folds) if f != i for j in fold), folds[i]) for i in range(k)]
+
+
+# ---------------------------------------------------------------- multiple-choice files
+
+
+def read_multiple_choice(path) -> list[dict]:
+    """Multiple-choice questions as {"question", "choices", "answer"} (the answer's index), from JSONL in any of:
+      {"question": str, "choices": [str, ...], "answer": int}                       the bundled sets
+      {"ctx": str, "endings": [str, ...], "label": int or "2"}                      HellaSwag (Rowan/hellaswag)
+      {"question": str, "choices": {"text": [...], "label": ["A", ...]}, "answerKey": "A"}   ARC (allenai/ai2_arc)
+      {"question": {"stem": str, "choices": [{"text", "label"}, ...]}, "answerKey": "A"}    ARC as AllenAI ships it
+    A record that is none of these, or whose answer is not one of its choices, is an error naming file:line."""
+    from .data import iter_jsonl
+    return [_multiple_choice(record, f"{path}:{lineno}") for lineno, record in iter_jsonl(path)]
+
+
+def _multiple_choice(r: dict, where: str) -> dict:
+    try:
+        if "endings" in r:  # HellaSwag
+            question, choices, answer = r["ctx"], list(r["endings"]), int(r["label"])
+        elif "answerKey" in r:  # ARC
+            stem = r["question"]
+            if isinstance(stem, dict):
+                question, options = stem["stem"], stem["choices"]
+                texts, labels = [o["text"] for o in options], [o["label"] for o in options]
+            else:
+                question, texts, labels = stem, list(r["choices"]["text"]), list(r["choices"]["label"])
+            if r["answerKey"] not in labels:
+                raise ValueError(f"answerKey {r['answerKey']!r} is not one of the labels {labels}")
+            choices, answer = texts, labels.index(r["answerKey"])
+        else:
+            question, choices, answer = r["question"], list(r["choices"]), r["answer"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: not a multiple-choice record (bundled, HellaSwag or ARC style): "
+                         f"{e!r:.120}") from None
+    if not (isinstance(question, str) and choices and all(isinstance(c, str) for c in choices)):
+        raise ValueError(f"{where}: expected a question string and a non-empty list of choice strings")
+    if not (isinstance(answer, int) and 0 <= answer < len(choices)):
+        raise ValueError(f"{where}: answer {answer!r} is not an index into the {len(choices)} choices")
+    return {"question": question, "choices": choices, "answer": answer}
+
+
+# ---------------------------------------------------------------- best of n: one model samples, another scores
+
+
+def prompt_text(tok, prompt: str | list[dict]) -> str:
+    """What a model is asked: a text prompt as it is, a chat rendered with the template and the assistant's opening."""
+    return prompt if isinstance(prompt, str) else tok.apply_chat_template(prompt, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def sample_candidates(model, tok, prompt: str | list[dict], n: int, max_new_tokens: int = 32,
+                      temperature: float = 1.0, top_p: float | None = 0.95, seed: int = 0) -> list[str]:
+    """n sampled answers to one prompt (one batch of n rows of the same prompt), seeded."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([tok.encode(prompt_text(tok, prompt))] * n, device=device)  # (n, T)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                   eos_token_id=tok.eos_token_id, generator=generator)
+    return [tok.decode(row) for row in out[:, ids.size(1):].tolist()]
+
+
+def loglik_scores(model, tok, prompt: str | list[dict], candidates: Sequence[str]) -> list[float]:
+    """Each candidate's log-likelihood under `model`, given the prompt (choice_logprobs)."""
+    return choice_logprobs(model, tok, prompt_text(tok, prompt), candidates)
+
+
+def implicit_reward_scores(policy, reference, tok, prompt: str | list[dict], candidates: Sequence[str],
+                           beta: float = 0.1) -> list[float]:
+    """DPO's implicit reward of each candidate, β·(log πθ(y|x) − log πref(y|x)): how much more the DPO model
+    likes the answer than the model it was trained from."""
+    mine, theirs = (loglik_scores(m, tok, prompt, candidates) for m in (policy, reference))
+    return [beta * (a - b) for a, b in zip(mine, theirs, strict=True)]
+
+
+def best_of(candidates: Sequence[str], scores: Sequence[float]) -> str:
+    """The candidate with the highest score (the first of equals)."""
+    if not candidates or len(candidates) != len(scores):
+        raise ValueError(f"best_of: {len(candidates)} candidates and {len(scores)} scores")
+    return candidates[max(range(len(scores)), key=lambda i: scores[i])]

@@ -1,0 +1,164 @@
+"""minitune.evaluate for the model comparison: strided perplexity, multiple choice, bootstrap intervals, folds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import minitune as mt
+from minitune.evaluate import (
+    bootstrap_ci,
+    choice_logprobs,
+    kfold_indices,
+    multiple_choice_scores,
+    strided_perplexity,
+)
+from minitune.losses import causal_lm_loss
+from tests.conftest import save_hf, tiny_mistral_config
+
+TINY = Path(__file__).resolve().parents[1] / "examples" / "assets" / "tiny-mistral"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("m")
+    save_hf(tiny_mistral_config(max_position_embeddings=64), folder)
+    return mt.load_model(folder).eval()
+
+
+def token_logprob(model, ids: torch.Tensor, begin: int, t: int) -> float:
+    """log p(ids[t] | ids[begin:t]) from the full logits of that window alone."""
+    logits = model(ids[begin:t].unsqueeze(0))[0, -1].float()
+    return logits.log_softmax(-1)[ids[t]].item()
+
+
+def test_perplexity_of_a_short_text_is_exp_of_the_mean_loss(model):
+    ids = torch.randint(3, 101, (20,))
+    result = strided_perplexity(model, ids, max_length=32, stride=32)
+    loss = causal_lm_loss(model, ids.unsqueeze(0)).item()
+    assert result["windows"] == 1 and result["tokens"] == 19
+    assert result["ppl"] == pytest.approx(math.exp(loss), rel=1e-5)
+
+
+@pytest.mark.parametrize("max_length,stride", [(8, 3), (8, 8), (10, 1), (7, 5)])
+def test_the_strided_windows_score_each_token_with_the_protocols_context(model, max_length, stride):
+    """Worked out token by token: windows start every `stride` tokens and span max_length; a token is scored by
+    the first window that reaches it, with that window's tokens before it as context; a token at a window's
+    first position (stride = max_length) is not scored."""
+    n = 23
+    ids = torch.randint(3, 101, (n,))
+    starts, scored_to, total, count = [], 0, 0.0, 0
+    for begin in range(0, n, stride):
+        end = min(begin + max_length, n)
+        starts.append(begin)
+        for t in range(max(scored_to, begin + 1), end):
+            total += -token_logprob(model, ids, begin, t)
+            count += 1
+        scored_to = end
+        if end == n:
+            break
+    result = strided_perplexity(model, ids, max_length, stride)
+    assert result["windows"] == len(starts) and result["tokens"] == count
+    assert count == (n - len(starts) if stride == max_length else n - 1)
+    assert result["nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_strided_perplexity_refuses_bad_windows(model):
+    with pytest.raises(ValueError, match=r"stride=9 must be in \(0, max_length=8\]"):
+        strided_perplexity(model, torch.arange(3, 20), 8, 9)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        strided_perplexity(model, torch.tensor([5]), 8, 4)
+
+
+def test_multiple_choice_worked_by_hand():
+    # log-likelihoods -3, -5, -4 for choices of 1, 6 and 2 characters: acc takes the first (-3); per character
+    # they are -3, -0.83 and -2, so acc_norm takes the second
+    choices = ["a", "bbbbbb", "cc"]
+    assert multiple_choice_scores([-3.0, -5.0, -4.0], choices, answer=0) == {"acc": 1.0, "acc_norm": 0.0}
+    assert multiple_choice_scores([-3.0, -5.0, -4.0], choices, answer=1) == {"acc": 0.0, "acc_norm": 1.0}
+
+
+def test_choice_logprobs_equal_the_full_logits_computation():
+    tok, model = mt.load_tokenizer(TINY), mt.load_model(TINY).eval()
+    context, choices = "Where does Teo live? Answer:", [" Stonebridge", " Oakvale", " in the valley by the river"]
+    got = choice_logprobs(model, tok, context, choices)
+    prefix = tok.encode(context)
+    for choice, value in zip(choices, got, strict=True):
+        ids = torch.tensor(prefix + tok.encode(choice, add_special_tokens=False))
+        want = sum(token_logprob(model, ids, 0, t) for t in range(len(prefix), len(ids)))
+        assert value == pytest.approx(want, rel=1e-5, abs=1e-4)
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_confidence():
+    values = [1.0] * 30 + [0.0] * 20
+    mean, low, high = bootstrap_ci(values, confidence=0.95, seed=1)
+    assert mean == 0.6 and low < mean < high
+    assert 0.4 < low and high < 0.8  # about ±1.96 * sqrt(0.24 / 50) = ±0.136
+    _, low90, high90 = bootstrap_ci(values, confidence=0.90, seed=1)
+    assert low < low90 and high90 < high
+    assert bootstrap_ci(values, seed=1) == bootstrap_ci(values, seed=1)  # seeded: repeatable
+    assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="at least one value"):
+        bootstrap_ci([])
+
+
+@pytest.mark.parametrize("n,k", [(10, 5), (11, 3), (7, 7)])
+def test_kfold_folds_are_disjoint_cover_the_data_and_balance(n, k):
+    splits = kfold_indices(n, k, seed=3)
+    assert len(splits) == k
+    validation = [v for _, v in splits]
+    assert sorted(i for fold in validation for i in fold) == list(range(n))  # disjoint and covering
+    assert max(map(len, validation)) - min(map(len, validation)) <= 1
+    for train, val in splits:
+        assert sorted(train + val) == list(range(n)) and not set(train) & set(val)
+    assert kfold_indices(n, k, seed=3) == splits and (k == n or kfold_indices(n, k, seed=4) != splits)
+    with pytest.raises(ValueError, match="need 2 <= k <= n"):
+        kfold_indices(3, 4)
+
+
+def test_multiple_choice_files_in_the_bundled_hellaswag_and_arc_layouts(tmp_path):
+    import json
+    records = [
+        {"question": "Which is bigger, 0 or 5?", "choices": ["5", "0"], "answer": 0},
+        {"ctx": "A man sits down. He", "endings": [" runs.", " reads.", " sings.", " eats."], "label": "1"},
+        {"question": "What is ice?", "choices": {"text": ["gas", "solid"], "label": ["A", "B"]}, "answerKey": "B"},
+        {"question": {"stem": "Sun is a?", "choices": [{"text": "star", "label": "1"}, {"text": "moon", "label": "2"}]},
+         "answerKey": "1"},
+    ]
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert mt.evaluate.read_multiple_choice(path) == [
+        {"question": "Which is bigger, 0 or 5?", "choices": ["5", "0"], "answer": 0},
+        {"question": "A man sits down. He", "choices": [" runs.", " reads.", " sings.", " eats."], "answer": 1},
+        {"question": "What is ice?", "choices": ["gas", "solid"], "answer": 1},
+        {"question": "Sun is a?", "choices": ["star", "moon"], "answer": 0},
+    ]
+    bundled = Path(__file__).resolve().parents[1] / "examples" / "data" / "eval" / "multiple_choice" / "test.jsonl"
+    assert len(mt.evaluate.read_multiple_choice(bundled)) > 50
+    for bad, match in (({"question": "q", "choices": ["a"], "answer": 3}, "answer 3 is not an index"),
+                       ({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "C"},
+                        "answerKey 'C' is not one of the labels"),
+                       ({"prompt": "q"}, "not a multiple-choice record")):
+        path.write_text(json.dumps(records[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"{path}:2: .*{match}"):
+            mt.evaluate.read_multiple_choice(path)
+
+
+def test_best_of_n_keeps_the_argmax_of_the_scorer():
+    tok, model = mt.load_tokenizer(TINY), mt.load_model(TINY).eval()
+    prompt = [{"role": "user", "content": "Where does Teo live?"}]
+    candidates = mt.evaluate.sample_candidates(model, tok, prompt, n=4, max_new_tokens=6, seed=0)
+    assert len(candidates) == 4 and candidates == mt.evaluate.sample_candidates(model, tok, prompt, 4, 6, seed=0)
+    candidates = [*candidates, "Stonebridge"]
+    scores = mt.evaluate.loglik_scores(model, tok, prompt, candidates)
+    best = mt.evaluate.best_of(candidates, scores)
+    assert best == candidates[int(torch.tensor(scores).argmax())]
+    # against itself every implicit reward is 0: the first candidate is kept
+    rewards = mt.evaluate.implicit_reward_scores(model, model, tok, prompt, candidates)
+    assert rewards == [0.0] * 5 and mt.evaluate.best_of(candidates, rewards) == candidates[0]
+    assert mt.evaluate.best_of(["a", "b", "c"], [0.1, 0.7, 0.7]) == "b"
+    with pytest.raises(ValueError, match="2 candidates and 1 scores"):
+        mt.evaluate.best_of(["a", "b"], [1.0])
