@@ -193,16 +193,17 @@ def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -
 
 
 @torch.no_grad()
-def choice_logprobs(model, tok, context: str, choices: Sequence[str]) -> list[float]:
+def choice_logprobs(model, tok, context: str, choices: Sequence[str], end: Sequence[int] = ()) -> list[float]:
     """log p(choice | context) of each choice, summed over the choice's tokens: the context is encoded with
     the tokenizer's special tokens, each choice without, and appended to it (write the separating space into
-    the choices, as " Paris"). All choices in one batch."""
+    the choices, as " Paris"). `end` (e.g. [EOS]) is appended to every choice and scored with it: for whole
+    answers, whose ending is part of what was said. All choices in one batch."""
     from .data import collate
     from .losses import IGNORE_INDEX, sequence_logps
     prefix = tok.encode(context)
     rows = []
     for choice in choices:
-        answer = tok.encode(choice, add_special_tokens=False)
+        answer = tok.encode(choice, add_special_tokens=False) + list(end)
         if not answer:
             raise ValueError(f"choice {choice!r} encodes to no tokens")
         rows.append({"input_ids": prefix + answer, "labels": [IGNORE_INDEX] * len(prefix) + answer})
@@ -319,8 +320,9 @@ def sample_candidates(model, tok, prompt: str | list[dict], n: int, max_new_toke
 
 
 def loglik_scores(model, tok, prompt: str | list[dict], candidates: Sequence[str]) -> list[float]:
-    """Each candidate's log-likelihood under `model`, given the prompt (choice_logprobs)."""
-    return choice_logprobs(model, tok, prompt_text(tok, prompt), candidates)
+    """Each candidate's log-likelihood under `model`, given the prompt, its EOS included (so a candidate that
+    stops at once, the empty answer, has one too, and stopping is part of every answer's score)."""
+    return choice_logprobs(model, tok, prompt_text(tok, prompt), candidates, end=[tok.eos_token_id])
 
 
 def implicit_reward_scores(policy, reference, tok, prompt: str | list[dict], candidates: Sequence[str],

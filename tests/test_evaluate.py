@@ -92,6 +92,15 @@ def test_choice_logprobs_equal_the_full_logits_computation():
         assert value == pytest.approx(want, rel=1e-5, abs=1e-4)
 
 
+def test_whole_answers_score_their_end_token_too():
+    tok, model = mt.load_tokenizer(TINY), mt.load_model(TINY).eval()
+    context = "Where does Teo live?"
+    with_eos = choice_logprobs(model, tok, context, [" Stonebridge"], end=[tok.eos_token_id])[0]
+    ids = torch.tensor(tok.encode(context) + tok.encode(" Stonebridge", add_special_tokens=False) + [tok.eos_token_id])
+    eos = token_logprob(model, ids, 0, len(ids) - 1)
+    assert with_eos == pytest.approx(choice_logprobs(model, tok, context, [" Stonebridge"])[0] + eos, rel=1e-5)
+
+
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_confidence():
     values = [1.0] * 30 + [0.0] * 20
     mean, low, high = bootstrap_ci(values, confidence=0.95, seed=1)
@@ -152,13 +161,13 @@ def test_best_of_n_keeps_the_argmax_of_the_scorer():
     prompt = [{"role": "user", "content": "Where does Teo live?"}]
     candidates = mt.evaluate.sample_candidates(model, tok, prompt, n=4, max_new_tokens=6, seed=0)
     assert len(candidates) == 4 and candidates == mt.evaluate.sample_candidates(model, tok, prompt, 4, 6, seed=0)
-    candidates = [*candidates, "Stonebridge"]
+    candidates = [*candidates, "Stonebridge", ""]  # "": an answer that stops at once is scored by its EOS
     scores = mt.evaluate.loglik_scores(model, tok, prompt, candidates)
     best = mt.evaluate.best_of(candidates, scores)
     assert best == candidates[int(torch.tensor(scores).argmax())]
     # against itself every implicit reward is 0: the first candidate is kept
     rewards = mt.evaluate.implicit_reward_scores(model, model, tok, prompt, candidates)
-    assert rewards == [0.0] * 5 and mt.evaluate.best_of(candidates, rewards) == candidates[0]
+    assert rewards == [0.0] * 6 and mt.evaluate.best_of(candidates, rewards) == candidates[0]
     assert mt.evaluate.best_of(["a", "b", "c"], [0.1, 0.7, 0.7]) == "b"
     with pytest.raises(ValueError, match="2 candidates and 1 scores"):
         mt.evaluate.best_of(["a", "b"], [1.0])
