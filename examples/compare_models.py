@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=128, help="perplexity window stride")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--n", type=int, default=4, help="candidates per prompt in the best-of-n pipeline")
+    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -102,6 +104,30 @@ def evaluate_model(name: str, args) -> dict[str, dict]:
     return results
 
 
+def best_of_n(sampler_dir: str, scorer_dir: str, reference_dir: str, args) -> dict[str, tuple]:
+    """The pipeline: `sampler` samples --n answers to each held-out preference prompt, `scorer` keeps the one
+    with the highest implicit reward β·log(π_scorer/π_reference) (DPO's reward model, for free), and the kept
+    answers are judged by the pairs' rules: against the sampler's and the scorer's own greedy answers."""
+    tok = mt.load_tokenizer(scorer_dir)
+    sampler, scorer, reference = (mt.load_model(d, dtype=torch.float32, device=args.device).eval()
+                                  for d in (sampler_dir, scorer_dir, reference_dir))
+    records = D.read_jsonl(DATA / "preference" / "test.jsonl")
+    kept = []
+    for i, r in enumerate(tqdm(records, desc="best of n", leave=False, file=sys.stderr)):
+        candidates = E.sample_candidates(sampler, tok, chat(r["prompt"]), args.n, 48, seed=args.seed + i)
+        kept.append(E.best_of(candidates, E.implicit_reward_scores(scorer, reference, tok, chat(r["prompt"]),
+                                                                   candidates)))
+    greedy = {name: E.generate_answers(m, tok, [chat(r["prompt"]) for r in records], args.batch_size, 48)
+              for name, m in (("sampler", sampler), ("scorer", scorer))}
+
+    def score(answers: list[str]) -> tuple:
+        return E.bootstrap_ci([E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)],
+                              resamples=args.resamples)
+
+    return {"best of n": score(kept), "sampler alone (greedy)": score(greedy["sampler"]),
+            "scorer alone (greedy)": score(greedy["scorer"])}
+
+
 def table(results: dict[str, dict]) -> str:
     metrics = list(next(iter(results.values())))
     rows = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
@@ -126,6 +152,12 @@ def main(argv=None) -> None:
         for name, r in results.items():
             writer.writerow([name, *[v for m in metrics for v in r[m]]])
     print(table(results))
+    if len(args.models) >= 3:  # the bundled order: base, SFT (sampler and reference), DPO (scorer)
+        pipeline = best_of_n(args.models[1], args.models[2], args.models[1], args)
+        lines = [f"| {k} | {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}] |" for k, v in pipeline.items()]
+        text = "| answers to the preference prompts | satisfy the rule |\n|---|---:|\n" + "\n".join(lines) + "\n"
+        (out / "pipeline.md").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":
