@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import minitune as mt
+import minitune.plot  # noqa: F401 (mt.plot)
 from minitune import data as D
 from minitune import evaluate as E
 
@@ -152,6 +153,8 @@ def main(argv=None) -> None:
         for name, r in results.items():
             writer.writerow([name, *[v for m in metrics for v in r[m]]])
     print(table(results))
+    shares = [m for m in next(iter(results.values())) if not m.endswith("ppl")]
+    mt.plot.plot_comparison(results, out / "comparison.png", "the same protocol for every model", shares)
     if len(args.models) >= 3:  # the bundled order: base, SFT (sampler and reference), DPO (scorer)
         pipeline = best_of_n(args.models[1], args.models[2], args.models[1], args)
         lines = [f"| {k} | {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}] |" for k, v in pipeline.items()]

@@ -53,3 +53,45 @@ def plot_training(metrics: Sequence[dict], path: str | Path, title: str = "",
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_comparison(results: dict[str, dict[str, tuple[float, float, float]]], path: str | Path, title: str = "",
+                    metrics: Sequence[str] | None = None) -> Path | None:
+    """A grouped bar chart: one group per metric, one bar per model, each with its interval as an error bar.
+    results: {model: {metric: (value, low, high)}}. Returns the PNG's path, or None without matplotlib."""
+    if not have_matplotlib():
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results)
+    metrics = list(metrics or next(iter(results.values())))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(metrics)), 4))
+    for i, model in enumerate(models):
+        values = [results[model][m][0] for m in metrics]
+        errors = [[v - results[model][m][1] for v, m in zip(values, metrics, strict=True)],
+                  [results[model][m][2] - v for v, m in zip(values, metrics, strict=True)]]
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(metrics))]
+        ax.bar(xs, values, width, yerr=errors, capsize=3, label=model_label(model))
+    ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def model_label(name_or_path: str) -> str:
+    """A short name for a model in a legend: a hub id as it is, a folder by its name, or by its parent's for the
+    examples' output folders (runs/sft/final -> sft/final)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return str(name_or_path)
+    return "/".join(path.parts[-2:]) if path.name == "final" else path.name
