@@ -6,16 +6,20 @@
 # does not stop the next (the limits add up to more than 10 minutes: a run cut short loses the DPO step
 # first, and bench_train.py writes its report after each stage). Output: $OUT (or benchmarks/out/):
 # gpu_run.txt (this log), bench_kernels.{json,md}, bench_train.{json,md}, sft/bench_train.{json,md},
-# dpo/bench_train.{json,md}.
+# dpo/bench_train.{json,md}. Arguments pick steps by name (tests kernels train sft dpo; default: all),
+# e.g. `bash benchmarks/gpu_run.sh tests kernels sft dpo` when the random-token step is already measured.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out}"
 mkdir -p "$out"
 wheel=benchmarks/vendor/liger_kernel-0.8.5-py3-none-any.whl
 
+steps=" ${*:-tests kernels train sft dpo} "
+
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print its exit status and time
   local name=$1 limit=$2
   shift 2
+  [[ "$steps" == *" $name "* ]] || return 0
   echo "=== $name (limit ${limit} s): $*"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@"
@@ -40,9 +44,9 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print i
     || echo "liger-kernel: not available (the benchmarks say n/a)"
 
   step tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py tests/test_models.py
-  step bench_kernels 200 python3 benchmarks/bench_kernels.py --sweep --out "$out"
-  step bench_train 170 python3 benchmarks/bench_train.py --configs mistral-1b --out "$out"
-  step bench_train_sft 120 python3 benchmarks/bench_train.py --configs sft-mistral-1b --out "$out/sft"
-  step bench_train_dpo 150 python3 benchmarks/bench_train.py --configs dpo-lora-mistral-1b --out "$out/dpo"
+  step kernels 200 python3 benchmarks/bench_kernels.py --sweep --out "$out"
+  step train 170 python3 benchmarks/bench_train.py --configs mistral-1b --out "$out"
+  step sft 150 python3 benchmarks/bench_train.py --configs sft-mistral-1b --out "$out/sft"
+  step dpo 150 python3 benchmarks/bench_train.py --configs dpo-lora-mistral-1b --out "$out/dpo"
   date -u
 } 2>&1 | tee "$out/gpu_run.txt"
