@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 import random
 import string
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any, Mapping
 
 import torch
+from tqdm import tqdm
 
 from .data import pad_id
 from .generate import generate
@@ -152,7 +154,8 @@ def stream_loss(model, stream: torch.Tensor, seq_len: int, batch_size: int = 32)
 
 
 @torch.no_grad()
-def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -> dict:
+def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 8,
+                       desc: str | None = None) -> dict:
     """Perplexity of a long token sequence with a sliding window, the protocol of transformers' "Perplexity
     of fixed-length models" guide: windows of max_length tokens start every `stride` tokens, and each scores
     only the tokens no earlier window scored, with up to max_length - stride tokens of context before them.
@@ -161,32 +164,41 @@ def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int) -
 
     ids: a 1-D LongTensor (a document, or documents joined). With stride < max_length every token but the
     first is scored exactly once; with stride = max_length, as in the guide, the first token of each window
-    has no context in it and is not scored. Returns {"ppl", "nll" (mean per scored token), "tokens"
-    (scored), "windows"}.
+    has no context in it and is not scored. Windows of equal length go through the model batch_size at a
+    time. Returns {"ppl", "nll" (mean per scored token), "tokens" (scored), "windows", and per window
+    "window_nll" (summed) and "window_tokens"}: the windows are contiguous blocks of the text, the items a
+    block bootstrap resamples (bootstrap_ci(window_nll, weights=window_tokens) is an interval for nll).
     """
-    from .losses import IGNORE_INDEX, causal_lm_loss
+    from .losses import IGNORE_INDEX, sequence_logps
     if not 0 < stride <= max_length:
         raise ValueError(f"stride={stride} must be in (0, max_length={max_length}]")
     if ids.dim() != 1 or ids.numel() < 2:
         raise ValueError(f"expected a 1-D sequence of at least 2 tokens, got shape {tuple(ids.shape)}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count, windows, scored_to = 0.0, 0, 0, 0  # scored_to: tokens before it are scored (or the first)
+    spans, scored_to = [], 0  # (begin, end, first scored position); tokens before scored_to are already scored
     for begin in range(0, ids.numel(), stride):
         end = min(begin + max_length, ids.numel())
-        window = ids[begin:end].to(device).unsqueeze(0)  # (1, T)
-        labels = window.clone()
-        labels[0, :max(scored_to - begin, 0)] = IGNORE_INDEX  # already scored by an earlier window: context only
-        total += causal_lm_loss(model, window, labels, reduction="sum").item()
-        count += int((labels[0, 1:] != IGNORE_INDEX).sum())
-        windows += 1
+        spans.append((begin, end, max(scored_to - begin, 0)))
         scored_to = end
         if end == ids.numel():
             break
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    nll, tokens = [], []
+    batches = [spans[i:i + batch_size] for i in range(0, len(spans), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False, file=sys.stderr):
+        for length in dict.fromkeys(end - begin for begin, end, _ in batch):  # the last window may be shorter
+            rows = [(begin, skip) for begin, end, skip in batch if end - begin == length]
+            window = torch.stack([ids[begin:begin + length] for begin, _ in rows]).to(device)  # (B, T)
+            labels = window.clone()
+            for row, (_, skip) in enumerate(rows):
+                labels[row, :skip] = IGNORE_INDEX  # scored by an earlier window: context only
+            nll += (-sequence_logps(model, window, labels)).tolist()
+            tokens += (labels[:, 1:] != IGNORE_INDEX).sum(-1).tolist()
     model.train(was_training)
-    nll = total / count
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": count, "windows": windows}
+    mean = sum(nll) / sum(tokens)
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": sum(tokens), "windows": len(spans),
+            "window_nll": nll, "window_tokens": tokens}
 
 
 # ---------------------------------------------------------------- multiple choice by log-likelihood
@@ -229,22 +241,38 @@ def multiple_choice_scores(logprobs: Sequence[float], choices: Sequence[str], an
 # ---------------------------------------------------------------- intervals and folds
 
 
-def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 1000, seed: int = 0
-                 ) -> tuple[float, float, float]:
-    """(mean, low, high): the mean of per-item scores and its percentile bootstrap interval (Efron): the
+def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 1000, seed: int = 0,
+                 weights: Sequence[float] | None = None) -> tuple[float, float, float]:
+    """(estimate, low, high): the mean of per-item scores and its percentile bootstrap interval (Efron): the
     items are resampled with replacement `resamples` times, and the interval is the middle `confidence`
-    of the resampled means. Seeded, so a report's intervals are repeatable."""
+    of the resampled means. Seeded, so a report's intervals are repeatable. With `weights` the statistic is
+    the ratio sum(values) / sum(weights) (e.g. summed NLL per window over tokens per window: the NLL per
+    token), each resample drawing whole items. Every resampled statistic lies between the items' extremes,
+    and the interval holds the estimate except in a pathologically skewed sample."""
     if not values:
         raise ValueError("bootstrap_ci needs at least one value")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}: expected a fraction in (0, 1)")
     x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    w = torch.ones_like(x) if weights is None else torch.tensor([float(v) for v in weights], dtype=torch.float64)
+    if w.shape != x.shape or (w <= 0).any():
+        raise ValueError(f"weights: expected {len(x)} positive numbers, one per value")
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(x), (resamples, len(x)), generator=generator)  # (R, N)
-    means = x[picks].mean(dim=1)  # (R,)
+    stats = x[picks].sum(dim=1) / w[picks].sum(dim=1)  # (R,)
     tail = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return x.mean().item(), low, high
+    low, high = torch.quantile(stats, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return (x.sum() / w.sum()).item(), low, high
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation, n - 1 in the denominator; 0 for one value): how folds are summarised."""
+    if not values:
+        raise ValueError("mean_std needs at least one value")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def kfold_indices(n: int, k: int, seed: int = 0) -> list[tuple[list[int], list[int]]]:
@@ -257,6 +285,54 @@ def kfold_indices(n: int, k: int, seed: int = 0) -> list[tuple[list[int], list[i
     order = _permutation(n, random.Random(seed))
     folds = [sorted(order[i::k]) for i in range(k)]
     return [(sorted(j for f, fold in enumerate(folds) if f != i for j in fold), folds[i]) for i in range(k)]
+
+
+def cross_validate(items: Sequence, k: int, fit: Callable[[list, list, int], Mapping[str, float]], seed: int = 0,
+                   desc: str | None = None) -> dict:
+    """k-fold cross-validation: for each fold i, fit(train_items, validation_items, i) trains a fresh model on
+    the other k - 1 folds and returns its metrics on fold i ({name: float}). Returns {"folds": [metrics of
+    each fold], "mean": {name: mean}, "std": {name: sample std}} over the folds (the metrics every fold
+    returned). The folds come from kfold_indices(len(items), k, seed): the same seed, the same folds, so
+    configurations compared under one seed see the same splits."""
+    folds = []
+    for i, (train, val) in enumerate(tqdm(kfold_indices(len(items), k, seed), desc=desc, disable=desc is None,
+                                          file=sys.stderr)):
+        folds.append(dict(fit([items[j] for j in train], [items[j] for j in val], i)))
+    names = [name for name in folds[0] if all(name in f for f in folds)]
+    summary = {name: mean_std([f[name] for f in folds]) for name in names}
+    return {"folds": folds, "mean": {n: m for n, (m, _) in summary.items()},
+            "std": {n: s for n, (_, s) in summary.items()}}
+
+
+def grid(space: Mapping[str, Sequence]) -> list[dict]:
+    """Every combination of the values in `space` ({name: [values]}), the first name varying slowest."""
+    configs = [{}]
+    for name, values in space.items():
+        if not values:
+            raise ValueError(f"search space: {name!r} has no values")
+        configs = [{**config, name: value} for config in configs for value in values]
+    return configs
+
+
+def random_configs(space: Mapping[str, Sequence], n: int, seed: int = 0) -> list[dict]:
+    """n distinct combinations drawn at random from the grid of `space` (all of it when it has at most n):
+    random search, which covers each setting's own range better than a grid of the same size (Bergstra and
+    Bengio 2012)."""
+    configs = grid(space)
+    return configs if n >= len(configs) else random.Random(seed).sample(configs, n)
+
+
+def search(configs: Sequence[Mapping], evaluate_config: Callable[[dict], dict], metric: str,
+           higher_is_better: bool = True) -> list[dict]:
+    """Score each configuration with evaluate_config(config) -> a cross_validate result, and rank them by the
+    mean of `metric` over the folds, best first: [{"config", "mean", "std", "folds"}, ...]."""
+    results = []
+    for config in configs:
+        result = evaluate_config(dict(config))
+        if metric not in result["mean"]:
+            raise ValueError(f"search: metric {metric!r} is not among the folds' metrics {sorted(result['mean'])}")
+        results.append({"config": dict(config), **result})
+    return sorted(results, key=lambda r: r["mean"][metric], reverse=higher_is_better)
 
 
 # ---------------------------------------------------------------- multiple-choice files

@@ -12,8 +12,13 @@ import minitune as mt
 from minitune.evaluate import (
     bootstrap_ci,
     choice_logprobs,
+    cross_validate,
+    grid,
     kfold_indices,
+    mean_std,
     multiple_choice_scores,
+    random_configs,
+    search,
     strided_perplexity,
 )
 from minitune.losses import causal_lm_loss
@@ -60,10 +65,15 @@ def test_the_strided_windows_score_each_token_with_the_protocols_context(model, 
         scored_to = end
         if end == n:
             break
-    result = strided_perplexity(model, ids, max_length, stride)
+    # batches of 3: full ones, a partial one, and the last window shorter than the others in its batch
+    result = strided_perplexity(model, ids, max_length, stride, batch_size=3)
     assert result["windows"] == len(starts) and result["tokens"] == count
     assert count == (n - len(starts) if stride == max_length else n - 1)
     assert result["nll"] == pytest.approx(total / count, rel=1e-5)
+    assert sum(result["window_tokens"]) == count and sum(result["window_nll"]) == pytest.approx(total, rel=1e-5)
+    one_by_one = strided_perplexity(model, ids, max_length, stride, batch_size=1)
+    assert one_by_one["window_tokens"] == result["window_tokens"]
+    assert one_by_one["window_nll"] == pytest.approx(result["window_nll"], rel=1e-5)
 
 
 def test_strided_perplexity_refuses_bad_windows(model):
@@ -112,6 +122,61 @@ def test_bootstrap_interval_covers_the_mean_and_narrows_with_confidence():
     assert bootstrap_ci([0.5] * 10) == (0.5, 0.5, 0.5)
     with pytest.raises(ValueError, match="at least one value"):
         bootstrap_ci([])
+
+
+def test_bootstrap_with_weights_is_an_interval_for_a_ratio():
+    # per-window summed NLL over per-window tokens: the estimate is sum / sum, not the mean of the ratios
+    nll, tokens = [10.0, 30.0, 4.0, 20.0], [5, 10, 4, 10]
+    estimate, low, high = bootstrap_ci(nll, weights=tokens, seed=0)
+    assert estimate == pytest.approx(64 / 29)
+    assert 1.0 <= low < estimate < high <= 3.0  # every resample lies between the windows' extremes (1 and 3)
+    assert bootstrap_ci([1.0, 2.0], weights=[1, 1]) == bootstrap_ci([1.0, 2.0])
+    with pytest.raises(ValueError, match="2 positive numbers"):
+        bootstrap_ci([1.0, 2.0], weights=[1, 0])
+
+
+def test_mean_std_by_hand():
+    assert mean_std([2.0, 4.0, 9.0]) == pytest.approx((5.0, math.sqrt((9 + 1 + 16) / 2)))
+    assert mean_std([0.7]) == (0.7, 0.0)
+
+
+def test_cross_validate_fits_each_fold_on_the_rest_and_summarises():
+    items = list(range(10))
+    seen = []
+
+    def fit(train, val, fold):
+        seen.append((fold, sorted(train), sorted(val)))
+        return {"share": len(val) / 10, "first": float(min(val))}
+
+    result = cross_validate(items, 3, fit, seed=5)
+    assert [f for f, _, _ in seen] == [0, 1, 2]
+    assert sorted(i for _, _, val in seen for i in val) == items  # every item validated on exactly once
+    assert all(sorted(train + val) == items for _, train, val in seen)
+    assert [(train, val) for _, train, val in seen] == kfold_indices(10, 3, seed=5)
+    shares = [len(val) / 10 for _, _, val in seen]
+    assert result["folds"][0]["share"] == shares[0]
+    assert (result["mean"]["share"], result["std"]["share"]) == pytest.approx(mean_std(shares))
+
+
+def test_grid_random_configs_and_search_rank_by_the_cross_validated_mean():
+    space = {"lr": [1e-3, 3e-3], "lora_r": [4, 8, 16]}
+    configs = grid(space)
+    assert len(configs) == 6 and configs[0] == {"lr": 1e-3, "lora_r": 4} and configs[-1] == {"lr": 3e-3, "lora_r": 16}
+    drawn = random_configs(space, 4, seed=1)
+    assert len(drawn) == 4 and all(c in configs for c in drawn) and len({str(c) for c in drawn}) == 4
+    assert random_configs(space, 10) == configs
+    with pytest.raises(ValueError, match="'lr' has no values"):
+        grid({"lr": []})
+
+    def evaluate_config(config):  # a fake loss, lowest at lr 3e-3, rank 8
+        return {"mean": {"loss": abs(config["lr"] - 3e-3) * 100 + abs(config["lora_r"] - 8)}, "std": {}, "folds": []}
+
+    ranked = search(configs, evaluate_config, "loss", higher_is_better=False)
+    assert ranked[0]["config"] == {"lr": 3e-3, "lora_r": 8}
+    assert [r["mean"]["loss"] for r in ranked] == sorted(r["mean"]["loss"] for r in ranked)
+    assert search(configs, evaluate_config, "loss")[0]["config"] == {"lr": 1e-3, "lora_r": 16}
+    with pytest.raises(ValueError, match="metric 'acc' is not among"):
+        search(configs, evaluate_config, "acc")
 
 
 @pytest.mark.parametrize("n,k", [(10, 5), (11, 3), (7, 7)])
