@@ -1,18 +1,33 @@
-"""Several models on one evaluation protocol: tiny-mistral against its SFT and DPO ("tiny-zephyr") models.
+"""Several models on one evaluation protocol, with bootstrap intervals, and a best-of-n pipeline of two of them.
 
-    python examples/compare_models.py                               # the bundled three (SFT and DPO built if absent)
+    python examples/compare_models.py           # tiny-mistral, its SFT model and tiny-zephyr (built when absent)
     python examples/compare_models.py --models mistralai/Mistral-7B-v0.1 HuggingFaceH4/zephyr-7b-beta
 
-WORK IN PROGRESS (issue 8, branch wip/issue-8): the per-model tasks and the table are here; the charts, the
-best-of-n pipeline, building the SFT/DPO models when absent and the reproduce section are not yet.
+The default models are the bundled tiny-mistral, runs/sft/final (examples/finetune_mistral.py) and
+runs/dpo/final, "tiny-zephyr": the SFT model after examples/dpo.py, as Zephyr is Mistral after SFT and DPO.
+The two runs are made first when their folders are absent. Every model answers the same items the same way:
 
-Each model is asked the same questions the same way (chat prompts through its tokenizer's template):
-  instruction      exact match of greedy answers to eval/generation/test.jsonl
-  knowledge        multiple-choice log-likelihood accuracy (acc, acc_norm) on eval/multiple_choice/test.jsonl
-  preference       preference/test.jsonl: the share of pairs whose chosen answer the model finds likelier (per
-                   token), and the share of its greedy answers that satisfy the pair's rule
-  language         perplexity of source/validation.jsonl with a strided window
-Every share has a 95% bootstrap interval over the items.
+  instruction  exact match of greedy answers          examples/data/eval/generation/test.jsonl
+  knowledge    multiple choice by log-likelihood:     examples/data/eval/multiple_choice/test.jsonl
+               acc, and acc_norm (per character)      (or --multiple-choice FILE: HellaSwag or ARC JSONL)
+  preference   prefers_chosen: the chosen answer has  examples/data/preference/test.jsonl
+               the higher log-likelihood per token;
+               rule_score: greedy answers that
+               satisfy the pair's rule
+  language     perplexity, strided window             examples/data/source/validation.jsonl
+
+Questions go through each tokenizer's chat template when every model has one (--prompt-format auto), else
+as "Question: ...\\nAnswer:" text for all (a base model such as Mistral-7B-v0.1 has no template); greedy
+text answers end at the first line break. Every number has a 95% percentile-bootstrap interval over the
+items (over the text's windows for perplexity, a block bootstrap).
+
+The pipeline (best of n): the sampler draws --n answers to each preference prompt, the scorer keeps the one
+it rates highest, by its log-likelihood or by DPO's implicit reward beta * log(pi_scorer / pi_reference), and
+the kept answers are judged by the pairs' rules, against each model answering alone. --pipeline SAMPLER
+SCORER [REFERENCE]; by default the SFT model samples and tiny-zephyr scores, with the SFT model as reference.
+
+Output in --out: comparison.md, comparison.csv, results.json, comparison.png (the shares, every model) and one
+PNG per task, pipeline.md.
 """
 
 from __future__ import annotations
@@ -20,147 +35,272 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import minitune as mt
-import minitune.plot  # noqa: F401 (mt.plot)
 from minitune import data as D
 from minitune import evaluate as E
+from minitune import plot
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
-DEFAULT_MODELS = [str(HERE / "assets" / "tiny-mistral"), "runs/sft/final", "runs/dpo/final"]
+TINY = str(HERE / "assets" / "tiny-mistral")
+BUILT = {"sft": ("finetune_mistral.py", []), "dpo": ("dpo.py", ["--model", "{runs}/sft/final"])}  # runs/<name>/final
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="hub ids or folders")
+    p.add_argument("--models", nargs="+", default=None,
+                   help="hub ids or folders (default: tiny-mistral, <runs>/sft/final, <runs>/dpo/final)")
+    p.add_argument("--runs", default="runs", help="where the default SFT and DPO models are, or are made")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "text"))
+    p.add_argument("--multiple-choice", default=str(DATA / "eval" / "multiple_choice" / "test.jsonl"),
+                   help="bundled, HellaSwag- or ARC-style JSONL")
+    p.add_argument("--limit", type=int, default=None, help="the first N items of each set (a quick look)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256, help="perplexity window")
     p.add_argument("--stride", type=int, default=128, help="perplexity window stride")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--n", type=int, default=4, help="candidates per prompt in the best-of-n pipeline")
+    p.add_argument("--pipeline", nargs="+", default=None, metavar="MODEL",
+                   help="SAMPLER SCORER [REFERENCE] for best of n (default: the 2nd, 3rd and 2nd model of three, "
+                        "the 1st and 2nd of two); 'none' for no pipeline")
+    p.add_argument("--n", type=int, default=4, help="candidates per prompt in the pipeline")
+    p.add_argument("--beta", type=float, default=0.1, help="the implicit reward's beta (it scales, never reorders)")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    runs = Path(args.runs)
+    args.default = args.models is None
+    args.models = args.models or [TINY, str(runs / "sft" / "final"), str(runs / "dpo" / "final")]
+    if args.pipeline is None:
+        args.pipeline = ([args.models[1], args.models[2], args.models[1]] if len(args.models) >= 3 else
+                         args.models[:2] if len(args.models) == 2 else ["none"])
+    if args.pipeline != ["none"] and len(args.pipeline) not in (2, 3):
+        p.error(f"--pipeline {args.pipeline}: expected SAMPLER SCORER [REFERENCE], or none")
+    if args.n < 1 or (args.limit is not None and args.limit < 1):
+        p.error("--n and --limit must be at least 1")
+    return args
 
 
-def chat(question: str) -> list[dict]:
-    return [{"role": "user", "content": question}]
+def build_missing(args) -> None:
+    """The default SFT and DPO models, made by their examples (with the examples' defaults) when absent."""
+    runs = Path(args.runs)
+    for name, (script, flags) in BUILT.items():
+        if not (runs / name / "final" / "config.json").exists():
+            command = [sys.executable, str(HERE / script), "--out", str(runs / name),
+                       *[f.format(runs=runs) for f in flags]]
+            print(f"{runs / name / 'final'} not found: making it with {' '.join(command[1:])}", file=sys.stderr)
+            subprocess.run(command, check=True)
+
+
+# ---------------------------------------------------------------- one protocol for every model
+
+
+def prompt(question: str, fmt: str) -> str | list[dict]:
+    """A question as a chat (a user turn, which the template renders) or as plain text."""
+    return [{"role": "user", "content": question}] if fmt == "chat" else f"Question: {question}\nAnswer:"
+
+
+def ask(tok, question: str, fmt: str) -> str:
+    """The prompt text: through the chat template with the assistant's opening, or plain text."""
+    return E.prompt_text(tok, prompt(question, fmt))
+
+
+def said(tok, question: str, answer: str, fmt: str) -> list[int]:
+    """The tokens of a whole answer after the prompt: the template's assistant turn, or a space, the answer, EOS."""
+    return E.answer_tokens(tok, prompt(question, fmt), answer if fmt == "chat" else " " + answer)
+
+
+def greedy(model, tok, questions: list[str], args, max_new_tokens: int) -> list[str]:
+    answers = E.generate_answers(model, tok, [ask(tok, q, args.fmt) for q in questions], args.batch_size,
+                                 max_new_tokens)
+    return answers if args.fmt == "chat" else [a.strip().split("\n")[0] for a in answers]
+
+
+def head(records: list, args) -> list:
+    return records[:args.limit] if args.limit else records
 
 
 def instruction(model, tok, args) -> dict[str, list[float]]:
-    records = D.read_jsonl(DATA / "eval" / "generation" / "test.jsonl")
+    records = head(D.read_jsonl(DATA / "eval" / "generation" / "test.jsonl"), args)
     longest = max(len(tok.encode(r["answer"], add_special_tokens=False)) for r in records)
-    answers = E.generate_answers(model, tok, [chat(r["prompt"]) for r in records], args.batch_size, longest + 8)
+    answers = greedy(model, tok, [r["prompt"] for r in records], args, longest + 8)
     return {"exact_match": [float(E.exact_match(a, r["answer"])) for a, r in zip(answers, records, strict=True)]}
 
 
 def knowledge(model, tok, args) -> dict[str, list[float]]:
-    scores = {"acc": [], "acc_norm": []}
-    for q in tqdm(E.read_multiple_choice(DATA / "eval" / "multiple_choice" / "test.jsonl"), desc="choices",
-                  leave=False, file=sys.stderr):
-        choices = [" " + c for c in q["choices"]]
-        context = E.prompt_text(tok, chat(q["question"]))
-        for key, value in E.multiple_choice_scores(E.choice_logprobs(model, tok, context, choices), choices,
-                                                   q["answer"]).items():
-            scores[key].append(value)
-    return scores
+    questions = head(E.read_multiple_choice(args.multiple_choice), args)
+
+    def request(question: str, choice: str) -> tuple[str, list[int]]:  # text: lm-evaluation-harness's layout
+        ids = said(tok, question, choice, "chat") if args.fmt == "chat" else \
+            tok.encode(" " + choice, add_special_tokens=False)
+        return ask(tok, question, args.fmt), ids
+
+    return E.multiple_choice(model, tok, questions, request, args.batch_size * 2, desc="choices")
 
 
 def preference(model, tok, args) -> dict[str, list[float]]:
-    test = DATA / "preference" / "test.jsonl"
-    records = D.read_jsonl(test)
-    pairs = D.load_preferences(test, tok, max_length=256, chat=True)
-    logps = mt.reference.precompute_logps(model, pairs, D.pad_id(tok), args.batch_size, average=True)  # (N, 2)
-    prefers = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in logps.tolist()]
-    answers = E.generate_answers(model, tok, [chat(r["prompt"]) for r in records], args.batch_size, 48)
-    rule = [E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)]
-    return {"prefers_chosen": prefers, "rule_score": rule}
+    records = head(D.read_jsonl(DATA / "preference" / "test.jsonl"), args)
+    requests = [(ask(tok, r["prompt"], args.fmt), said(tok, r["prompt"], r[side], args.fmt))
+                for r in records for side in ("chosen", "rejected")]
+    logps = E.continuation_logprobs(model, tok, requests, args.batch_size * 2, desc="pairs")
+    per_token = [lp / len(ids) for lp, (_, ids) in zip(logps, requests, strict=True)]
+    prefers = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(per_token[::2], per_token[1::2], strict=True)]
+    answers = greedy(model, tok, [r["prompt"] for r in records], args, 48)
+    return {"prefers_chosen": prefers,
+            "rule_score": [E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)]}
 
 
-def language(model, tok, args) -> dict[str, float]:
-    stream = D.token_stream(tok, D.read_texts(DATA / "source" / "validation.jsonl"))
-    return {"ppl": E.strided_perplexity(model, stream, args.max_length, args.stride)["ppl"]}
+def language(model, tok, args) -> dict[str, tuple]:
+    texts = head(D.read_texts(DATA / "source" / "validation.jsonl"), args)
+    result = E.strided_perplexity(model, D.token_stream(tok, texts), args.max_length, args.stride, args.batch_size,
+                                  desc="windows")
+    _, low, high = E.bootstrap_ci(result["window_nll"], weights=result["window_tokens"], resamples=args.resamples,
+                                  seed=args.seed)
+    return {"ppl": (result["ppl"], math.exp(low), math.exp(high), result["windows"])}
 
 
 TASKS = {"instruction": instruction, "knowledge": knowledge, "preference": preference, "language": language}
+LOWER_IS_BETTER = {"language/ppl"}
 
 
-def evaluate_model(name: str, args) -> dict[str, dict]:
-    """{task: {metric: (value, low, high)}} for one model (perplexity has no interval: one number per text)."""
+def evaluate_model(name: str, args) -> dict[str, tuple]:
+    """{"task/metric": (value, low, high, items)} for one model."""
     tok = mt.load_tokenizer(name)
     model = mt.load_model(name, dtype=torch.float32, device=args.device).eval()
     results = {}
-    for task, run in TASKS.items():
+    for task, run in tqdm(TASKS.items(), desc=plot.model_label(name), file=sys.stderr):
         for metric, values in run(model, tok, args).items():
-            interval = E.bootstrap_ci(values, resamples=args.resamples) if isinstance(values, list) else \
-                (values, values, values)
-            results[f"{task}/{metric}"] = interval
+            results[f"{task}/{metric}"] = values if isinstance(values, tuple) else \
+                (*E.bootstrap_ci(values, resamples=args.resamples, seed=args.seed), len(values))
     return results
 
 
-def best_of_n(sampler_dir: str, scorer_dir: str, reference_dir: str, args) -> dict[str, tuple]:
-    """The pipeline: `sampler` samples --n answers to each held-out preference prompt, `scorer` keeps the one
-    with the highest implicit reward β·log(π_scorer/π_reference) (DPO's reward model, for free), and the kept
-    answers are judged by the pairs' rules: against the sampler's and the scorer's own greedy answers."""
-    tok = mt.load_tokenizer(scorer_dir)
-    sampler, scorer, reference = (mt.load_model(d, dtype=torch.float32, device=args.device).eval()
-                                  for d in (sampler_dir, scorer_dir, reference_dir))
-    records = D.read_jsonl(DATA / "preference" / "test.jsonl")
-    kept = []
-    for i, r in enumerate(tqdm(records, desc="best of n", leave=False, file=sys.stderr)):
-        candidates = E.sample_candidates(sampler, tok, chat(r["prompt"]), args.n, 48, seed=args.seed + i)
-        kept.append(E.best_of(candidates, E.implicit_reward_scores(scorer, reference, tok, chat(r["prompt"]),
-                                                                   candidates)))
-    greedy = {name: E.generate_answers(m, tok, [chat(r["prompt"]) for r in records], args.batch_size, 48)
-              for name, m in (("sampler", sampler), ("scorer", scorer))}
-
-    def score(answers: list[str]) -> tuple:
-        return E.bootstrap_ci([E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)],
-                              resamples=args.resamples)
-
-    return {"best of n": score(kept), "sampler alone (greedy)": score(greedy["sampler"]),
-            "scorer alone (greedy)": score(greedy["scorer"])}
+# ---------------------------------------------------------------- best of n: one model samples, another scores
 
 
-def table(results: dict[str, dict]) -> str:
+def best_of_n(args) -> dict[str, tuple]:
+    """Each way of answering the preference prompts, judged by the pairs' rules: (share, low, high, prompts)."""
+    names = args.pipeline
+    toks = {name: mt.load_tokenizer(name) for name in dict.fromkeys(names)}
+    models = {name: mt.load_model(name, dtype=torch.float32, device=args.device).eval() for name in toks}
+    sampler, scorer = names[0], names[1]
+    records = head(D.read_jsonl(DATA / "preference" / "test.jsonl"), args)
+    ways = {"sampler, one sample": [], "best of n by the scorer's log-likelihood": []}
+    if len(names) == 3:
+        ways["best of n by the implicit reward"] = []
+    for i, r in enumerate(tqdm(records, desc="best of n", file=sys.stderr)):
+        candidates = E.sample_candidates(models[sampler], toks[sampler], ask(toks[sampler], r["prompt"], args.fmt),
+                                         args.n, 48, seed=args.seed + i)
+        if args.fmt == "text":
+            candidates = [c.strip().split("\n")[0] for c in candidates]
+        ways["sampler, one sample"].append(candidates[0])
+        asked = prompt(r["prompt"], args.fmt)
+        spoken = candidates if args.fmt == "chat" else [" " + c for c in candidates]
+        scores = E.loglik_scores(models[scorer], toks[scorer], asked, spoken)
+        ways["best of n by the scorer's log-likelihood"].append(E.best_of(candidates, scores))
+        if len(names) == 3:
+            reference = E.loglik_scores(models[names[2]], toks[names[2]], asked, spoken)
+            rewards = [args.beta * (a - b) for a, b in zip(scores, reference, strict=True)]
+            ways["best of n by the implicit reward"].append(E.best_of(candidates, rewards))
+    for role, name in (("sampler", sampler), ("scorer", scorer)):
+        ways[f"{role} alone (greedy)"] = greedy(models[name], toks[name], [r["prompt"] for r in records], args, 48)
+    return {way: (*E.bootstrap_ci([E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)],
+                                  resamples=args.resamples, seed=args.seed), len(records))
+            for way, answers in ways.items()}
+
+
+# ---------------------------------------------------------------- the report
+
+
+def cell(v: tuple) -> str:
+    value, low, high = v[:3]
+    digits = 2 if max(abs(value), abs(high)) >= 10 else 3
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def table(results: dict[str, dict], labels: dict[str, str]) -> str:
     metrics = list(next(iter(results.values())))
-    rows = ["| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-    for name, r in results.items():
-        cells = [f"{r[m][0]:.3f} [{r[m][1]:.3f}, {r[m][2]:.3f}]" if r[m][1] != r[m][2] else f"{r[m][0]:.2f}"
-                 for m in metrics]
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = ["| task | metric | items | " + " | ".join(labels[m] for m in results) + " |",
+            "|---|---|---:|" + "---:|" * len(results)]
+    for metric in metrics:
+        task, name = metric.split("/")
+        arrow = " (lower is better)" if metric in LOWER_IS_BETTER else ""
+        rows.append(f"| {task} | {name}{arrow} | {next(iter(results.values()))[metric][3]} | "
+                    + " | ".join(cell(r[metric]) for r in results.values()) + " |")
     return "\n".join(rows) + "\n"
 
 
-def main(argv=None) -> None:
+def pipeline_table(pipeline: dict[str, tuple], args, labels: dict[str, str]) -> str:
+    names = [labels.get(m, plot.model_label(m)) for m in args.pipeline]
+    who = f"sampler {names[0]}, scorer {names[1]}" + (f", reference {names[2]}" if len(names) == 3 else "")
+    rows = "\n".join(f"| {way} | {cell(v)} |" for way, v in pipeline.items())
+    return (f"Best of {args.n} ({who}) on the {next(iter(pipeline.values()))[3]} prompts of "
+            f"`examples/data/preference/test.jsonl`, judged by each pair's rule:\n\n"
+            f"| answers | satisfy the rule |\n|---|---:|\n{rows}\n")
+
+
+def write_csv(results: dict[str, dict], labels: dict[str, str], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "label", "task", "metric", "items", "value", "low", "high"])
+        for name, r in results.items():
+            for metric, (value, low, high, items) in r.items():
+                writer.writerow([name, labels[name], *metric.split("/"), items, value, low, high])
+
+
+def charts(results: dict[str, dict], labels: dict[str, str], out: Path) -> list[Path]:
+    """comparison.png: every share, every model; comparison_<task>.png: one task's metrics."""
+    named = {labels[name]: r for name, r in results.items()}
+    metrics = list(next(iter(results.values())))
+    paths = [plot.plot_comparison(named, out / "comparison.png", "the same protocol for every model (95% intervals)",
+                                  [m for m in metrics if m not in LOWER_IS_BETTER])]
+    for task in dict.fromkeys(m.split("/")[0] for m in metrics):
+        paths.append(plot.plot_comparison(named, out / f"comparison_{task}.png", task,
+                                          [m for m in metrics if m.startswith(task + "/")]))
+    return [p for p in paths if p]
+
+
+def labels_for(models: list[str], default: bool) -> dict[str, str]:
+    if default:
+        return dict(zip(models, ("tiny-mistral", "tiny-mistral-sft", "tiny-zephyr"), strict=True))
+    return {m: plot.model_label(m) for m in models}
+
+
+def main(argv=None) -> dict:
     args = parse_args(argv)
+    start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.default:
+        build_missing(args)
+    toks = [mt.load_tokenizer(m) for m in args.models]
+    args.fmt = args.prompt_format if args.prompt_format != "auto" else \
+        "chat" if all(t.chat_template for t in toks) else "text"
+    labels = labels_for(args.models, args.default)
     results = {name: evaluate_model(name, args) for name in args.models}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "comparison.md").write_text(table(results))
-    with open(out / "comparison.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        metrics = list(next(iter(results.values())))
-        writer.writerow(["model", *[f"{m}{part}" for m in metrics for part in ("", "_low", "_high")]])
-        for name, r in results.items():
-            writer.writerow([name, *[v for m in metrics for v in r[m]]])
-    print(table(results))
-    shares = [m for m in next(iter(results.values())) if not m.endswith("ppl")]
-    mt.plot.plot_comparison(results, out / "comparison.png", "the same protocol for every model", shares)
-    if len(args.models) >= 3:  # the bundled order: base, SFT (sampler and reference), DPO (scorer)
-        pipeline = best_of_n(args.models[1], args.models[2], args.models[1], args)
-        lines = [f"| {k} | {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}] |" for k, v in pipeline.items()]
-        text = "| answers to the preference prompts | satisfy the rule |\n|---|---:|\n" + "\n".join(lines) + "\n"
-        (out / "pipeline.md").write_text(text)
-        print(text)
+    pipeline = best_of_n(args) if args.pipeline != ["none"] else {}
+    (out / "results.json").write_text(json.dumps({"prompt_format": args.fmt, "models": results,
+                                                  "labels": labels, "pipeline": pipeline}, indent=1))
+    write_csv(results, labels, out / "comparison.csv")
+    text = (f"Models: {', '.join(f'{labels[m]} (`{m}`)' for m in args.models)}; prompts: {args.fmt}. Value "
+            f"[95% bootstrap interval, {args.resamples} resamples].\n\n{table(results, labels)}")
+    (out / "comparison.md").write_text(text)
+    charts(results, labels, out)
+    if pipeline:
+        (out / "pipeline.md").write_text(pipeline_table(pipeline, args, labels))
+        text += "\n" + pipeline_table(pipeline, args, labels)
+    print(text)
+    print(f"({time.perf_counter() - start:.0f} s; written to {out})")
+    return {"results": results, "pipeline": pipeline, "labels": labels, "format": args.fmt}
 
 
 if __name__ == "__main__":

@@ -1,21 +1,23 @@
 """The project's main job: every workflow on the bundled tiny models, one report.
 
-    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; about 6 minutes on 2 cores
+    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; about 9 minutes on 2 cores
     python examples/reproduce.py --max-steps 3    # a smoke run: every workflow, a few steps each
     python examples/reproduce.py --sections sft   # some of the workflows
 
 Each workflow runs as its example script with the defaults (a separate process, as a user would run
-it), then the report measures its models on the held-out data. Sections so far: supervised
-fine-tuning of tiny-mistral (held-out exact match and perplexity, before and after), and transfer
-learning of tiny-gpt2 (every technique: target quality against forgetting), and DPO of the SFT
-model (preference agreement and win rate on held-out pairs, per rule). The model comparison joins
-when it lands.
+it), then the report measures its models on the held-out data. The sections: supervised
+fine-tuning of tiny-mistral (held-out exact match and perplexity, before and after); transfer
+learning of tiny-gpt2 (every technique: target quality against forgetting); DPO of the SFT model
+(preference agreement and win rate on held-out pairs, per rule); and the comparison of tiny-mistral,
+its SFT model and tiny-zephyr (the DPO model) on one protocol with bootstrap intervals, the best-of-n
+pipeline, and a small hyperparameter search scored by 3-fold cross-validation.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -154,7 +156,44 @@ def dpo_section(runs: Path, report: Path, extra: list[str]) -> str:
             + "---:|" * len(rows) + f"\n{by_rule}\n\n![DPO: preference agreement and win rate over steps](dpo.png)\n")
 
 
-SECTIONS = {"sft": sft_section, "transfer": transfer_section, "dpo": dpo_section}
+def ahead(results: dict, better: str, worse: str, task: str) -> list[str]:
+    """The task's metrics on which model `better` beats `worse` beyond both intervals, as sentences."""
+    lines = []
+    for metric, (value, low, high, _) in results["models"][better].items():
+        if metric.startswith(task + "/"):
+            other = results["models"][worse][metric]
+            verdict = "ahead, the intervals apart" if low > other[2] else "not ahead beyond the intervals"
+            lines.append(f"{metric} {value:.3f} [{low:.3f}, {high:.3f}] against {other[0]:.3f} "
+                         f"[{other[1]:.3f}, {other[2]:.3f}]: {verdict}")
+    return lines
+
+
+def comparison_section(runs: Path, report: Path, extra: list[str]) -> str:
+    smoke = ["--limit", "16"] if extra else []
+    compare, compare_s = run_example("compare_models.py", runs / "compare", ["--runs", str(runs), *smoke])
+    search, search_s = run_example("cross_validate.py", runs / "cv", extra)
+    for png in [*(runs / "compare").glob("comparison*.png"), runs / "cv" / "search.png"]:
+        if png.exists():
+            shutil.copy(png, report / png.name)
+    results = json.loads((runs / "compare" / "results.json").read_text())
+    base, zephyr = results["models"]  # the default order: tiny-mistral, its SFT model, tiny-zephyr
+    per_task = {task: ahead(results, zephyr, base, task) for task in ("instruction", "preference")}
+    verdicts = "\n".join(f"- {task}: " + "; ".join(lines) for task, lines in per_task.items())
+    tasks = sorted(p.stem.removeprefix("comparison_") for p in report.glob("comparison_*.png"))
+    return (f"## Comparison: tiny-mistral, its SFT model and tiny-zephyr on one protocol\n\n`{compare}` "
+            f"({compare_s:.0f} s here). tiny-zephyr is the SFT model after DPO (the default run above), as Zephyr "
+            f"is Mistral after SFT and DPO. Every model answers the same held-out items the same way "
+            f"({results['prompt_format']} prompts); each number has a 95% percentile-bootstrap interval over the "
+            "items.\n\n"
+            f"{(runs / 'compare' / 'comparison.md').read_text()}\n"
+            f"tiny-zephyr against tiny-mistral:\n\n{verdicts}\n\n![every share](comparison.png)\n\n"
+            + "".join(f"![{t}](comparison_{t}.png)" for t in tasks) + "\n\n"
+            f"### The pipeline: one model samples, another picks\n\n{(runs / 'compare' / 'pipeline.md').read_text()}"
+            f"\n### Choosing a recipe by cross-validation\n\n`{search}` ({search_s:.0f} s here): "
+            f"{(runs / 'cv' / 'search.md').read_text().split(': ', 1)[1]}\n![cross-validated search](search.png)\n")
+
+
+SECTIONS = {"sft": sft_section, "transfer": transfer_section, "dpo": dpo_section, "comparison": comparison_section}
 
 
 def main() -> None:

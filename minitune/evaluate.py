@@ -205,28 +205,60 @@ def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int, b
 
 
 @torch.no_grad()
+def continuation_logprobs(model, tok, requests: Sequence[tuple[str, Sequence[int]]], batch_size: int = 32,
+                          desc: str | None = None) -> list[float]:
+    """log p(continuation | context) of each (context text, continuation token ids) request, summed over the
+    continuation's tokens: the context is encoded with the tokenizer's special tokens (BOS) and the
+    continuation appended as it is. batch_size requests per forward, right-padded."""
+    from .data import collate
+    from .losses import IGNORE_INDEX, sequence_logps
+    rows = []
+    for context, continuation in requests:
+        if not continuation:
+            raise ValueError(f"an empty continuation of {context[-40:]!r}: nothing to score")
+        prefix = tok.encode(context)
+        rows.append({"input_ids": prefix + list(continuation),
+                     "labels": [IGNORE_INDEX] * len(prefix) + list(continuation)})
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps = []
+    for i in tqdm(range(0, len(rows), batch_size), desc=desc, disable=desc is None, leave=False, file=sys.stderr):
+        batch = {k: v.to(device) for k, v in collate(rows[i:i + batch_size], pad_id(tok)).items()}
+        logps += sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"]).tolist()
+    model.train(was_training)
+    return logps
+
+
 def choice_logprobs(model, tok, context: str, choices: Sequence[str], end: Sequence[int] = ()) -> list[float]:
     """log p(choice | context) of each choice, summed over the choice's tokens: the context is encoded with
     the tokenizer's special tokens, each choice without, and appended to it (write the separating space into
     the choices, as " Paris"). `end` (e.g. [EOS]) is appended to every choice and scored with it: for whole
     answers, whose ending is part of what was said. All choices in one batch."""
-    from .data import collate
-    from .losses import IGNORE_INDEX, sequence_logps
-    prefix = tok.encode(context)
-    rows = []
-    for choice in choices:
-        answer = tok.encode(choice, add_special_tokens=False) + list(end)
-        if not answer:
+    requests = [(context, tok.encode(choice, add_special_tokens=False) + list(end)) for choice in choices]
+    for (_, ids), choice in zip(requests, choices, strict=True):
+        if not ids:
             raise ValueError(f"choice {choice!r} encodes to no tokens")
-        rows.append({"input_ids": prefix + answer, "labels": [IGNORE_INDEX] * len(prefix) + answer})
-    batch = collate(rows, pad_id(tok))
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    logps = sequence_logps(model, batch["input_ids"].to(device), batch["labels"].to(device),
-                           batch["attention_mask"].to(device))
-    model.train(was_training)
-    return logps.tolist()
+    return continuation_logprobs(model, tok, requests, batch_size=max(len(requests), 1))
+
+
+def multiple_choice(model, tok, questions: Sequence[Mapping],
+                    request: Callable[[str, str], tuple[str, Sequence[int]]] | None = None, batch_size: int = 32,
+                    desc: str | None = None) -> dict[str, list[float]]:
+    """Per-question acc and acc_norm (multiple_choice_scores) of read_multiple_choice's questions, every choice
+    of every question scored in batches of batch_size. request(question, choice) gives the context and the
+    choice's tokens; the default asks the question as it is and puts a space before the choice, the layout of
+    lm-evaluation-harness for a "Question: ...\nAnswer:" context."""
+    request = request or (lambda question, choice: (question, tok.encode(" " + choice, add_special_tokens=False)))
+    requests = [request(q["question"], c) for q in questions for c in q["choices"]]
+    logps = continuation_logprobs(model, tok, requests, batch_size, desc)
+    scores, first = {"acc": [], "acc_norm": []}, 0
+    for q in questions:
+        n = len(q["choices"])
+        for key, value in multiple_choice_scores(logps[first:first + n], q["choices"], q["answer"]).items():
+            scores[key].append(value)
+        first += n
+    return scores
 
 
 def multiple_choice_scores(logprobs: Sequence[float], choices: Sequence[str], answer: int) -> dict:
@@ -395,10 +427,28 @@ def sample_candidates(model, tok, prompt: str | list[dict], n: int, max_new_toke
     return [tok.decode(row) for row in out[:, ids.size(1):].tolist()]
 
 
+def answer_tokens(tok, prompt: str | list[dict], answer: str) -> list[int]:
+    """The tokens that follow the prompt when the answer is `answer`, its end included. For a chat prompt:
+    the template's rendering of the answered conversation after the rendered prompt with its generation
+    opening, so the template's own turn layout (a newline after "<|assistant|>", the EOS that closes the turn)
+    is what gets scored, as a model trained on the template saw it. For a text prompt: the answer's tokens
+    and EOS."""
+    if isinstance(prompt, str):
+        return tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+    opening = tok.apply_chat_template(prompt, add_generation_prompt=True)
+    answered = tok.apply_chat_template([*prompt, {"role": "assistant", "content": answer}])
+    if not answered.startswith(opening):
+        raise ValueError(f"the chat template renders the answered conversation {answered[:80]!r}... with another "
+                         f"start than the prompt {opening[:80]!r}...: the answer cannot be cut from it")
+    return tok.encode(answered[len(opening):], add_special_tokens=False)
+
+
 def loglik_scores(model, tok, prompt: str | list[dict], candidates: Sequence[str]) -> list[float]:
-    """Each candidate's log-likelihood under `model`, given the prompt, its EOS included (so a candidate that
-    stops at once, the empty answer, has one too, and stopping is part of every answer's score)."""
-    return choice_logprobs(model, tok, prompt_text(tok, prompt), candidates, end=[tok.eos_token_id])
+    """Each candidate's log-likelihood under `model`, given the prompt, with its end (answer_tokens): so a
+    candidate that stops at once, the empty answer, has one too, and stopping is part of every answer's score."""
+    context = prompt_text(tok, prompt)
+    return continuation_logprobs(model, tok, [(context, answer_tokens(tok, prompt, c)) for c in candidates],
+                                 batch_size=max(len(candidates), 1))
 
 
 def implicit_reward_scores(policy, reference, tok, prompt: str | list[dict], candidates: Sequence[str],

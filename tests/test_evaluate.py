@@ -111,6 +111,28 @@ def test_whole_answers_score_their_end_token_too():
     assert with_eos == pytest.approx(choice_logprobs(model, tok, context, [" Stonebridge"])[0] + eos, rel=1e-5)
 
 
+def test_multiple_choice_in_batches_equals_one_question_at_a_time():
+    tok, model = mt.load_tokenizer(TINY), mt.load_model(TINY).eval()
+    questions = mt.evaluate.read_multiple_choice(TINY.parents[1] / "data" / "eval" / "multiple_choice" / "test.jsonl")
+    questions = questions[:5] + questions[-5:]  # two-choice and many-choice questions in the same batches
+    batched = mt.evaluate.multiple_choice(model, tok, questions, batch_size=7)
+    for i, q in enumerate(questions):
+        choices = [" " + c for c in q["choices"]]
+        one = multiple_choice_scores(choice_logprobs(model, tok, q["question"], choices), q["choices"], q["answer"])
+        assert one == {"acc": batched["acc"][i], "acc_norm": batched["acc_norm"][i]}
+
+
+def test_answer_tokens_are_the_templates_assistant_turn():
+    tok = mt.load_tokenizer(TINY)
+    chat = [{"role": "user", "content": "Where does Teo live?"}]
+    ids = mt.evaluate.answer_tokens(tok, chat, "Stonebridge")
+    answered = tok.encode(tok.apply_chat_template([*chat, {"role": "assistant", "content": "Stonebridge"}]))
+    assert tok.encode(mt.evaluate.prompt_text(tok, chat)) + ids == answered  # the prompt, then exactly these
+    assert ids[-2:] == [tok.eos_token_id, tok.encode("\n", add_special_tokens=False)[-1]]  # the turn's end
+    assert mt.evaluate.answer_tokens(tok, "Q: x\nA:", " Stonebridge") == \
+        tok.encode(" Stonebridge", add_special_tokens=False) + [tok.eos_token_id]
+
+
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_confidence():
     values = [1.0] * 30 + [0.0] * 20
     mean, low, high = bootstrap_ci(values, confidence=0.95, seed=1)

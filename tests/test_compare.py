@@ -1,0 +1,133 @@
+"""examples/compare_models.py and examples/cross_validate.py on small budgets: the protocol's outputs, the
+pipeline's choice, the folds the search trains on, and the errors a user can act on."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import example_module
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "examples" / "assets" / "tiny-mistral")
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    compare = example_module("compare_models.py")
+    # as sampler, scorer and reference of itself, the model's implicit rewards are all 0, so best of n by them
+    # keeps each prompt's first sample
+    result = compare.main(["--models", TINY, "--pipeline", TINY, TINY, TINY, "--limit", "6", "--n", "3",
+                           "--resamples", "200", "--device", "cpu", "--out", str(out)])
+    return out, result
+
+
+def test_every_metric_has_an_interval_around_its_value_and_items(compared):
+    out, result = compared
+    assert result["format"] == "chat"  # tiny-mistral has a chat template
+    metrics = result["results"][TINY]
+    assert sorted(metrics) == ["instruction/exact_match", "knowledge/acc", "knowledge/acc_norm", "language/ppl",
+                               "preference/prefers_chosen", "preference/rule_score"]
+    for name, (value, low, high, items) in metrics.items():
+        assert low <= value <= high, name
+        assert items == 6 or name == "language/ppl", name
+    assert 1 < metrics["language/ppl"][0] < 100
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert len(rows) == 6  # one model x six metrics
+    row = next(r for r in rows if r["metric"] == "acc")
+    assert float(row["value"]) == metrics["knowledge/acc"][0] and row["task"] == "knowledge"
+    table = (out / "comparison.md").read_text()
+    assert "| knowledge | acc_norm | 6 |" in table and "ppl (lower is better)" in table
+    assert json.loads((out / "results.json").read_text())["prompt_format"] == "chat"
+    pytest.importorskip("matplotlib")
+    for name in ("comparison", "comparison_instruction", "comparison_knowledge", "comparison_preference",
+                 "comparison_language"):
+        assert (out / f"{name}.png").stat().st_size > 5_000, name
+
+
+def test_the_pipeline_keeps_the_scorers_argmax(compared):
+    out, result = compared
+    pipeline = result["pipeline"]
+    assert set(pipeline) == {"sampler, one sample", "best of n by the scorer's log-likelihood",
+                             "best of n by the implicit reward", "sampler alone (greedy)", "scorer alone (greedy)"}
+    assert pipeline["best of n by the implicit reward"] == pipeline["sampler, one sample"]  # all rewards 0: the first
+    assert pipeline["sampler alone (greedy)"] == pipeline["scorer alone (greedy)"]
+    assert all(v[3] == 6 for v in pipeline.values())
+    assert "| best of n by the implicit reward |" in (out / "pipeline.md").read_text()
+
+
+def test_models_without_a_chat_template_are_asked_in_plain_text(tmp_path):
+    compare = example_module("compare_models.py")
+    base = tmp_path / "base"
+    shutil.copytree(TINY, base)
+    (base / "chat_template.jinja").unlink()
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = compare.mt.load_tokenizer(base)
+    assert not tok.chat_template
+    assert compare.ask(tok, "Where does Teo live?", "text") == "Question: Where does Teo live?\nAnswer:"
+    ids = compare.said(tok, "Where?", "Stonebridge", "text")
+    assert tok.decode(ids, skip_special_tokens=False) == " Stonebridge</s>"
+    result = compare.main(["--models", TINY, str(base), "--pipeline", "none", "--limit", "3", "--resamples", "50",
+                           "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert result["format"] == "text" and result["pipeline"] == {}
+    # the same weights, asked the same way: the same numbers
+    assert result["results"][TINY] == result["results"][str(base)]
+
+
+def test_compare_refuses_a_malformed_pipeline():
+    compare = example_module("compare_models.py")
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--models", TINY, "--pipeline", TINY])
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cv")
+    example_module("finetune_mistral.py"), example_module("dpo.py")  # cross_validate imports them by name
+    cv = example_module("cross_validate.py")
+    results = cv.main(["--subset", "12", "--k", "3", "--search", "lr=1e-3,3e-3", "--samples", "0",
+                       "--max-steps", "2", "--batch-size", "4", "--exact-match-samples", "2", "--device", "cpu",
+                       "--out", str(out)])
+    return out, results
+
+
+def test_the_search_trains_each_configuration_on_every_fold(searched):
+    out, results = searched
+    assert [r["config"] for r in sorted(results, key=lambda r: r["config"]["lr"])] == [{"lr": 1e-3}, {"lr": 3e-3}]
+    losses = [r["mean"]["val_loss"] for r in results]
+    assert losses == sorted(losses)  # val_loss: lower first
+    for r in results:
+        assert len(r["folds"]) == 3
+        folder = out / "runs" / f"lr={r['config']['lr']}"
+        val = [[json.loads(line) for line in (folder / f"fold{i}" / "val.jsonl").read_text().splitlines()]
+               for i in range(3)]
+        train = [[json.loads(line) for line in (folder / f"fold{i}" / "train.jsonl").read_text().splitlines()]
+                 for i in range(3)]
+        assert [len(v) for v in val] == [4, 4, 4] and all(len(t) == 8 for t in train)
+        every = sorted(json.dumps(x) for v in val for x in v)
+        assert len(set(every)) == 12  # the validation folds are disjoint and cover the subset
+        for t, v in zip(train, val, strict=True):
+            assert sorted(json.dumps(x) for x in t + v) == every
+        metrics = [json.loads(line) for line in (folder / "fold0" / "metrics.jsonl").read_text().splitlines()]
+        assert metrics[-1]["step"] == 2 and metrics[-1]["val_loss"] == r["folds"][0]["val_loss"]
+        assert not (folder / "fold0" / "final").exists()  # the numbers are kept, not the models
+    text = (out / "search.md").read_text()
+    assert "3-fold cross-validation" in text and "| lr=0.001 |" in text and " ± " in text
+    assert len(list(csv.DictReader((out / "search.csv").open()))) == 2
+
+
+def test_the_search_names_the_flags_it_can_set():
+    cv = example_module("cross_validate.py")
+    with pytest.raises(SystemExit, match="2"):
+        cv.parse_args(["--search", "bogus=1,2"])
+    with pytest.raises(SystemExit):
+        cv.parse_args(["--search", "lr"])
+    args, extra = cv.parse_args(["--search", "warmup=0,5", "--epochs", "3"])
+    assert args.space == {"warmup": [0, 5]} and "--warmup" not in extra and extra[-2:] == ["--epochs", "3"]
