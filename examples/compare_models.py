@@ -195,6 +195,7 @@ def best_of_n(args) -> dict[str, tuple]:
     sampler, scorer = names[0], names[1]
     records = head(D.read_jsonl(DATA / "preference" / "test.jsonl"), args)
     ways = {"sampler, one sample": [], "best of n by the scorer's log-likelihood": []}
+    pools = []  # every candidate: the ceiling of any scorer is a pool with one answer that satisfies the rule
     if len(names) == 3:
         ways["best of n by the implicit reward"] = []
     for i, r in enumerate(tqdm(records, desc="best of n", file=sys.stderr)):
@@ -203,6 +204,7 @@ def best_of_n(args) -> dict[str, tuple]:
         if args.fmt == "text":
             candidates = [c.strip().split("\n")[0] for c in candidates]
         ways["sampler, one sample"].append(candidates[0])
+        pools.append(candidates)
         asked = prompt(r["prompt"], args.fmt)
         spoken = candidates if args.fmt == "chat" else [" " + c for c in candidates]
         scores = E.loglik_scores(models[scorer], toks[scorer], asked, spoken)
@@ -213,9 +215,12 @@ def best_of_n(args) -> dict[str, tuple]:
             ways["best of n by the implicit reward"].append(E.best_of(candidates, rewards))
     for role, name in (("sampler", sampler), ("scorer", scorer)):
         ways[f"{role} alone (greedy)"] = greedy(models[name], toks[name], [r["prompt"] for r in records], args, 48)
-    return {way: (*E.bootstrap_ci([E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)],
-                                  resamples=args.resamples, seed=args.seed), len(records))
-            for way, answers in ways.items()}
+    scores = {way: [E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)]
+              for way, answers in ways.items()}
+    scores[f"any of the {args.n} samples (a perfect scorer)"] = [
+        max(E.rule_score(r["check"], c) for c in pool) for r, pool in zip(records, pools, strict=True)]
+    return {way: (*E.bootstrap_ci(values, resamples=args.resamples, seed=args.seed), len(values))
+            for way, values in scores.items()}
 
 
 # ---------------------------------------------------------------- the report
@@ -236,7 +241,18 @@ def table(results: dict[str, dict], labels: dict[str, str]) -> str:
         arrow = " (lower is better)" if metric in LOWER_IS_BETTER else ""
         rows.append(f"| {task} | {name}{arrow} | {next(iter(results.values()))[metric][3]} | "
                     + " | ".join(cell(r[metric]) for r in results.values()) + " |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n" + collapsed([v for r in results.values() for v in r.values()])
+
+
+def collapsed(values: list[tuple]) -> str:
+    """A note for intervals of zero width: every item scored the same, and resampling the items cannot say
+    how far the rate could be from the sample's (for 0 of n, the rule of three bounds it below 3/n at 95%)."""
+    if not any(low == high for _, low, high, _ in values):
+        return ""
+    return ("\nAn interval of zero width means every item scored the same: the bootstrap resamples only what was "
+            "seen. For 0 of n items the rule of three puts the 95% upper bound at 3/n (" +
+            ", ".join(sorted({f"n = {n}: {3 / n:.3f}" for v, low, high, n in values if low == high and v == 0})) +
+            ").\n")
 
 
 def pipeline_table(pipeline: dict[str, tuple], args, labels: dict[str, str]) -> str:
@@ -244,8 +260,9 @@ def pipeline_table(pipeline: dict[str, tuple], args, labels: dict[str, str]) -> 
     who = f"sampler {names[0]}, scorer {names[1]}" + (f", reference {names[2]}" if len(names) == 3 else "")
     rows = "\n".join(f"| {way} | {cell(v)} |" for way, v in pipeline.items())
     return (f"Best of {args.n} ({who}) on the {next(iter(pipeline.values()))[3]} prompts of "
-            f"`examples/data/preference/test.jsonl`, judged by each pair's rule:\n\n"
-            f"| answers | satisfy the rule |\n|---|---:|\n{rows}\n")
+            f"`examples/data/preference/test.jsonl`, judged by each pair's rule; the last row is the share of "
+            f"prompts with at least one candidate that satisfies it, the most any scorer could keep:\n\n"
+            f"| answers | satisfy the rule |\n|---|---:|\n{rows}\n{collapsed(list(pipeline.values()))}")
 
 
 def write_csv(results: dict[str, dict], labels: dict[str, str], path: Path) -> None:

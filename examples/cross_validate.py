@@ -67,11 +67,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
             p.error(f"--search {item!r}: expected NAME=V1,V2,... (e.g. lr=3e-4,1e-3)")
         args.space[name.replace("-", "_")] = [_number(v) for v in values.split(",")]
     example = WORKFLOWS[args.workflow][0]
-    known = vars(example.parse_args(["--model", "x"] if args.workflow == "dpo" else []))
+    known = vars(example.parse_args([]))
     unknown = [name for name in args.space if name not in known]
     if unknown:
         p.error(f"--search {unknown}: not flags of {example.__name__}.py (its flags: {sorted(known)})")
     args.metric = args.metric or WORKFLOWS[args.workflow][2]
+    args.model_name = args.model or known["model"]
     defaults = DEFAULT_EXTRA[args.workflow]
     kept = [f for i in range(0, len(defaults), 2) if defaults[i][2:].replace("-", "_") not in args.space
             for f in defaults[i:i + 2]]
@@ -121,7 +122,7 @@ def report(results: list[dict], args, extra: list[str], n: int) -> str:
             + " | " + ", ".join(f"{f[args.metric]:.3f}" for f in r["folds"]) + " |" for r in results]
     command = " ".join(["python examples/cross_validate.py", *sys.argv[1:]]) if sys.argv[1:] else \
         "python examples/cross_validate.py"
-    return (f"`{command}`: {args.workflow} of {args.model or 'the example default model'} on {n} records of "
+    return (f"`{command}`: {args.workflow} of `{plot.model_label(args.model_name)}` on {n} records of "
             f"{args.data or WORKFLOWS[args.workflow][1].relative_to(HERE.parent)}, {args.k}-fold cross-validation "
             f"(seed {args.seed}), the example's flags `{' '.join(extra)}`; mean ± standard deviation over the "
             f"folds, best {args.metric} first.\n\n| " + " | ".join(head) + " |\n|---|" + "---:|" * (len(head) - 1)

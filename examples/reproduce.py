@@ -163,7 +163,7 @@ def ahead(results: dict, better: str, worse: str, task: str) -> list[str]:
         if metric.startswith(task + "/"):
             other = results["models"][worse][metric]
             verdict = "ahead, the intervals apart" if low > other[2] else "not ahead beyond the intervals"
-            lines.append(f"{metric} {value:.3f} [{low:.3f}, {high:.3f}] against {other[0]:.3f} "
+            lines.append(f"{metric.split('/')[1]} {value:.3f} [{low:.3f}, {high:.3f}] against {other[0]:.3f} "
                          f"[{other[1]:.3f}, {other[2]:.3f}]: {verdict}")
     return lines
 
@@ -176,7 +176,7 @@ def comparison_section(runs: Path, report: Path, extra: list[str]) -> str:
         if png.exists():
             shutil.copy(png, report / png.name)
     results = json.loads((runs / "compare" / "results.json").read_text())
-    base, zephyr = results["models"]  # the default order: tiny-mistral, its SFT model, tiny-zephyr
+    base, _, zephyr = results["models"]  # the default order: tiny-mistral, its SFT model, tiny-zephyr
     per_task = {task: ahead(results, zephyr, base, task) for task in ("instruction", "preference")}
     verdicts = "\n".join(f"- {task}: " + "; ".join(lines) for task, lines in per_task.items())
     tasks = sorted(p.stem.removeprefix("comparison_") for p in report.glob("comparison_*.png"))
@@ -187,7 +187,7 @@ def comparison_section(runs: Path, report: Path, extra: list[str]) -> str:
             "items.\n\n"
             f"{(runs / 'compare' / 'comparison.md').read_text()}\n"
             f"tiny-zephyr against tiny-mistral:\n\n{verdicts}\n\n![every share](comparison.png)\n\n"
-            + "".join(f"![{t}](comparison_{t}.png)" for t in tasks) + "\n\n"
+            + " ".join(f"![{t}](comparison_{t}.png)" for t in tasks) + "\n\n"
             f"### The pipeline: one model samples, another picks\n\n{(runs / 'compare' / 'pipeline.md').read_text()}"
             f"\n### Choosing a recipe by cross-validation\n\n`{search}` ({search_s:.0f} s here): "
             f"{(runs / 'cv' / 'search.md').read_text().split(': ', 1)[1]}\n![cross-validated search](search.png)\n")

@@ -53,8 +53,10 @@ def test_every_metric_has_an_interval_around_its_value_and_items(compared):
 def test_the_pipeline_keeps_the_scorers_argmax(compared):
     out, result = compared
     pipeline = result["pipeline"]
-    assert set(pipeline) == {"sampler, one sample", "best of n by the scorer's log-likelihood",
-                             "best of n by the implicit reward", "sampler alone (greedy)", "scorer alone (greedy)"}
+    picked = ["sampler, one sample", "best of n by the scorer's log-likelihood", "best of n by the implicit reward"]
+    ceiling = "any of the 3 samples (a perfect scorer)"
+    assert set(pipeline) == {*picked, "sampler alone (greedy)", "scorer alone (greedy)", ceiling}
+    assert all(pipeline[way][0] <= pipeline[ceiling][0] for way in picked)  # no scorer keeps what was not sampled
     assert pipeline["best of n by the implicit reward"] == pipeline["sampler, one sample"]  # all rewards 0: the first
     assert pipeline["sampler alone (greedy)"] == pipeline["scorer alone (greedy)"]
     assert all(v[3] == 6 for v in pipeline.values())
