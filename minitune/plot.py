@@ -25,10 +25,7 @@ def plot_training(metrics: Sequence[dict], path: str | Path, title: str = "",
     of its metrics logged is left out. Returns the PNG's path, or None without matplotlib."""
     if not have_matplotlib():
         return None
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     panels = [panel for panel in panels if any(key in m for m in metrics for key in panel[1])]
     if not panels:
         return None
@@ -47,12 +44,7 @@ def plot_training(metrics: Sequence[dict], path: str | Path, title: str = "",
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_comparison(results: dict[str, dict[str, tuple[float, float, float]]], path: str | Path, title: str = "",
@@ -61,10 +53,7 @@ def plot_comparison(results: dict[str, dict[str, tuple[float, float, float]]], p
     results: {model: {metric: (value, low, high)}}. Returns the PNG's path, or None without matplotlib."""
     if not have_matplotlib():
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     models = list(results)
     metrics = list(metrics or next(iter(results.values())))
     width = 0.8 / len(models)
@@ -80,11 +69,23 @@ def plot_comparison(results: dict[str, dict[str, tuple[float, float, float]]], p
     ax.legend()
     if title:
         ax.set_title(title)
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure as a PNG (its folder made if need be) and free it."""
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
