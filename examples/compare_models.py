@@ -62,8 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", default="runs", help="where the default SFT and DPO models are, or are made")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "text"))
+    p.add_argument("--generation", default=str(DATA / "eval" / "generation" / "test.jsonl"),
+                   help="instruction set: JSONL of {prompt, answer}")
     p.add_argument("--multiple-choice", default=str(DATA / "eval" / "multiple_choice" / "test.jsonl"),
                    help="bundled, HellaSwag- or ARC-style JSONL")
+    p.add_argument("--preference", default=str(DATA / "preference" / "test.jsonl"),
+                   help="preference set: JSONL of {prompt, chosen, rejected, check}")
+    p.add_argument("--text", default=str(DATA / "source" / "validation.jsonl"), help="perplexity: JSONL of {text}")
     p.add_argument("--limit", type=int, default=None, help="the first N items of each set (a quick look)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=256, help="perplexity window")
@@ -76,13 +81,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--beta", type=float, default=0.1, help="the implicit reward's beta (it scales, never reorders)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="the weights' dtype (default: bfloat16 on CUDA, else float32)")
     args = p.parse_args(argv)
+    args.dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
     runs = Path(args.runs)
     args.default = args.models is None
     args.models = args.models or [TINY, str(runs / "sft" / "final"), str(runs / "dpo" / "final")]
     if args.pipeline is None:
         args.pipeline = ([args.models[1], args.models[2], args.models[1]] if len(args.models) >= 3 else
                          args.models[:2] if len(args.models) == 2 else ["none"])
+    if len(set(args.models)) < len(args.models):
+        p.error(f"--models {args.models}: a model is named twice")
     if args.pipeline != ["none"] and len(args.pipeline) not in (2, 3):
         p.error(f"--pipeline {args.pipeline}: expected SAMPLER SCORER [REFERENCE], or none")
     if args.n < 1 or (args.limit is not None and args.limit < 1):
@@ -114,14 +124,15 @@ def ask(tok, question: str, fmt: str) -> str:
     return E.prompt_text(tok, prompt(question, fmt))
 
 
-def said(tok, question: str, answer: str, fmt: str) -> list[int]:
-    """The tokens of a whole answer after the prompt: the template's assistant turn, or a space, the answer, EOS."""
+def said(tok, question: str, answer: str, fmt: str) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer tokens) of a whole answer: the template's assistant turn, or a space, the answer
+    and EOS after the plain-text prompt."""
     return E.answer_tokens(tok, prompt(question, fmt), answer if fmt == "chat" else " " + answer)
 
 
 def greedy(model, tok, questions: list[str], args, max_new_tokens: int) -> list[str]:
     answers = E.generate_answers(model, tok, [ask(tok, q, args.fmt) for q in questions], args.batch_size,
-                                 max_new_tokens)
+                                 max_new_tokens, desc="answers")
     return answers if args.fmt == "chat" else [a.strip().split("\n")[0] for a in answers]
 
 
@@ -130,7 +141,7 @@ def head(records: list, args) -> list:
 
 
 def instruction(model, tok, args) -> dict[str, list[float]]:
-    records = head(D.read_jsonl(DATA / "eval" / "generation" / "test.jsonl"), args)
+    records = head(D.read_jsonl(args.generation), args)
     longest = max(len(tok.encode(r["answer"], add_special_tokens=False)) for r in records)
     answers = greedy(model, tok, [r["prompt"] for r in records], args, longest + 8)
     return {"exact_match": [float(E.exact_match(a, r["answer"])) for a, r in zip(answers, records, strict=True)]}
@@ -139,20 +150,17 @@ def instruction(model, tok, args) -> dict[str, list[float]]:
 def knowledge(model, tok, args) -> dict[str, list[float]]:
     questions = head(E.read_multiple_choice(args.multiple_choice), args)
 
-    def request(question: str, choice: str) -> tuple[str, list[int]]:  # text: lm-evaluation-harness's layout
-        ids = said(tok, question, choice, "chat") if args.fmt == "chat" else \
-            tok.encode(" " + choice, add_special_tokens=False)
-        return ask(tok, question, args.fmt), ids
-
-    return E.multiple_choice(model, tok, questions, request, args.batch_size * 2, desc="choices")
+    if args.fmt == "text":  # each benchmark's own context (HellaSwag's is a sentence to complete), as lm-eval
+        return E.multiple_choice(model, tok, questions, batch_size=args.batch_size * 2, desc="choices")
+    return E.multiple_choice(model, tok, questions, lambda q, c: said(tok, q["question"], c, "chat"),
+                             args.batch_size * 2, desc="choices")
 
 
 def preference(model, tok, args) -> dict[str, list[float]]:
-    records = head(D.read_jsonl(DATA / "preference" / "test.jsonl"), args)
-    requests = [(ask(tok, r["prompt"], args.fmt), said(tok, r["prompt"], r[side], args.fmt))
-                for r in records for side in ("chosen", "rejected")]
+    records = head(D.read_jsonl(args.preference), args)
+    requests = [said(tok, r["prompt"], r[side], args.fmt) for r in records for side in ("chosen", "rejected")]
     logps = E.continuation_logprobs(model, tok, requests, args.batch_size * 2, desc="pairs")
-    per_token = [lp / len(ids) for lp, (_, ids) in zip(logps, requests, strict=True)]
+    per_token = [lp / len(ids) for lp, (_, ids) in zip(logps, requests, strict=True)]  # the turn's end included
     prefers = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(per_token[::2], per_token[1::2], strict=True)]
     answers = greedy(model, tok, [r["prompt"] for r in records], args, 48)
     return {"prefers_chosen": prefers,
@@ -160,22 +168,26 @@ def preference(model, tok, args) -> dict[str, list[float]]:
 
 
 def language(model, tok, args) -> dict[str, tuple]:
-    texts = head(D.read_texts(DATA / "source" / "validation.jsonl"), args)
+    """Perplexity per token, and bits per byte of the text (the same NLL over UTF-8 bytes rather than tokens),
+    which models with different tokenizers share; the intervals from a block bootstrap over the windows."""
+    texts = head(D.read_texts(args.text), args)
     result = E.strided_perplexity(model, D.token_stream(tok, texts), args.max_length, args.stride, args.batch_size,
                                   desc="windows")
     _, low, high = E.bootstrap_ci(result["window_nll"], weights=result["window_tokens"], resamples=args.resamples,
                                   seed=args.seed)
-    return {"ppl": (result["ppl"], math.exp(low), math.exp(high), result["windows"])}
+    per_byte = result["tokens"] / (math.log(2) * sum(len(t.encode()) for t in texts))  # nats/token -> bits/byte
+    return {"ppl": (result["ppl"], math.exp(low), math.exp(high), result["windows"]),
+            "bits_per_byte": (result["nll"] * per_byte, low * per_byte, high * per_byte, result["windows"])}
 
 
 TASKS = {"instruction": instruction, "knowledge": knowledge, "preference": preference, "language": language}
-LOWER_IS_BETTER = {"language/ppl"}
+LOWER_IS_BETTER = {"language/ppl", "language/bits_per_byte"}
 
 
 def evaluate_model(name: str, args) -> dict[str, tuple]:
     """{"task/metric": (value, low, high, items)} for one model."""
     tok = mt.load_tokenizer(name)
-    model = mt.load_model(name, dtype=torch.float32, device=args.device).eval()
+    model = mt.load_model(name, dtype=args.dtype, device=args.device).eval()
     results = {}
     for task, run in tqdm(TASKS.items(), desc=plot.model_label(name), file=sys.stderr):
         for metric, values in run(model, tok, args).items():
@@ -187,40 +199,62 @@ def evaluate_model(name: str, args) -> dict[str, tuple]:
 # ---------------------------------------------------------------- best of n: one model samples, another scores
 
 
-def best_of_n(args) -> dict[str, tuple]:
-    """Each way of answering the preference prompts, judged by the pairs' rules: (share, low, high, prompts)."""
+def best_of_n(args, out: Path) -> dict[str, tuple]:
+    """Each way of answering the preference prompts, judged by the pairs' rules: (share, low, high, prompts).
+    One model at a time (the candidates are text): the sampler samples and answers greedily, the scorer scores
+    and answers greedily, the reference scores. Every prompt's candidates, scores and pick go to pipeline.jsonl."""
     names = args.pipeline
-    toks = {name: mt.load_tokenizer(name) for name in dict.fromkeys(names)}
-    models = {name: mt.load_model(name, dtype=torch.float32, device=args.device).eval() for name in toks}
-    sampler, scorer = names[0], names[1]
-    records = head(D.read_jsonl(DATA / "preference" / "test.jsonl"), args)
-    ways = {"sampler, one sample": [], "best of n by the scorer's log-likelihood": []}
-    pools = []  # every candidate: the ceiling of any scorer is a pool with one answer that satisfies the rule
+    records = head(D.read_jsonl(args.preference), args)
+    questions = [r["prompt"] for r in records]
+
+    def load(name: str):
+        return mt.load_tokenizer(name), mt.load_model(name, dtype=args.dtype, device=args.device).eval()
+
+    tok, model = load(names[0])
+    check_format(tok, names[0], args.fmt)
+    pools = [[c.strip().split("\n")[0] if args.fmt == "text" else c for c in
+              E.sample_candidates(model, tok, ask(tok, q, args.fmt), args.n, 48, seed=args.seed + i)]
+             for i, q in enumerate(tqdm(questions, desc="sampling", file=sys.stderr))]
+    ways = {"sampler alone (greedy)": greedy(model, tok, questions, args, 48)}
+
+    def loglik(tok, model, desc: str) -> list[list[float]]:
+        return [E.loglik_scores(model, tok, prompt(q, args.fmt), c if args.fmt == "chat" else [" " + a for a in c])
+                for q, c in zip(tqdm(questions, desc=desc, file=sys.stderr), pools, strict=True)]
+
+    del model
+    tok, model = load(names[1])
+    check_format(tok, names[1], args.fmt)
+    scores = loglik(tok, model, "scoring")
+    ways["scorer alone (greedy)"] = greedy(model, tok, questions, args, 48)
+    del model
+    picks = {"best of n by the scorer's log-likelihood": scores}
     if len(names) == 3:
-        ways["best of n by the implicit reward"] = []
-    for i, r in enumerate(tqdm(records, desc="best of n", file=sys.stderr)):
-        candidates = E.sample_candidates(models[sampler], toks[sampler], ask(toks[sampler], r["prompt"], args.fmt),
-                                         args.n, 48, seed=args.seed + i)
-        if args.fmt == "text":
-            candidates = [c.strip().split("\n")[0] for c in candidates]
-        ways["sampler, one sample"].append(candidates[0])
-        pools.append(candidates)
-        asked = prompt(r["prompt"], args.fmt)
-        spoken = candidates if args.fmt == "chat" else [" " + c for c in candidates]
-        scores = E.loglik_scores(models[scorer], toks[scorer], asked, spoken)
-        ways["best of n by the scorer's log-likelihood"].append(E.best_of(candidates, scores))
-        if len(names) == 3:
-            reference = E.loglik_scores(models[names[2]], toks[names[2]], asked, spoken)
-            rewards = [args.beta * (a - b) for a, b in zip(scores, reference, strict=True)]
-            ways["best of n by the implicit reward"].append(E.best_of(candidates, rewards))
-    for role, name in (("sampler", sampler), ("scorer", scorer)):
-        ways[f"{role} alone (greedy)"] = greedy(models[name], toks[name], [r["prompt"] for r in records], args, 48)
-    scores = {way: [E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)]
+        tok, model = load(names[2])
+        check_format(tok, names[2], args.fmt)
+        reference = loglik(tok, model, "reference")
+        del model
+        picks["best of n by the implicit reward"] = [[args.beta * (a - b) for a, b in zip(s, r, strict=True)]
+                                                     for s, r in zip(scores, reference, strict=True)]
+    ways["sampler, one sample"] = [pool[0] for pool in pools]
+    for way, by in picks.items():
+        ways[way] = [E.best_of(pool, values) for pool, values in zip(pools, by, strict=True)]
+    with open(out / "pipeline.jsonl", "w") as f:
+        for i, (q, pool) in enumerate(zip(questions, pools, strict=True)):
+            f.write(json.dumps({"prompt": q, "candidates": pool, **{way: by[i] for way, by in picks.items()},
+                                "kept": {way: ways[way][i] for way in picks}}) + "\n")
+    judged = {way: [E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)]
               for way, answers in ways.items()}
-    scores[f"any of the {args.n} samples (a perfect scorer)"] = [
+    judged[f"any of the {args.n} samples (a perfect scorer)"] = [
         max(E.rule_score(r["check"], c) for c in pool) for r, pool in zip(records, pools, strict=True)]
-    return {way: (*E.bootstrap_ci(values, resamples=args.resamples, seed=args.seed), len(values))
-            for way, values in scores.items()}
+    order = ["sampler, one sample", *picks, "sampler alone (greedy)", "scorer alone (greedy)"]
+    return {way: (*E.bootstrap_ci(judged[way], resamples=args.resamples, seed=args.seed), len(records))
+            for way in [*order, *[w for w in judged if w not in order]]}
+
+
+def check_format(tok, name: str, fmt: str) -> None:
+    if fmt == "chat" and not tok.chat_template:
+        raise SystemExit(f"{name}: its tokenizer has no chat template, so it cannot be asked in chat: use "
+                         "--prompt-format text (or auto) to ask every model in plain text")
 
 
 # ---------------------------------------------------------------- the report
@@ -239,7 +273,8 @@ def table(results: dict[str, dict], labels: dict[str, str]) -> str:
     for metric in metrics:
         task, name = metric.split("/")
         arrow = " (lower is better)" if metric in LOWER_IS_BETTER else ""
-        rows.append(f"| {task} | {name}{arrow} | {next(iter(results.values()))[metric][3]} | "
+        items = "/".join(dict.fromkeys(str(r[metric][3]) for r in results.values()))  # windows differ by tokenizer
+        rows.append(f"| {task} | {name}{arrow} | {items} | "
                     + " | ".join(cell(r[metric]) for r in results.values()) + " |")
     return "\n".join(rows) + "\n" + collapsed([v for r in results.values() for v in r.values()])
 
@@ -247,12 +282,13 @@ def table(results: dict[str, dict], labels: dict[str, str]) -> str:
 def collapsed(values: list[tuple]) -> str:
     """A note for intervals of zero width: every item scored the same, and resampling the items cannot say
     how far the rate could be from the sample's (for 0 of n, the rule of three bounds it below 3/n at 95%)."""
+    zero = sorted({n for v, low, high, n in values if low == high and v == 0})
     if not any(low == high for _, low, high, _ in values):
         return ""
+    bound = (" For 0 of n items the rule of three puts the 95% upper bound at 3/n (" +
+             ", ".join(f"n = {n}: {3 / n:.3f}" for n in zero) + ").") if zero else ""
     return ("\nAn interval of zero width means every item scored the same: the bootstrap resamples only what was "
-            "seen. For 0 of n items the rule of three puts the 95% upper bound at 3/n (" +
-            ", ".join(sorted({f"n = {n}: {3 / n:.3f}" for v, low, high, n in values if low == high and v == 0})) +
-            ").\n")
+            f"seen.{bound}\n")
 
 
 def pipeline_table(pipeline: dict[str, tuple], args, labels: dict[str, str]) -> str:
@@ -287,9 +323,12 @@ def charts(results: dict[str, dict], labels: dict[str, str], out: Path) -> list[
 
 
 def labels_for(models: list[str], default: bool) -> dict[str, str]:
+    """Short names for the table and charts: the bundled three by role, others by plot.model_label, or by the
+    name as given where two short names would be the same."""
     if default:
         return dict(zip(models, ("tiny-mistral", "tiny-mistral-sft", "tiny-zephyr"), strict=True))
-    return {m: plot.model_label(m) for m in models}
+    short = [plot.model_label(m) for m in models]
+    return {m: s if short.count(s) == 1 else m for m, s in zip(models, short, strict=True)}
 
 
 def main(argv=None) -> dict:
@@ -302,9 +341,11 @@ def main(argv=None) -> dict:
     toks = [mt.load_tokenizer(m) for m in args.models]
     args.fmt = args.prompt_format if args.prompt_format != "auto" else \
         "chat" if all(t.chat_template for t in toks) else "text"
+    for tok, name in zip(toks, args.models, strict=True):
+        check_format(tok, name, args.fmt)
     labels = labels_for(args.models, args.default)
     results = {name: evaluate_model(name, args) for name in args.models}
-    pipeline = best_of_n(args) if args.pipeline != ["none"] else {}
+    pipeline = best_of_n(args, out) if args.pipeline != ["none"] else {}
     (out / "results.json").write_text(json.dumps({"prompt_format": args.fmt, "models": results,
                                                   "labels": labels, "pipeline": pipeline}, indent=1))
     write_csv(results, labels, out / "comparison.csv")

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-import dpo  # examples/ is on sys.path when this file runs
+import compare_models  # examples/ is on sys.path when this file runs
+import dpo
 import finetune_mistral as sft
 import torch
 
@@ -156,15 +157,17 @@ def dpo_section(runs: Path, report: Path, extra: list[str]) -> str:
             + "---:|" * len(rows) + f"\n{by_rule}\n\n![DPO: preference agreement and win rate over steps](dpo.png)\n")
 
 
-def ahead(results: dict, better: str, worse: str, task: str) -> list[str]:
-    """The task's metrics on which model `better` beats `worse` beyond both intervals, as sentences."""
+def verdicts(results: dict, one: str, other: str, lower_is_better: set[str]) -> list[str]:
+    """Model `one` against `other` on every metric: ahead or behind when the two 95% intervals do not overlap
+    (a conservative test), else overlapping."""
     lines = []
-    for metric, (value, low, high, _) in results["models"][better].items():
-        if metric.startswith(task + "/"):
-            other = results["models"][worse][metric]
-            verdict = "ahead, the intervals apart" if low > other[2] else "not ahead beyond the intervals"
-            lines.append(f"{metric.split('/')[1]} {value:.3f} [{low:.3f}, {high:.3f}] against {other[0]:.3f} "
-                         f"[{other[1]:.3f}, {other[2]:.3f}]: {verdict}")
+    for metric, (value, low, high, _) in results["models"][one].items():
+        theirs = results["models"][other][metric]
+        better, worse = (high < theirs[1], low > theirs[2]) if metric in lower_is_better else \
+            (low > theirs[2], high < theirs[1])
+        verdict = "**ahead**" if better else "**behind**" if worse else "the intervals overlap"
+        lines.append(f"- {metric}: {value:.3f} [{low:.3f}, {high:.3f}] against {theirs[0]:.3f} "
+                     f"[{theirs[1]:.3f}, {theirs[2]:.3f}]: {verdict}")
     return lines
 
 
@@ -177,8 +180,7 @@ def comparison_section(runs: Path, report: Path, extra: list[str]) -> str:
             shutil.copy(png, report / png.name)
     results = json.loads((runs / "compare" / "results.json").read_text())
     base, _, zephyr = results["models"]  # the default order: tiny-mistral, its SFT model, tiny-zephyr
-    per_task = {task: ahead(results, zephyr, base, task) for task in ("instruction", "preference")}
-    verdicts = "\n".join(f"- {task}: " + "; ".join(lines) for task, lines in per_task.items())
+    against = "\n".join(verdicts(results, zephyr, base, compare_models.LOWER_IS_BETTER))
     tasks = sorted(p.stem.removeprefix("comparison_") for p in report.glob("comparison_*.png"))
     return (f"## Comparison: tiny-mistral, its SFT model and tiny-zephyr on one protocol\n\n`{compare}` "
             f"({compare_s:.0f} s here). tiny-zephyr is the SFT model after DPO (the default run above), as Zephyr "
@@ -186,11 +188,11 @@ def comparison_section(runs: Path, report: Path, extra: list[str]) -> str:
             f"({results['prompt_format']} prompts); each number has a 95% percentile-bootstrap interval over the "
             "items.\n\n"
             f"{(runs / 'compare' / 'comparison.md').read_text()}\n"
-            f"tiny-zephyr against tiny-mistral:\n\n{verdicts}\n\n![every share](comparison.png)\n\n"
+            f"tiny-zephyr against tiny-mistral:\n\n{against}\n\n![every share](comparison.png)\n\n"
             + " ".join(f"![{t}](comparison_{t}.png)" for t in tasks) + "\n\n"
             f"### The pipeline: one model samples, another picks\n\n{(runs / 'compare' / 'pipeline.md').read_text()}"
             f"\n### Choosing a recipe by cross-validation\n\n`{search}` ({search_s:.0f} s here): "
-            f"{(runs / 'cv' / 'search.md').read_text().split(': ', 1)[1]}\n![cross-validated search](search.png)\n")
+            f"{(runs / 'cv' / 'search.md').read_text()}\n![cross-validated search](search.png)\n")
 
 
 SECTIONS = {"sft": sft_section, "transfer": transfer_section, "dpo": dpo_section, "comparison": comparison_section}

@@ -1,4 +1,6 @@
-"""Scoring model answers: exact match, the rule-based judge of preference data, and batched greedy answers.
+"""Evaluation: exact match, the rule-based judge of preference data, batched greedy answers; perplexity with a
+strided window; multiple choice by log-likelihood (HellaSwag and ARC files too); bootstrap intervals; k-fold
+cross-validation and a small hyperparameter search; best of n, one model sampling and another scoring.
 
 A rule-based judge is what makes a preference set measurable without a reward model: each
 preference record carries a `check` that says which rule the chosen answer wins by, and the same
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 import string
 import sys
 from collections.abc import Callable, Sequence
@@ -115,13 +118,13 @@ def preference_accuracy(chosen_rewards, rejected_rewards) -> float:
 
 @torch.no_grad()
 def generate_answers(model, tok, prompts: Sequence[str | list[dict]], batch_size: int = 16,
-                     max_new_tokens: int = 32) -> list[str]:
+                     max_new_tokens: int = 32, desc: str | None = None) -> list[str]:
     """Greedy answers to `prompts` (text, or chat messages rendered with the template and the assistant's
     opening), in left-padded batches; each answer is the text up to the first EOS, special tokens dropped."""
     device = next(model.parameters()).device
     pad = pad_id(tok)
     answers = []
-    for i in range(0, len(prompts), batch_size):
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False, file=sys.stderr):
         rows = [tok.encode(p if isinstance(p, str) else tok.apply_chat_template(p, add_generation_prompt=True))
                 for p in prompts[i:i + batch_size]]
         width = max(map(len, rows))
@@ -177,7 +180,9 @@ def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int, b
     spans, scored_to = [], 0  # (begin, end, first scored position); tokens before scored_to are already scored
     for begin in range(0, ids.numel(), stride):
         end = min(begin + max_length, ids.numel())
-        spans.append((begin, end, max(scored_to - begin, 0)))
+        skip = max(scored_to - begin, 0)
+        if end - max(skip, 1) - begin > 0:  # not a last window of one unscorable token (stride = max_length)
+            spans.append((begin, end, skip))
         scored_to = end
         if end == ids.numel():
             break
@@ -205,18 +210,19 @@ def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int, b
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tok, requests: Sequence[tuple[str, Sequence[int]]], batch_size: int = 32,
-                          desc: str | None = None) -> list[float]:
-    """log p(continuation | context) of each (context text, continuation token ids) request, summed over the
-    continuation's tokens: the context is encoded with the tokenizer's special tokens (BOS) and the
-    continuation appended as it is. batch_size requests per forward, right-padded."""
+def continuation_logprobs(model, tok, requests: Sequence[tuple[str | Sequence[int], Sequence[int]]],
+                          batch_size: int = 32, desc: str | None = None) -> list[float]:
+    """log p(continuation | context) of each (context, continuation token ids) request, summed over the
+    continuation's tokens. A context is token ids (from encode_pair, say) or text, encoded with the
+    tokenizer's special tokens (BOS); the continuation is appended as it is. batch_size requests per forward,
+    right-padded."""
     from .data import collate
     from .losses import IGNORE_INDEX, sequence_logps
     rows = []
     for context, continuation in requests:
         if not continuation:
             raise ValueError(f"an empty continuation of {context[-40:]!r}: nothing to score")
-        prefix = tok.encode(context)
+        prefix = tok.encode(context) if isinstance(context, str) else list(context)
         rows.append({"input_ids": prefix + list(continuation),
                      "labels": [IGNORE_INDEX] * len(prefix) + list(continuation)})
     device = next(model.parameters()).device
@@ -231,11 +237,11 @@ def continuation_logprobs(model, tok, requests: Sequence[tuple[str, Sequence[int
 
 
 def choice_logprobs(model, tok, context: str, choices: Sequence[str], end: Sequence[int] = ()) -> list[float]:
-    """log p(choice | context) of each choice, summed over the choice's tokens: the context is encoded with
-    the tokenizer's special tokens, each choice without, and appended to it (write the separating space into
-    the choices, as " Paris"). `end` (e.g. [EOS]) is appended to every choice and scored with it: for whole
-    answers, whose ending is part of what was said. All choices in one batch."""
-    requests = [(context, tok.encode(choice, add_special_tokens=False) + list(end)) for choice in choices]
+    """log p(choice | context) of each choice, summed over the choice's tokens, split from the context as
+    encode_pair does (write the separating space into the choices, as " Paris"). `end` (e.g. [EOS]) is
+    appended to every choice and scored with it: for whole answers, whose ending is part of what was said.
+    All choices in one batch."""
+    requests = [(c, ids + list(end)) for c, ids in (encode_pair(tok, context, choice) for choice in choices)]
     for (_, ids), choice in zip(requests, choices, strict=True):
         if not ids:
             raise ValueError(f"choice {choice!r} encodes to no tokens")
@@ -243,14 +249,14 @@ def choice_logprobs(model, tok, context: str, choices: Sequence[str], end: Seque
 
 
 def multiple_choice(model, tok, questions: Sequence[Mapping],
-                    request: Callable[[str, str], tuple[str, Sequence[int]]] | None = None, batch_size: int = 32,
-                    desc: str | None = None) -> dict[str, list[float]]:
+                    request: Callable[[Mapping, str], tuple[str | Sequence[int], Sequence[int]]] | None = None,
+                    batch_size: int = 32, desc: str | None = None) -> dict[str, list[float]]:
     """Per-question acc and acc_norm (multiple_choice_scores) of read_multiple_choice's questions, every choice
-    of every question scored in batches of batch_size. request(question, choice) gives the context and the
-    choice's tokens; the default asks the question as it is and puts a space before the choice, the layout of
-    lm-evaluation-harness for a "Question: ...\nAnswer:" context."""
-    request = request or (lambda question, choice: (question, tok.encode(" " + choice, add_special_tokens=False)))
-    requests = [request(q["question"], c) for q in questions for c in q["choices"]]
+    of every question scored in batches of batch_size. request(question record, choice) gives the context and
+    the choice's tokens; the default is lm-evaluation-harness's: the record's "context" then a space and the
+    choice, split by encode_pair."""
+    request = request or (lambda q, choice: encode_pair(tok, q["context"], " " + choice))
+    requests = [request(q, c) for q in questions for c in q["choices"]]
     logps = continuation_logprobs(model, tok, requests, batch_size, desc)
     scores, first = {"acc": [], "acc_norm": []}, 0
     for q in questions:
@@ -357,21 +363,27 @@ def random_configs(space: Mapping[str, Sequence], n: int, seed: int = 0) -> list
 def search(configs: Sequence[Mapping], evaluate_config: Callable[[dict], dict], metric: str,
            higher_is_better: bool = True) -> list[dict]:
     """Score each configuration with evaluate_config(config) -> a cross_validate result, and rank them by the
-    mean of `metric` over the folds, best first: [{"config", "mean", "std", "folds"}, ...]."""
+    mean of `metric` over the folds, best first, NaN last: [{"config", "mean", "std", "folds"}, ...]."""
     results = []
     for config in configs:
         result = evaluate_config(dict(config))
         if metric not in result["mean"]:
             raise ValueError(f"search: metric {metric!r} is not among the folds' metrics {sorted(result['mean'])}")
         results.append({"config": dict(config), **result})
-    return sorted(results, key=lambda r: r["mean"][metric], reverse=higher_is_better)
+    def rank(r: dict) -> tuple[bool, float]:  # a configuration that diverged (NaN) goes last either way
+        value = r["mean"][metric]
+        return math.isnan(value), -value if higher_is_better else value
+
+    return sorted(results, key=rank)
 
 
 # ---------------------------------------------------------------- multiple-choice files
 
 
 def read_multiple_choice(path) -> list[dict]:
-    """Multiple-choice questions as {"question", "choices", "answer"} (the answer's index), from JSONL in any of:
+    """Multiple-choice questions as {"question", "choices", "answer" (the choice's index), "context" (what a
+    base model is given before " " + a choice, as lm-evaluation-harness: "Question: {question}\nAnswer:", and
+    for HellaSwag its activity label and cleaned context, a sentence to complete)}, from JSONL in any of:
       {"question": str, "choices": [str, ...], "answer": int}                       the bundled sets
       {"ctx": str, "endings": [str, ...], "label": int or "2"}                      HellaSwag (Rowan/hellaswag)
       {"question": str, "choices": {"text": [...], "label": ["A", ...]}, "answerKey": "A"}   ARC (allenai/ai2_arc)
@@ -383,8 +395,12 @@ def read_multiple_choice(path) -> list[dict]:
 
 def _multiple_choice(r: dict, where: str) -> dict:
     try:
-        if "endings" in r:  # HellaSwag
-            question, choices, answer = r["ctx"], list(r["endings"]), int(r["label"])
+        if "endings" in r:  # HellaSwag, cleaned as lm-evaluation-harness does
+            if r.get("label") in ("", None):
+                raise ValueError("no label (HellaSwag's test split has none: use its validation split)")
+            context = r["ctx_a"] + " " + r["ctx_b"].capitalize() if "ctx_a" in r else r["ctx"]
+            question = _hellaswag_clean(f"{r['activity_label']}: {context}" if r.get("activity_label") else context)
+            choices, answer = [_hellaswag_clean(e) for e in r["endings"]], int(r["label"])
         elif "answerKey" in r:  # ARC
             stem = r["question"]
             if isinstance(stem, dict):
@@ -404,7 +420,15 @@ def _multiple_choice(r: dict, where: str) -> dict:
         raise ValueError(f"{where}: expected a question string and a non-empty list of choice strings")
     if not (isinstance(answer, int) and 0 <= answer < len(choices)):
         raise ValueError(f"{where}: answer {answer!r} is not an index into the {len(choices)} choices")
-    return {"question": question, "choices": choices, "answer": answer}
+    context = question if "endings" in r else f"Question: {question}\nAnswer:"
+    return {"question": question, "choices": choices, "answer": answer, "context": context}
+
+
+def _hellaswag_clean(text: str) -> str:
+    """HellaSwag's WikiHow text cleaned as lm-evaluation-harness does: " [title]" ends a sentence, other
+    bracketed tags go, double spaces become one."""
+    text = re.sub(r"\[.*?\]", "", text.strip().replace(" [title]", ". "))
+    return text.replace("  ", " ")
 
 
 # ---------------------------------------------------------------- best of n: one model samples, another scores
@@ -427,27 +451,35 @@ def sample_candidates(model, tok, prompt: str | list[dict], n: int, max_new_toke
     return [tok.decode(row) for row in out[:, ids.size(1):].tolist()]
 
 
-def answer_tokens(tok, prompt: str | list[dict], answer: str) -> list[int]:
-    """The tokens that follow the prompt when the answer is `answer`, its end included. For a chat prompt:
-    the template's rendering of the answered conversation after the rendered prompt with its generation
-    opening, so the template's own turn layout (a newline after "<|assistant|>", the EOS that closes the turn)
-    is what gets scored, as a model trained on the template saw it. For a text prompt: the answer's tokens
-    and EOS."""
+def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness splits them: the whole text is encoded once and
+    cut after as many tokens as the context alone encodes to, so the continuation's tokens are those of the
+    whole text (a tokenizer may merge "\n" + "Paris" differently from "Paris" alone)."""
+    whole = tok.encode(context + continuation)
+    n = len(tok.encode(context))
+    return whole[:n], whole[n:]
+
+
+def answer_tokens(tok, prompt: str | list[dict], answer: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) for the answer `answer`, its end included. For a chat prompt the answered
+    conversation is rendered by the template and cut after the prompt with its generation opening, so the
+    template's own turn layout (a newline after "<|assistant|>", the EOS that closes the turn) is scored as a
+    model trained on the template saw it. For a text prompt: the answer then EOS. Split by encode_pair."""
     if isinstance(prompt, str):
-        return tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
+        context, ids = encode_pair(tok, prompt, answer)
+        return context, ids + [tok.eos_token_id]
     opening = tok.apply_chat_template(prompt, add_generation_prompt=True)
     answered = tok.apply_chat_template([*prompt, {"role": "assistant", "content": answer}])
     if not answered.startswith(opening):
         raise ValueError(f"the chat template renders the answered conversation {answered[:80]!r}... with another "
                          f"start than the prompt {opening[:80]!r}...: the answer cannot be cut from it")
-    return tok.encode(answered[len(opening):], add_special_tokens=False)
+    return encode_pair(tok, opening, answered[len(opening):])
 
 
 def loglik_scores(model, tok, prompt: str | list[dict], candidates: Sequence[str]) -> list[float]:
     """Each candidate's log-likelihood under `model`, given the prompt, with its end (answer_tokens): so a
     candidate that stops at once, the empty answer, has one too, and stopping is part of every answer's score."""
-    context = prompt_text(tok, prompt)
-    return continuation_logprobs(model, tok, [(context, answer_tokens(tok, prompt, c)) for c in candidates],
+    return continuation_logprobs(model, tok, [answer_tokens(tok, prompt, c) for c in candidates],
                                  batch_size=max(len(candidates), 1))
 
 

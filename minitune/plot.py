@@ -60,8 +60,8 @@ def plot_comparison(results: dict[str, dict[str, tuple[float, float, float]]], p
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(metrics)), 4))
     for i, model in enumerate(models):
         values = [results[model][m][0] for m in metrics]
-        errors = [[v - results[model][m][1] for v, m in zip(values, metrics, strict=True)],
-                  [results[model][m][2] - v for v, m in zip(values, metrics, strict=True)]]
+        errors = [[max(v - results[model][m][1], 0) for v, m in zip(values, metrics, strict=True)],  # an interval
+                  [max(results[model][m][2] - v, 0) for v, m in zip(values, metrics, strict=True)]]  # may miss v
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(metrics))]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=model_label(model))
     ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import example_module
 
@@ -31,14 +33,19 @@ def test_every_metric_has_an_interval_around_its_value_and_items(compared):
     out, result = compared
     assert result["format"] == "chat"  # tiny-mistral has a chat template
     metrics = result["results"][TINY]
-    assert sorted(metrics) == ["instruction/exact_match", "knowledge/acc", "knowledge/acc_norm", "language/ppl",
-                               "preference/prefers_chosen", "preference/rule_score"]
+    assert sorted(metrics) == ["instruction/exact_match", "knowledge/acc", "knowledge/acc_norm",
+                               "language/bits_per_byte", "language/ppl", "preference/prefers_chosen",
+                               "preference/rule_score"]
     for name, (value, low, high, items) in metrics.items():
         assert low <= value <= high, name
-        assert items == 6 or name == "language/ppl", name
+        assert items == 6 or name.startswith("language/"), name
     assert 1 < metrics["language/ppl"][0] < 100
+    # bits per byte is the same NLL per token, over the text's bytes: a fixed ratio to log2(ppl)
+    ratio = metrics["language/bits_per_byte"][0] / math.log2(metrics["language/ppl"][0])
+    assert ratio == pytest.approx(metrics["language/bits_per_byte"][1] / math.log2(metrics["language/ppl"][1]))
+    assert 0.1 < ratio < 1  # more than one byte per token
     rows = list(csv.DictReader((out / "comparison.csv").open()))
-    assert len(rows) == 6  # one model x six metrics
+    assert len(rows) == 7  # one model x seven metrics
     row = next(r for r in rows if r["metric"] == "acc")
     assert float(row["value"]) == metrics["knowledge/acc"][0] and row["task"] == "knowledge"
     table = (out / "comparison.md").read_text()
@@ -74,19 +81,49 @@ def test_models_without_a_chat_template_are_asked_in_plain_text(tmp_path):
     tok = compare.mt.load_tokenizer(base)
     assert not tok.chat_template
     assert compare.ask(tok, "Where does Teo live?", "text") == "Question: Where does Teo live?\nAnswer:"
-    ids = compare.said(tok, "Where?", "Stonebridge", "text")
+    context, ids = compare.said(tok, "Where?", "Stonebridge", "text")
     assert tok.decode(ids, skip_special_tokens=False) == " Stonebridge</s>"
+    assert context == tok.encode("Question: Where?\nAnswer:")
     result = compare.main(["--models", TINY, str(base), "--pipeline", "none", "--limit", "3", "--resamples", "50",
                            "--device", "cpu", "--out", str(tmp_path / "out")])
     assert result["format"] == "text" and result["pipeline"] == {}
     # the same weights, asked the same way: the same numbers
     assert result["results"][TINY] == result["results"][str(base)]
+    with pytest.raises(SystemExit, match="base: its tokenizer has no chat template.*--prompt-format text"):
+        compare.main(["--models", TINY, str(base), "--prompt-format", "chat", "--out", str(tmp_path / "chat")])
 
 
-def test_compare_refuses_a_malformed_pipeline():
+def test_the_pipeline_keeps_the_argmax_of_another_scorer(tmp_path):
+    """A scorer other than the sampler (tiny-mistral with its weights perturbed): each kept answer is the
+    candidate to which the scorer, asked independently here, gives the highest log-likelihood."""
+    from safetensors.torch import load_file, save_file
+    compare = example_module("compare_models.py")
+    scorer = tmp_path / "scorer"
+    shutil.copytree(TINY, scorer)
+    weights = load_file(scorer / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in weights.items()},
+              scorer / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    compare.main(["--models", TINY, "--pipeline", TINY, str(scorer), "--limit", "4", "--n", "3", "--resamples", "50",
+                  "--device", "cpu", "--out", str(out)])
+    tok, model = compare.mt.load_tokenizer(scorer), compare.mt.load_model(scorer).eval()
+    rows = [json.loads(line) for line in (out / "pipeline.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    for row in rows:
+        chat = [{"role": "user", "content": row["prompt"]}]
+        scores = compare.E.loglik_scores(model, tok, chat, row["candidates"])
+        assert scores == pytest.approx(row["best of n by the scorer's log-likelihood"], abs=1e-4)
+        assert row["kept"]["best of n by the scorer's log-likelihood"] == \
+            row["candidates"][max(range(3), key=scores.__getitem__)]
+
+
+def test_compare_refuses_a_malformed_pipeline_and_a_model_named_twice():
     compare = example_module("compare_models.py")
     with pytest.raises(SystemExit):
         compare.parse_args(["--models", TINY, "--pipeline", TINY])
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--models", TINY, TINY])
 
 
 @pytest.fixture(scope="module")

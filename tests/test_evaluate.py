@@ -76,6 +76,12 @@ def test_the_strided_windows_score_each_token_with_the_protocols_context(model, 
     assert one_by_one["window_nll"] == pytest.approx(result["window_nll"], rel=1e-5)
 
 
+def test_no_window_that_scores_nothing(model):
+    # disjoint windows of 8 over 17 tokens: [0, 8) and [8, 16) score 7 each; [16, 17) would score none
+    result = strided_perplexity(model, torch.randint(3, 101, (17,)), 8, 8)
+    assert result["windows"] == 2 and result["window_tokens"] == [7, 7] and result["tokens"] == 14
+
+
 def test_strided_perplexity_refuses_bad_windows(model):
     with pytest.raises(ValueError, match=r"stride=9 must be in \(0, max_length=8\]"):
         strided_perplexity(model, torch.arange(3, 20), 8, 9)
@@ -118,19 +124,32 @@ def test_multiple_choice_in_batches_equals_one_question_at_a_time():
     batched = mt.evaluate.multiple_choice(model, tok, questions, batch_size=7)
     for i, q in enumerate(questions):
         choices = [" " + c for c in q["choices"]]
-        one = multiple_choice_scores(choice_logprobs(model, tok, q["question"], choices), q["choices"], q["answer"])
+        assert q["context"] == f"Question: {q['question']}\nAnswer:"
+        one = multiple_choice_scores(choice_logprobs(model, tok, q["context"], choices), q["choices"], q["answer"])
         assert one == {"acc": batched["acc"][i], "acc_norm": batched["acc_norm"][i]}
 
 
 def test_answer_tokens_are_the_templates_assistant_turn():
     tok = mt.load_tokenizer(TINY)
     chat = [{"role": "user", "content": "Where does Teo live?"}]
-    ids = mt.evaluate.answer_tokens(tok, chat, "Stonebridge")
+    context, ids = mt.evaluate.answer_tokens(tok, chat, "Stonebridge")
     answered = tok.encode(tok.apply_chat_template([*chat, {"role": "assistant", "content": "Stonebridge"}]))
-    assert tok.encode(mt.evaluate.prompt_text(tok, chat)) + ids == answered  # the prompt, then exactly these
+    assert context == tok.encode(mt.evaluate.prompt_text(tok, chat)) and context + ids == answered
     assert ids[-2:] == [tok.eos_token_id, tok.encode("\n", add_special_tokens=False)[-1]]  # the turn's end
-    assert mt.evaluate.answer_tokens(tok, "Q: x\nA:", " Stonebridge") == \
-        tok.encode(" Stonebridge", add_special_tokens=False) + [tok.eos_token_id]
+    context, ids = mt.evaluate.answer_tokens(tok, "Q: x\nA:", " Stonebridge")
+    assert context + ids == tok.encode("Q: x\nA: Stonebridge") + [tok.eos_token_id]
+
+
+def test_answer_tokens_are_cut_from_the_whole_text_on_a_real_tokenizer(fixtures_dir):
+    # Mistral's tokenizer encodes "Paris" after "\n" differently from "Paris" alone (no word-start marker):
+    # the answer's tokens must be those of the whole conversation, as training encodes it
+    from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE
+    from tests.conftest import with_template
+    tok = with_template(mt.load_tokenizer(fixtures_dir / "mistral-7b-v0.1"), ZEPHYR_CHAT_TEMPLATE)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    context, ids = mt.evaluate.answer_tokens(tok, chat, "Paris")
+    assert context + ids == tok.encode(tok.apply_chat_template([*chat, {"role": "assistant", "content": "Paris"}]))
+    assert ids[-2] == tok.eos_token_id
 
 
 def test_bootstrap_interval_covers_the_mean_and_narrows_with_confidence():
@@ -199,6 +218,12 @@ def test_grid_random_configs_and_search_rank_by_the_cross_validated_mean():
     assert search(configs, evaluate_config, "loss")[0]["config"] == {"lr": 1e-3, "lora_r": 16}
     with pytest.raises(ValueError, match="metric 'acc' is not among"):
         search(configs, evaluate_config, "acc")
+    diverged = {"lr": 1e-2, "lora_r": 8}  # a configuration whose loss is NaN ranks last, whichever the direction
+    nan = search([diverged, *configs], lambda c: {"mean": {"loss": math.nan if c["lr"] == 1e-2 else 1.0}}, "loss")
+    assert nan[-1]["config"] == diverged
+    nan = search([diverged, *configs], lambda c: {"mean": {"loss": math.nan if c["lr"] == 1e-2 else 1.0}}, "loss",
+                 higher_is_better=False)
+    assert nan[-1]["config"] == diverged
 
 
 @pytest.mark.parametrize("n,k", [(10, 5), (11, 3), (7, 7)])
@@ -219,7 +244,8 @@ def test_multiple_choice_files_in_the_bundled_hellaswag_and_arc_layouts(tmp_path
     import json
     records = [
         {"question": "Which is bigger, 0 or 5?", "choices": ["5", "0"], "answer": 0},
-        {"ctx": "A man sits down. He", "endings": [" runs.", " reads.", " sings.", " eats."], "label": "1"},
+        {"activity_label": "Sitting", "ctx_a": "A man sits down.", "ctx_b": "he", "ctx": "A man sits down. he",
+         "endings": [" runs.", "reads a book [header] quietly. ", " sings.", "eats."], "label": "1"},
         {"question": "What is ice?", "choices": {"text": ["gas", "solid"], "label": ["A", "B"]}, "answerKey": "B"},
         {"question": {"stem": "Sun is a?", "choices": [{"text": "star", "label": "1"}, {"text": "moon", "label": "2"}]},
          "answerKey": "1"},
@@ -227,17 +253,21 @@ def test_multiple_choice_files_in_the_bundled_hellaswag_and_arc_layouts(tmp_path
     path = tmp_path / "mc.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert mt.evaluate.read_multiple_choice(path) == [
-        {"question": "Which is bigger, 0 or 5?", "choices": ["5", "0"], "answer": 0},
-        {"question": "A man sits down. He", "choices": [" runs.", " reads.", " sings.", " eats."], "answer": 1},
-        {"question": "What is ice?", "choices": ["gas", "solid"], "answer": 1},
-        {"question": "Sun is a?", "choices": ["star", "moon"], "answer": 0},
+        {"question": "Which is bigger, 0 or 5?", "choices": ["5", "0"], "answer": 0,
+         "context": "Question: Which is bigger, 0 or 5?\nAnswer:"},
+        {"question": "Sitting: A man sits down. He", "answer": 1, "context": "Sitting: A man sits down. He",
+         "choices": ["runs.", "reads a book quietly.", "sings.", "eats."]},
+        {"question": "What is ice?", "choices": ["gas", "solid"], "answer": 1,
+         "context": "Question: What is ice?\nAnswer:"},
+        {"question": "Sun is a?", "choices": ["star", "moon"], "answer": 0, "context": "Question: Sun is a?\nAnswer:"},
     ]
     bundled = Path(__file__).resolve().parents[1] / "examples" / "data" / "eval" / "multiple_choice" / "test.jsonl"
     assert len(mt.evaluate.read_multiple_choice(bundled)) > 50
     for bad, match in (({"question": "q", "choices": ["a"], "answer": 3}, "answer 3 is not an index"),
                        ({"question": "q", "choices": {"text": ["a"], "label": ["A"]}, "answerKey": "C"},
                         "answerKey 'C' is not one of the labels"),
-                       ({"prompt": "q"}, "not a multiple-choice record")):
+                       ({"prompt": "q"}, "not a multiple-choice record"),
+                       ({"ctx": "q", "endings": ["a"], "label": ""}, "no label")):
         path.write_text(json.dumps(records[0]) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=f"{path}:2: .*{match}"):
             mt.evaluate.read_multiple_choice(path)
