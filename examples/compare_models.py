@@ -124,16 +124,27 @@ def ask(tok, question: str, fmt: str) -> str:
     return E.prompt_text(tok, prompt(question, fmt))
 
 
+def spoken(answer: str, fmt: str) -> str:
+    """An answer as it follows the prompt: as it is after the chat template, after a space in plain text."""
+    return answer if fmt == "chat" else " " + answer
+
+
 def said(tok, question: str, answer: str, fmt: str) -> tuple[list[int], list[int]]:
     """(prompt tokens, answer tokens) of a whole answer: the template's assistant turn, or a space, the answer
     and EOS after the plain-text prompt."""
-    return E.answer_tokens(tok, prompt(question, fmt), answer if fmt == "chat" else " " + answer)
+    return E.answer_tokens(tok, prompt(question, fmt), spoken(answer, fmt))
+
+
+def generated(text: str, fmt: str) -> str:
+    """A generated answer: up to EOS after a chat prompt; in plain text, where nothing ends the turn, its
+    first line."""
+    return text if fmt == "chat" else text.strip().split("\n")[0]
 
 
 def greedy(model, tok, questions: list[str], args, max_new_tokens: int) -> list[str]:
     answers = E.generate_answers(model, tok, [ask(tok, q, args.fmt) for q in questions], args.batch_size,
                                  max_new_tokens, desc="answers")
-    return answers if args.fmt == "chat" else [a.strip().split("\n")[0] for a in answers]
+    return [generated(a, args.fmt) for a in answers]
 
 
 def head(records: list, args) -> list:
@@ -161,7 +172,7 @@ def preference(model, tok, args) -> dict[str, list[float]]:
     requests = [said(tok, r["prompt"], r[side], args.fmt) for r in records for side in ("chosen", "rejected")]
     logps = E.continuation_logprobs(model, tok, requests, args.batch_size * 2, desc="pairs")
     per_token = [lp / len(ids) for lp, (_, ids) in zip(logps, requests, strict=True)]  # the turn's end included
-    prefers = [1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(per_token[::2], per_token[1::2], strict=True)]
+    prefers = E.wins(per_token[::2], per_token[1::2])  # chosen against rejected, a tie one half
     answers = greedy(model, tok, [r["prompt"] for r in records], args, 48)
     return {"prefers_chosen": prefers,
             "rule_score": [E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)]}
@@ -208,32 +219,30 @@ def best_of_n(args, out: Path) -> dict[str, tuple]:
     questions = [r["prompt"] for r in records]
 
     def load(name: str):
-        return mt.load_tokenizer(name), mt.load_model(name, dtype=args.dtype, device=args.device).eval()
+        tok = mt.load_tokenizer(name)
+        check_format(tok, name, args.fmt)
+        return tok, mt.load_model(name, dtype=args.dtype, device=args.device).eval()
+
+    def loglik(tok, model, desc: str) -> list[list[float]]:
+        return [E.loglik_scores(model, tok, prompt(q, args.fmt), [spoken(c, args.fmt) for c in pool])
+                for q, pool in zip(tqdm(questions, desc=desc, file=sys.stderr), pools, strict=True)]
 
     tok, model = load(names[0])
-    check_format(tok, names[0], args.fmt)
-    pools = [[c.strip().split("\n")[0] if args.fmt == "text" else c for c in
+    pools = [[generated(c, args.fmt) for c in
               E.sample_candidates(model, tok, ask(tok, q, args.fmt), args.n, 48, seed=args.seed + i)]
              for i, q in enumerate(tqdm(questions, desc="sampling", file=sys.stderr))]
     ways = {"sampler alone (greedy)": greedy(model, tok, questions, args, 48)}
-
-    def loglik(tok, model, desc: str) -> list[list[float]]:
-        return [E.loglik_scores(model, tok, prompt(q, args.fmt), c if args.fmt == "chat" else [" " + a for a in c])
-                for q, c in zip(tqdm(questions, desc=desc, file=sys.stderr), pools, strict=True)]
-
     del model
     tok, model = load(names[1])
-    check_format(tok, names[1], args.fmt)
     scores = loglik(tok, model, "scoring")
     ways["scorer alone (greedy)"] = greedy(model, tok, questions, args, 48)
     del model
     picks = {"best of n by the scorer's log-likelihood": scores}
     if len(names) == 3:
         tok, model = load(names[2])
-        check_format(tok, names[2], args.fmt)
         reference = loglik(tok, model, "reference")
         del model
-        picks["best of n by the implicit reward"] = [[args.beta * (a - b) for a, b in zip(s, r, strict=True)]
+        picks["best of n by the implicit reward"] = [E.implicit_rewards(s, r, args.beta)
                                                      for s, r in zip(scores, reference, strict=True)]
     ways["sampler, one sample"] = [pool[0] for pool in pools]
     for way, by in picks.items():

@@ -101,12 +101,17 @@ def _validate(check: Mapping[str, Any]) -> None:
         raise ValueError(f"check {dict(check)!r}: 'wrong' must be a list of non-empty strings")
 
 
+def wins(policy_scores, reference_scores) -> list[float]:
+    """Per item: 1.0 where the policy's score is above the reference's, 0.5 for a tie, else 0.0."""
+    return [1.0 if p > r else 0.5 if p == r else 0.0 for p, r in zip(policy_scores, reference_scores, strict=True)]
+
+
 def win_rate(policy_scores, reference_scores) -> float:
     """Share of prompts where the policy's answer scores above the reference's; a tie counts one half."""
-    pairs = list(zip(policy_scores, reference_scores, strict=True))
-    if not pairs:
+    per_item = wins(policy_scores, reference_scores)
+    if not per_item:
         raise ValueError("win_rate needs at least one pair of scores")
-    return sum(1.0 if p > r else 0.5 if p == r else 0.0 for p, r in pairs) / len(pairs)
+    return sum(per_item) / len(per_item)
 
 
 def preference_accuracy(chosen_rewards, rejected_rewards) -> float:
@@ -488,7 +493,13 @@ def implicit_reward_scores(policy, reference, tok, prompt: str | list[dict], can
     """DPO's implicit reward of each candidate, β·(log πθ(y|x) − log πref(y|x)): how much more the DPO model
     likes the answer than the model it was trained from."""
     mine, theirs = (loglik_scores(m, tok, prompt, candidates) for m in (policy, reference))
-    return [beta * (a - b) for a, b in zip(mine, theirs, strict=True)]
+    return implicit_rewards(mine, theirs, beta)
+
+
+def implicit_rewards(policy_logps: Sequence[float], reference_logps: Sequence[float], beta: float = 0.1
+                     ) -> list[float]:
+    """β·(log πθ − log πref) of each answer, from the two models' log-likelihoods of it."""
+    return [beta * (a - b) for a, b in zip(policy_logps, reference_logps, strict=True)]
 
 
 def best_of(candidates: Sequence[str], scores: Sequence[float]) -> str:
