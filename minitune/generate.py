@@ -83,8 +83,8 @@ def _decode(model, tokens, mask, max_new_tokens, eos, pad, pick):
     step_input = tokens  # the whole prompt first (prefill), then one token per row
     done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
     for _ in range(max_new_tokens):
-        hidden = model.hidden_states(step_input, attention_mask=mask, cache=cache)  # (B, t, C)
-        next_ids = pick(model.lm_head(hidden[:, -1]))  # (B,): only the last position's logits are needed
+        logits = model(step_input, attention_mask=mask, cache=cache, logits_to_keep=1)  # (B, 1, vocab): the last only
+        next_ids = pick(logits[:, -1])  # (B,)
         next_ids = next_ids.masked_fill(done, pad)
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)

@@ -13,8 +13,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import kernels
-from ..losses import shift_labels
 
 
 @dataclass
@@ -63,7 +61,8 @@ class ModelConfig:
 
 
 class CausalLM(nn.Module):
-    """Base of the family models: `forward` gives logits, `hidden_states` the final hidden states.
+    """Base of the family models: loading, saving, tying and resizing. Each family's file holds its
+    `forward` (logits, or the loss when given labels), top to bottom.
 
     Subclasses set `config_class` and may override the two checkpoint hooks to map hub tensor
     names and layouts to their own.
@@ -86,27 +85,6 @@ class CausalLM(nn.Module):
     def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB") -> None:
         from ..hub import save_model
         save_model(self, out_dir, max_shard_size=max_shard_size)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache=None, labels: torch.Tensor | None = None,
-                reduction: str = "mean") -> torch.Tensor:
-        """Logits (B, T, vocab_size). attention_mask: (B, past + T), 1 = real token, 0 = padding; a packed
-        row numbers its examples 1, 2, 3, ... so that each attends only to itself, from position 0.
-
-        Given labels (B, T), the next-token loss instead (see `minitune.losses.causal_lm_loss`), from
-        the hidden states and lm_head's weight without the logits. It is computed here, in forward,
-        so that DDP and FSDP, whose hooks run around forward, see the lm_head weight in use. The
-        head's own forward does not run: it must stay a plain Linear in the root module's FSDP unit.
-        """
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)  # (B, T, C)
-        if labels is None:
-            return self.lm_head(hidden)
-        return kernels.fused_linear_cross_entropy(hidden, self.lm_head.weight, shift_labels(labels),
-                                                  reduction=reduction)
-
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None) -> torch.Tensor:
-        """Final hidden states (B, T, C), the input of lm_head (the family's architecture)."""
-        raise NotImplementedError
 
     # ---- checkpoint hooks: hub key/layout <-> our key/layout ----
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
+from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
 from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
 
@@ -55,10 +56,10 @@ class GPT2Config(ModelConfig):
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm through minitune's kernels: fused Triton on a GPU, torch's own elsewhere."""
+    """nn.LayerNorm through minitune's kernels."""
 
     def forward(self, x):
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)  # (x - mean) / sqrt(var + eps) * w + b
 
 
 class Attention(nn.Module):
@@ -149,28 +150,38 @@ class GPT2(CausalLM):
     def input_embeddings(self) -> nn.Embedding:
         return self.transformer.wte
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """Final hidden states (B, T, n_embd), after ln_f: the input of `lm_head`."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                labels=None, reduction: str = "mean", logits_to_keep: int = 0):
+        """Logits (B, T, vocab_size), or with labels (B, T) the next-token loss (see mt.losses.causal_lm_loss).
+
+        attention_mask (B, past + T): 1 = real token, 0 = padding; a packed row numbers its examples 1, 2,
+        3, ... so that each attends only to itself, from position 0. logits_to_keep > 0: only the last
+        positions' logits (generation needs one). `cache` holds the keys and values of earlier calls.
+        """
         past = cache.length if cache is not None else 0
         check_inputs(input_ids, attention_mask, past)
-        B, T = input_ids.shape
+        T = input_ids.size(1)
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)
+            position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)  # (B or 1, T)
         # left padding takes no positions, so only a row that may be too long is checked (a sync)
         if past + T > self.config.n_positions and int(position_ids.max()) >= self.config.n_positions:
             raise ValueError(f"position {int(position_ids.max())} is past n_positions "
                              f"{self.config.n_positions} in config.json")
-        mask = attention_bias(attention_mask, T, past, None, input_ids.device)
+        mask = attention_bias(attention_mask, T, past, None, input_ids.device)  # None: plain causal
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask, cache)
         if cache is not None:
             cache.advance(T)
-        return self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if labels is not None:  # here, so DDP/FSDP see lm_head's weight used; no (B, T, vocab) logits ever
+            return kernels.fused_linear_cross_entropy(x, self.lm_head.weight, shift_labels(labels),
+                                                      reduction=reduction)
+        return self.lm_head(x[:, -logits_to_keep:])  # (B, T, vocab); -0: every position
 
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config

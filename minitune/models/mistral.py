@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
+from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
 from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
 
@@ -80,10 +81,7 @@ class MistralConfig(ModelConfig):
 
 
 class RMSNorm(nn.Module):
-    """x / sqrt(mean(x^2) + eps) * weight, statistics in float32, cast back before the scale (as HF).
-
-    The fused Triton kernel on a GPU, its PyTorch reference elsewhere (minitune/kernels/rms_norm.py).
-    """
+    """Root-mean-square norm, statistics in float32 and cast back before the scale (as HF)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -91,7 +89,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps)  # x / sqrt(mean(x²) + eps) * weight; Triton on CUDA
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -187,24 +185,34 @@ class Mistral(CausalLM):
     def input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
-        """Final hidden states (B, T, hidden_size), after the last norm: the input of `lm_head`."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                labels=None, reduction: str = "mean", logits_to_keep: int = 0):
+        """Logits (B, T, vocab_size), or with labels (B, T) the next-token loss (see mt.losses.causal_lm_loss).
+
+        attention_mask (B, past + T): 1 = real token, 0 = padding; a packed row numbers its examples 1, 2,
+        3, ... so that each attends only to itself, from position 0. logits_to_keep > 0: only the last
+        positions' logits (generation needs one). `cache` holds the keys and values of earlier calls.
+        """
         past = cache.length if cache is not None else 0
         check_inputs(input_ids, attention_mask, past)
         c, T = self.config, input_ids.size(1)
         if position_ids is None:
-            position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)
-        mask = attention_bias(attention_mask, T, past, c.sliding_window, input_ids.device)
+            position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)  # (B or 1, T)
+        mask = attention_bias(attention_mask, T, past, c.sliding_window, input_ids.device)  # None: plain causal
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)  # once for all layers
+        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)  # (B, T, hs), once for all layers
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
-        return self.model.norm(x)
+        x = self.model.norm(x)  # (B, T, C)
+        if labels is not None:  # here, so DDP/FSDP see lm_head's weight used; no (B, T, vocab) logits ever
+            return kernels.fused_linear_cross_entropy(x, self.lm_head.weight, shift_labels(labels),
+                                                      reduction=reduction)
+        return self.lm_head(x[:, -logits_to_keep:])  # (B, T, vocab); -0: every position
 
     def make_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
