@@ -278,17 +278,17 @@ class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing, grad_enabled):
         n_valid, scale = _mean_scale(targets, ignore_index, reduction)
-        ctx.now = grad_enabled and ctx.needs_input_grad[0] and logits.dtype != torch.float16
+        ctx.grad_in_forward = grad_enabled and ctx.needs_input_grad[0] and logits.dtype != torch.float16
         loss, grad = call_op(cross_entropy_forward, _cross_entropy_forward, logits, targets, scale,
-                             ignore_index, label_smoothing, ctx.now)
+                             ignore_index, label_smoothing, ctx.grad_in_forward)
         ctx.args, ctx.consumed = (ignore_index, reduction, label_smoothing), False
-        ctx.save_for_backward(*((grad,) if ctx.now else (logits, targets, n_valid)))
+        ctx.save_for_backward(*((grad,) if ctx.grad_in_forward else (logits, targets, n_valid)))
         return _reduce(loss, n_valid, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
         ignore_index, reduction, label_smoothing = ctx.args
-        if ctx.now:
+        if ctx.grad_in_forward:
             _use_once(ctx, "cross_entropy")
             (grad,) = ctx.saved_tensors
             call_op(scale_grad_, _scale_grad_, grad, grad_output)
@@ -403,19 +403,19 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
                 grad_enabled):
         need_dh, need_dw = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
         n_valid, scale = _mean_scale(targets, ignore_index, reduction)
-        ctx.now = reduction != "none" and hidden.dtype != torch.float16
+        ctx.grad_in_forward = reduction != "none" and hidden.dtype != torch.float16
         loss, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, scale,
-                               ignore_index, label_smoothing, need_dh and ctx.now, need_dw and ctx.now, chunk_rows,
+                               ignore_index, label_smoothing, need_dh and ctx.grad_in_forward, need_dw and ctx.grad_in_forward, chunk_rows,
                                use_triton)
         ctx.args = (ignore_index, reduction, label_smoothing, chunk_rows, use_triton)
         ctx.consumed = False
-        ctx.save_for_backward(*((dh, dw) if ctx.now else (hidden, weight, targets, n_valid)))
+        ctx.save_for_backward(*((dh, dw) if ctx.grad_in_forward else (hidden, weight, targets, n_valid)))
         return _reduce(loss, n_valid, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if ctx.now:
+        if ctx.grad_in_forward:
             _use_once(ctx, "fused_linear_cross_entropy")
             dh, dw = ctx.saved_tensors  # scaled in place: a copy would add a weight-sized buffer to the peak
             dh = dh.mul_(grad_output) if need_dh else None
