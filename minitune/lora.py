@@ -199,9 +199,19 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
                 layer.merge()
 
 
+def save_merged(model: nn.Module, out_dir: str | os.PathLike, **kwargs) -> None:
+    """The model with its adapters folded into the base weights, in the Hugging Face layout: a plain
+    checkpoint that loads without PEFT. The model is left as it was, merged or not."""
+    _save_full(model, out_dir, merged=True, **kwargs)
+
+
 def save_model(model: nn.Module, out_dir: str | os.PathLike, merged: bool = True, **kwargs) -> None:
-    """The full model in the Hugging Face layout, never with LoRA tensors in it: merged=True writes the
-    base weights with the adapter folded in (a model that needs no PEFT), merged=False the base weights."""
+    """The former name of save_merged; merged=False writes the base weights without the adapters."""
+    _save_full(model, out_dir, merged=merged, **kwargs)
+
+
+def _save_full(model: nn.Module, out_dir: str | os.PathLike, merged: bool, **kwargs) -> None:
+    """save_pretrained with the adapters merged in, or left out; never LoRA tensors in the file."""
     was_merged = all(layer.merged for _, layer in _layers(model))
     (merge_lora if merged else unmerge_lora)(model)
     try:
@@ -291,5 +301,5 @@ def _our_key(peft_key: str) -> str:
 
 
 __all__ = ["LoRALinear", "apply_lora", "merge_lora", "unmerge_lora", "disable_lora", "save_adapter", "load_adapter",
-           "save_model",
+           "save_merged", "save_model",
            "adapter_state_dict", "target_names", "lora_layers", "parameter_counts"]

@@ -187,11 +187,12 @@ def test_saving_the_full_model_writes_merged_or_base_weights_never_lora(pair):
     family, _, model, tmp_path = pair
     x = ids()
     base, adapted = base_and_adapted(model, family, x)
-    mt.lora.save_model(model, tmp_path / "merged", merged=True)
+    mt.lora.save_merged(model, tmp_path / "merged")
+    mt.lora.save_model(model, tmp_path / "old-name", merged=True)  # save_merged's former name still works
     mt.lora.save_model(model, tmp_path / "plain", merged=False)
     assert not any(layer.merged for _, layer in mt.lora.lora_layers(model))  # left as it was
     from safetensors import safe_open
-    for folder, want in (("merged", adapted), ("plain", base)):
+    for folder, want in (("merged", adapted), ("old-name", adapted), ("plain", base)):
         with safe_open(tmp_path / folder / "model.safetensors", "pt") as f:
             assert not [k for k in f.keys() if "lora" in k]
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / folder).eval()
