@@ -34,6 +34,7 @@ Writes <out>/bench_load.json and <out>/bench_load.md. GB is 10**9 bytes.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -47,6 +48,14 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# The /proc readers of minitune/profiling.py, loaded by path: importing the package would import torch,
+# whose import time the children measure.
+_spec = importlib.util.spec_from_file_location("minitune_profiling", ROOT / "minitune" / "profiling.py")
+profiling = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(profiling)
+proc_status, reset_peak = profiling.proc_status, profiling.reset_peak
 
 # About 1.52 GB in bf16: Mistral layout (GQA 32/8 heads, SwiGLU), TinyLlama-like widths, 14 layers.
 CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=14,
@@ -64,31 +73,10 @@ MODES = ("cold", "primed")
 
 # ---------------------------------------------------------------- memory readings (Linux)
 
-def proc_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile, RssShmem in bytes, from /proc/self/status."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                out[key] = int(rest.split()[0]) * 1024
-    return out
-
-
 def rss_split() -> tuple[int, int]:
     """(anonymous, file-backed + shared) resident bytes."""
     s = proc_status()
     return s["RssAnon"], s["RssFile"] + s.get("RssShmem", 0)
-
-
-def reset_peak() -> bool:
-    """Set VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def maxrss_bytes() -> int:

@@ -1,6 +1,6 @@
 """minitune: a small, readable library for fine-tuning GPT-2 and Mistral-family models."""
 
-from . import checkpoint, data, evaluate, freeze, kernels, lora, losses, models, optim, reference, train
+from . import checkpoint, data, evaluate, freeze, kernels, lora, losses, models, optim, profiling, reference, train
 from .generate import generate, sample_next
 from .hub import save_model
 from .models import GPT2, GPT2Config, Mistral, MistralConfig, load_model
@@ -8,6 +8,6 @@ from .tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["checkpoint", "data", "evaluate", "freeze", "kernels", "lora", "losses", "models", "optim", "reference",
-           "train", "load_model", "save_model", "load_tokenizer", "Tokenizer", "generate", "sample_next", "GPT2",
+__all__ = ["checkpoint", "data", "evaluate", "freeze", "kernels", "lora", "losses", "models", "optim", "profiling",
+           "reference", "train", "load_model", "save_model", "load_tokenizer", "Tokenizer", "generate", "sample_next", "GPT2",
            "GPT2Config", "Mistral", "MistralConfig", "__version__"]
