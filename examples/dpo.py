@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import save_checkpoint
 from minitune.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, preference_logps
-from minitune.optim import make_optimizer, make_scheduler
+from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
 from minitune.reference import (
     REFERENCE_MODES,
@@ -62,8 +63,11 @@ from minitune.train import (
     autocast,
     init_distributed,
     micro_batches,
-    optimizer_step,
+    non_negative_float,
+    non_negative_int,
     parse_common_args,
+    positive_float,
+    positive_int,
     resume,
     run_settings,
     save_final,
@@ -80,7 +84,32 @@ SFT_MODEL = "runs/sft/final"  # where examples/finetune_mistral.py leaves its mo
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=SFT_MODEL, data=str(HERE / "data" / "preference" / "train.jsonl"), out="runs/dpo",
-                    epochs=3.0, batch_size=16, lr=1e-3, warmup=10, eval_every=20, save_every=50)
+                    eval_every=20, save_every=50)
+    # the optimisation: AdamW, linear warmup then a decay, the gradient clipped
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; default: --epochs over the data")
+    p.add_argument("--epochs", type=positive_float, default=3.0, help="passes over the training pairs")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per micro-batch and process")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=10, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the global gradient norm to "
+                   "this; 0 = no clipping")
+    add_lora_args(p)  # --lora-r 0 (the default): full fine-tuning
+    # the DPO loss and its reference
+    p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the pull towards the reference")
+    p.add_argument("--loss-type", default="sigmoid", choices=DPO_LOSS_TYPES)
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="assumed share of flipped preference labels (conservative DPO, robust)")
+    p.add_argument("--reference", default=None, choices=REFERENCE_MODES,
+                   help="the reference model: default lora-disabled with --lora-r, else copy")
+    p.add_argument("--rpo-alpha", type=float, default=1.0,
+                   help="add alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024); 0: plain DPO")
+    p.add_argument("--average-logps", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-token average log-probabilities instead of sums; default: on for ipo (its paper's "
+                        "length-normalised form, as TRL does), off otherwise")
+    # the data and validation
     p.add_argument("--val-data", default=str(HERE / "data" / "preference" / "validation.jsonl"),
                    help="held-out pairs; empty: split --val-fraction off --data")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -90,19 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="a pair longer than --max-length: stop with its file:line, drop it, or cut the answers' end")
     p.add_argument("--prompt-format", default="chat", choices=("chat", "text"),
                    help="text prompts as a user turn of the chat template, or as they are")
-    p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
-    p.add_argument("--loss-type", default="sigmoid", choices=DPO_LOSS_TYPES)
-    p.add_argument("--label-smoothing", type=float, default=0.0,
-                   help="assumed share of flipped preference labels (conservative DPO, robust)")
-    p.add_argument("--reference", default=None, choices=REFERENCE_MODES,
-                   help="default: lora-disabled with --lora-r, else copy")
-    p.add_argument("--rpo-alpha", type=float, default=1.0,
-                   help="add alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024); 0: plain DPO")
-    p.add_argument("--average-logps", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-token average log-probabilities instead of sums; default: on for ipo (its paper's "
-                        "length-normalised form, as TRL does), off otherwise")
     p.add_argument("--win-rate-samples", type=int, default=256, help="held-out prompts answered greedily")
-    add_lora_args(p)
     args = parse_common_args(p, argv)
     args.reference = args.reference or ("lora-disabled" if args.lora_r else "copy")
     args.average_logps = args.loss_type == "ipo" if args.average_logps is None else args.average_logps
@@ -112,8 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--reference lora-disabled needs LoRA (--lora-r > 0): without adapters there is nothing to disable")
     if args.packing:
         p.error("--packing is not supported by DPO: each pair's answers are separate rows of one forward")
-    if args.beta <= 0 or not 0 <= args.label_smoothing < 0.5:
-        p.error("--beta must be positive and --label-smoothing in [0, 0.5)")
+    if not 0 <= args.label_smoothing < 0.5:
+        p.error(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
     if args.label_smoothing and args.loss_type not in ("sigmoid", "robust"):
         p.error(f"--label-smoothing applies to the sigmoid and robust losses, not to {args.loss_type}")
     if args.model == SFT_MODEL and not Path(SFT_MODEL).is_dir():
@@ -148,41 +165,48 @@ def answer_length(examples: list[dict]) -> int:
 
 
 def dpo_step(model, reference: Reference, batches: list[dict], optimizer, scheduler, amp, args) -> dict:
-    """One optimizer step over the accumulated micro-batches of pairs on every rank.
+    """One optimizer step over this rank's micro-batches of pairs: TRL's metrics (means over the step's pairs
+    on every rank), the gradient norm before clipping, and the tokens of every rank.
 
-    Each micro-batch's loss is the sum of its pairs' losses divided by the pairs of the whole accumulated
-    batch, all ranks together, so the step's gradient is that of the mean over all its pairs. Returns
-    that mean and TRL's metrics, averaged over the step's pairs (rewards/accuracies counts a tie as a miss,
-    as TRL does; nll_loss is the RPO term before alpha), the gradient norm and the step's non-padding tokens
-    (all ranks)."""
-    world = world_size()
-    device = next(model.parameters()).device
-    n_pairs = max(all_reduce_sum([sum(b["input_ids"].size(0) // 2 for b in batches)], device)[0], 1.0)
-    sums = torch.zeros(9, dtype=torch.float64, device=device)
+    Each micro-batch's loss is the sum of its pairs' losses divided by the pairs of the whole step, all ranks
+    together, so the step's gradient is that of the mean over all its pairs. rewards/accuracies counts a tie
+    as a miss, as TRL does; nll_loss is the RPO term before alpha. A loss or gradient that is not finite
+    raises FloatingPointError before the update.
+    """
+    world, device = world_size(), batches[0]["input_ids"].device
+    n_pairs = max(all_reduce_sum({"pairs": sum(b["input_ids"].size(0) // 2 for b in batches)}, device)["pairs"], 1.0)
+    sums = {}  # metric name -> its sum over this rank's pairs
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with amp():
-                ref_chosen, ref_rejected = reference.logps(batch, args.average_logps)
-                chosen, rejected = preference_logps(model, batch, args.average_logps)  # one forward, 2B rows
+        # DDP all-reduces the gradients in the backward: only once, in the last micro-batch's
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with amp():  # bf16 compute on CUDA, over float32 weights
+                ref_chosen, ref_rejected = reference.logps(batch, args.average_logps)  # (B,) each, no graph
+                chosen, rejected = preference_logps(model, batch, args.average_logps)  # one forward over 2B rows
             losses, chosen_rewards, rejected_rewards = dpo_loss(
                 chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
-            nll = chosen_nll(chosen, answer_tokens(batch), args.average_logps)
-            # DDP averages gradients over the ranks; n_pairs counts every rank's pairs: scale back by world
-            ((losses + args.rpo_alpha * nll).sum() * (world / n_pairs)).backward()
-        sums += torch.stack([(losses + args.rpo_alpha * nll).detach().sum(), chosen_rewards.sum(),
-                             rejected_rewards.sum(), (chosen_rewards > rejected_rewards).sum(),
-                             (chosen_rewards - rejected_rewards).sum(), chosen.detach().sum(),
-                             rejected.detach().sum(), nll.detach().sum(), batch["attention_mask"].sum()]).double()
-    *totals, tokens = all_reduce_sum(sums.tolist(), device)
-    means = [s / n_pairs for s in totals]
-    grad_norm = optimizer_step(model, optimizer, scheduler, args.max_grad_norm, means[0])
-    names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-             "logps/chosen", "logps/rejected", "nll_loss")
-    metrics = dict(zip(names, means, strict=True))
+            nll = chosen_nll(chosen, answer_tokens(batch), args.average_logps)  # (B,): RPO's term
+            loss = losses + args.rpo_alpha * nll  # (B,)
+            # DDP averages the gradients over the ranks, and n_pairs counts every rank's: scale back by world
+            (loss.sum() * (world / n_pairs)).backward()
+        per_pair = {"loss": loss, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
+                    "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+                    "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen,
+                    "logps/rejected": rejected, "nll_loss": nll, "tokens": batch["attention_mask"]}
+        for name, values in per_pair.items():
+            sums[name] = sums.get(name, 0.0) + values.detach().sum().double()
+    totals = all_reduce_sum(sums, device)  # every metric in one collective
+    tokens = totals.pop("tokens")
+    metrics = {name: total / n_pairs for name, total in totals.items()}
     if not args.rpo_alpha:
         del metrics["nll_loss"]
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf).item()
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):  # a blow-up: drop these gradients
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the loss is {metrics['loss']} and the gradient norm {grad_norm}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return {**metrics, "grad_norm": grad_norm, "tokens": tokens}
 
 
@@ -237,11 +261,11 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
     scores = [mt.evaluate.rule_score(judged[i]["check"], a) for i, a in zip(mine, answers, strict=True)]
     sft_scores = [mt.evaluate.rule_score(judged[i]["check"], sft_answers[i]) for i in mine]
     wins = mt.evaluate.win_rate(scores, sft_scores) * len(scores) if scores else 0.0
-    loss_sum, agreed, pairs, wins, hits, asked = all_reduce_sum(
-        [losses.sum().item(), agreed, len(losses), wins, sum(scores), len(scores)], device)
-    metrics = {"val_loss": loss_sum / pairs, "val_preference_accuracy": agreed / pairs}
-    if asked:  # held-out records without a rule-based "check" (HH, most user data) give no win rate
-        metrics.update(val_win_rate=wins / asked, val_rule_score=hits / asked)
+    total = all_reduce_sum({"loss": losses.sum(), "agreed": agreed, "pairs": len(losses), "wins": wins,
+                            "hits": sum(scores), "asked": len(scores)}, device)
+    metrics = {"val_loss": total["loss"] / total["pairs"], "val_preference_accuracy": total["agreed"] / total["pairs"]}
+    if total["asked"]:  # held-out records without a rule-based "check" (HH, most user data) give no win rate
+        metrics.update(val_win_rate=total["wins"] / total["asked"], val_rule_score=total["hits"] / total["asked"])
     return metrics
 
 
@@ -296,13 +320,13 @@ def main(argv=None) -> None:
     steps = total_steps(args, len(train), world)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
-    base = model
+    raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
     run = {**run_settings(args, train, world, steps, RESUMABLE), "sft_model": sft_model}
     start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
-    evaluate = functools.partial(validate, base, tok, val, val_reference, judged, sft_answers, args, new_tokens, amp)
+    evaluate = functools.partial(validate, raw_model, tok, val, val_reference, judged, sft_answers, args, new_tokens, amp)
 
     if start == 0:
         log.write({"step": 0, **evaluate()})
@@ -325,7 +349,7 @@ def main(argv=None) -> None:
             save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
                             state={"run": run, "lr": args.lr, "metrics": log.records})
     if rank == 0:
-        save_final(base, tok, out, args)
+        save_final(raw_model, tok, out, args)
         plot_training(log.records, out / "training.png", title=f"DPO of {'/'.join(Path(args.model).parts[-2:])}",
                       panels=(LOSSES, SHARES, REWARDS))
     del model, reference  # DDP's reducer first: the process group freed from inside it can hang (pytorch#56297)

@@ -18,6 +18,7 @@ layout in <out>/final.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -32,7 +33,7 @@ import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import save_checkpoint
 from minitune.losses import IGNORE_INDEX
-from minitune.optim import make_optimizer, make_scheduler
+from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
 from minitune.train import (
     MetricsLog,
@@ -43,14 +44,18 @@ from minitune.train import (
     autocast,
     init_distributed,
     micro_batches,
+    non_negative_float,
+    non_negative_int,
     parse_common_args,
+    positive_float,
+    positive_int,
     resume,
     run_settings,
     save_final,
     stopped,
     to_device,
     total_steps,
-    train_step,
+    world_size,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -59,7 +64,22 @@ HERE = Path(__file__).resolve().parent
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-mistral"), data=str(HERE / "data" / "sft" / "train.jsonl"),
-                    out="runs/sft", batch_size=16, lr=1e-3, warmup=20, eval_every=10, save_every=25)
+                    out="runs/sft", eval_every=10, save_every=25)
+    # the optimisation: AdamW, linear warmup then a decay, the gradient clipped
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; default: --epochs over the data")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training examples (packed rows "
+                   "with --packing)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples (rows with --packing) per micro-batch "
+                   "and process")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=non_negative_int, default=20, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the global gradient norm to "
+                   "this; 0 = no clipping")
+    add_lora_args(p)  # --lora-r 0 (the default): full fine-tuning
+    # the data and validation
     p.add_argument("--val-data", default=str(HERE / "data" / "sft" / "validation.jsonl"),
                    help="held-out chats; empty: split --val-fraction off --data")
     p.add_argument("--val-fraction", type=float, default=0.05)
@@ -68,7 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="an example longer than --max-length: stop with its file:line, drop it, or cut its start")
     p.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not just the answers")
     p.add_argument("--exact-match-samples", type=int, default=64, help="held-out chats answered greedily")
-    add_lora_args(p)
     return parse_common_args(p, argv)
 
 
@@ -127,11 +146,50 @@ def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: in
         replies = mt.evaluate.generate_answers(model, tok, [q for q, _ in questions], batch_size, longest + 8)
     hits = sum(mt.evaluate.exact_match(reply, answer) for reply, answer in zip(replies, answers, strict=True))
     model.train()
-    loss_sum, correct, count, hits, asked = all_reduce_sum([loss_sum, correct, count, hits, len(questions)],
-                                                           next(model.parameters()).device)
-    val_loss = loss_sum / max(count, 1)
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_token_acc": correct / max(count, 1),
-            "val_exact_match": hits / max(asked, 1)}
+    total = all_reduce_sum({"loss": loss_sum, "correct": correct, "targets": count, "hits": hits,
+                            "asked": len(questions)}, next(model.parameters()).device)
+    val_loss = total["loss"] / max(total["targets"], 1)
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
+            "val_token_acc": total["correct"] / max(total["targets"], 1),
+            "val_exact_match": total["hits"] / max(total["asked"], 1)}
+
+
+# ---------------------------------------------------------------- one optimizer step
+
+
+def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_norm: float = 1.0) -> dict:
+    """One optimizer step over this rank's micro-batches: the loss, the gradient norm before clipping, and the
+    tokens of every rank.
+
+    The step's loss is the mean over the target tokens of all its micro-batches on every rank: each
+    micro-batch's summed loss is divided by that count before its backward. A mean of per-micro-batch means
+    would give a short batch the weight of a long one. A loss or gradient that is not finite raises
+    FloatingPointError before the update, so the weights and optimizer state stay those of the last good step.
+    """
+    world, device = world_size(), batches[0]["input_ids"].device
+    counts = all_reduce_sum({"targets": sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches),
+                             "tokens": sum(b["attention_mask"].ne(0).sum() for b in batches)}, device)
+    n_targets = max(counts["targets"], 1.0)
+    loss_sum = torch.zeros((), device=device)
+    for i, batch in enumerate(batches):
+        last = i == len(batches) - 1
+        # DDP all-reduces the gradients in the backward: only once, in the last micro-batch's
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+            with amp():  # bf16 compute on CUDA, over float32 weights
+                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                             position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
+            # DDP averages the gradients over the ranks, and n_targets counts every rank's: scale back by world
+            (loss * (world / n_targets)).backward()
+        loss_sum += loss.detach()
+    loss = all_reduce_sum({"loss": loss_sum}, device)["loss"] / n_targets
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf).item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # a blow-up: drop these gradients, update nothing
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"the loss is {loss} and the gradient norm {grad_norm}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": grad_norm, "tokens": counts["tokens"]}
 
 
 # ---------------------------------------------------------------- the run
@@ -157,7 +215,7 @@ def main(argv=None) -> None:
     steps = total_steps(args, len(train), world)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
-    base = model
+    raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
@@ -166,7 +224,7 @@ def main(argv=None) -> None:
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
 
     if start == 0:
-        log.write({"step": 0, **validate(base, tok, val, questions, args.batch_size, amp)})
+        log.write({"step": 0, **validate(raw_model, tok, val, questions, args.batch_size, amp)})
     for step in tqdm(range(start + 1, steps + 1), desc="sft", initial=start, total=steps, disable=rank != 0,
                      file=sys.stderr):
         tick = time.perf_counter()
@@ -180,13 +238,13 @@ def main(argv=None) -> None:
         record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                   "tokens_per_s": result["tokens"] / (time.perf_counter() - tick)}
         if step % args.eval_every == 0 or step == steps:
-            record.update(validate(base, tok, val, questions, args.batch_size, amp))
+            record.update(validate(raw_model, tok, val, questions, args.batch_size, amp))
         log.write(record)
         if step % args.save_every == 0 and step < steps:
             save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
                             state={"run": run, "lr": args.lr, "metrics": log.records})
     if rank == 0:
-        save_final(base, tok, out, args)
+        save_final(raw_model, tok, out, args)
         plot_training(log.records, out / "training.png", title=f"SFT of {Path(args.model).name}")
     del model  # DDP's reducer first: the process group freed from inside it can hang at exit (pytorch#56297)
     if dist.is_initialized():

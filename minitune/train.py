@@ -1,26 +1,24 @@
-"""What every example's training loop shares, so that each example file holds only its loop.
+"""The plumbing every example's training loop shares, so that each example file holds its loop and its settings.
 
     parser = argparse.ArgumentParser()
-    add_common_args(parser, model=..., data=..., out="runs/sft", lr=1e-3)    # DESIGN's shared flags
-    add_lora_args(parser)                                                   # --lora-r and friends
+    add_common_args(parser, model=..., data=..., out="runs/sft")            # --model --data --out --device ...
+    parser.add_argument("--lr", type=positive_float, default=1e-3)          # the example's own hyperparameters
     args = parse_common_args(parser, argv)
     rank, world, device = init_distributed(args.device)                     # plain, or under torchrun
     log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)              # one JSON object per line
     for step in range(start, total_steps(args, len(train), world)):
         batches = micro_batches(train, step, args.batch_size, args.grad_accum, args.seed, rank, world)
-        result = train_step(model, [to_device(collate(b, pad), device) for b in batches], optimizer,
-                            scheduler, lambda: autocast(device, args.dtype), args.max_grad_norm)
+        ...                                                                 # the example's step, written out
     save_final(model, tok, out, args)                                       # final/ (and adapter/)
 
-No trainer class: these are the pieces that would otherwise be copied from one example to the next;
-the loop that strings them together stays in each example, in plain sight.
+No trainer class and no training step here: the forward, backward, clipping and optimizer step are
+written out in examples/finetune_mistral.py and examples/dpo.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import array
-import contextlib
 import hashlib
 import json
 import math
@@ -35,42 +33,58 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from .data import shard, step_indices
-from .losses import IGNORE_INDEX
-from .optim import SCHEDULES, scale_learning_rates
+from .optim import scale_learning_rates
 
 DTYPES = ("float32", "bfloat16")
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, out: str,
-                    **defaults) -> argparse.ArgumentParser:
-    """The command line every example shares (DESIGN.md), with the example's own defaults.
-
-    `defaults` overrides the default of any flag by its dest name, e.g. lr=5e-4, batch_size=8."""
+def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, out: str, eval_every: int = 50,
+                    save_every: int = 100) -> argparse.ArgumentParser:
+    """The plumbing flags every example shares (DESIGN.md), with the example's defaults for the paths and
+    the validation and checkpoint intervals. Training hyperparameters are each example's own."""
     p = parser.add_argument
     p("--model", default=model, help="hub id or local folder")
     p("--data", default=data, help="training JSONL")
     p("--out", default=out, help="metrics.jsonl, charts, checkpoints/ and final/ go here")
-    p("--max-steps", type=int, default=None, help="optimizer steps; default: --epochs over the data")
-    p("--epochs", type=float, default=1.0, help="passes over the training examples (packed rows with --packing)")
-    p("--batch-size", type=int, default=8, help="examples (packed rows with --packing) per micro-batch and process")
-    p("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p("--lr", type=float, default=1e-4, help="peak learning rate")
-    p("--weight-decay", type=float, default=0.0, help="AdamW decay of weight matrices only")
-    p("--warmup", type=int, default=0, help="linear warmup steps")
-    p("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
-    p("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm to this; 0 = no clipping")
-    p("--seed", type=int, default=0)
+    p("--resume", default=None, help="'auto' (the latest complete checkpoint in --out) or a checkpoint folder")
     p("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p("--dtype", default=None, choices=DTYPES,
       help="compute dtype: bfloat16 runs under autocast over float32 weights; default bfloat16 on CUDA, else float32")
-    p("--eval-every", type=int, default=50, help="validate every N steps (and before the first and after the last)")
-    p("--save-every", type=int, default=100, help="write a resumable checkpoint every N steps")
-    p("--keep-last", type=int, default=2, help="checkpoints kept on disk")
-    p("--resume", default=None, help="'auto' (the latest complete checkpoint in --out) or a checkpoint folder")
+    p("--seed", type=int, default=0)
+    p("--eval-every", type=positive_int, default=eval_every,
+      help="validate every N steps (and before the first and after the last)")
+    p("--save-every", type=positive_int, default=save_every, help="write a resumable checkpoint every N steps")
+    p("--keep-last", type=positive_int, default=2, help="checkpoints kept on disk")
     p("--grad-checkpointing", action="store_true", help="recompute each block's activations in the backward")
     p("--packing", action="store_true", help="several examples per row, each attending only to itself")
-    parser.set_defaults(**defaults)
     return parser
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse's error names the flag)."""
+    return _within(int(text), 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer of at least 0."""
+    return _within(int(text), 0)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    return _within(float(text), 0.0, strict=True)
+
+
+def non_negative_float(text: str) -> float:
+    """argparse type: a finite number of at least 0."""
+    return _within(float(text), 0.0)
+
+
+def _within(value: float, low: float, strict: bool = False) -> float:
+    """`value` when it is finite and at least `low` (above it when strict), else argparse's error."""
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low}, not {value}")
+    return value
 
 
 def add_lora_args(parser: argparse.ArgumentParser, targets: Sequence[str] = ("q_proj", "v_proj")
@@ -108,22 +122,15 @@ def save_final(model: torch.nn.Module, tok, out: Path, args: argparse.Namespace)
         tok.save_pretrained(out / "adapter")
         if getattr(args, "lora_final", "merged") == "none":
             return
-        lora.save_model(model, out / "final", merged=True)
+        lora.save_merged(model, out / "final")
     else:
         model.save_pretrained(out / "final")
     tok.save_pretrained(out / "final")
 
 
 def parse_common_args(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None) -> argparse.Namespace:
-    """Parse, check the shared flags (parser.error names the flag), and fill in the device's default dtype."""
+    """Parse (a bad value ends with parser.error, naming the flag) and fill in the device's default dtype."""
     args = parser.parse_args(argv)
-    for flag in ("batch_size", "grad_accum", "eval_every", "save_every", "keep_last"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        parser.error(f"--max-steps must be at least 1, not {args.max_steps}")
-    if args.epochs <= 0 or args.lr <= 0 or args.warmup < 0 or args.max_grad_norm < 0:
-        parser.error("--epochs and --lr must be positive, --warmup and --max-grad-norm at least 0")
     args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     return args
 
@@ -146,13 +153,13 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sums over the processes (float64, so counts stay exact); the values themselves outside torch.distributed."""
-    if not dist.is_initialized():
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def all_reduce_sum(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Each value summed over the processes, all in one collective (float64, so counts stay exact); the
+    values themselves outside torch.distributed."""
+    sums = torch.stack([torch.as_tensor(v, device=device).double().reshape(()) for v in values.values()])
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    return dict(zip(values, sums.tolist(), strict=True))
 
 
 def micro_batches(train: list[dict], step: int, batch_size: int, grad_accum: int, seed: int, rank: int,
@@ -173,57 +180,6 @@ def total_steps(args, n_train: int, world: int) -> int:
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_norm: float = 1.0) -> dict:
-    """One optimizer step over the accumulated micro-batches of every rank.
-
-    Each micro-batch's loss is its sum over its targets divided by the number of targets in the whole
-    accumulated batch, all ranks together. The step's gradient is then that of the mean over all its
-    targets, whatever the micro-batches' lengths; a mean of per-micro-batch means would give a short
-    batch the weight of a long one. `amp` gives the autocast context of the forward passes.
-
-    Returns the loss (mean over targets), the gradient norm before clipping and the number of tokens
-    (all ranks). Raises FloatingPointError, before updating anything, when the loss or the gradient
-    is not finite.
-    """
-    device = next(model.parameters()).device
-    world = world_size()
-    targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-    tokens = sum(int(b["attention_mask"].ne(0).sum()) for b in batches)
-    n_targets, n_tokens = all_reduce_sum([targets, tokens], device)
-    n_targets = max(n_targets, 1.0)
-    loss_sum = torch.zeros((), device=device)
-    for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            with amp():
-                loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
-            # DDP averages gradients over the ranks; n_targets counts every rank's targets: scale back by world
-            (loss * (world / n_targets)).backward()
-        loss_sum += loss.detach()
-    loss = all_reduce_sum([loss_sum.item()], device)[0] / n_targets
-    grad_norm = optimizer_step(model, optimizer, scheduler, max_grad_norm, loss)
-    return {"loss": loss, "grad_norm": grad_norm, "tokens": n_tokens}
-
-
-def optimizer_step(model, optimizer, scheduler, max_grad_norm: float, loss: float) -> float:
-    """Clip the accumulated gradients, check them and the step's loss, update, advance the schedule.
-
-    Returns the gradient norm before clipping. A loss or gradient that is not finite raises
-    FloatingPointError before anything is updated (the gradients are dropped), so the weights and the
-    optimizer state stay those of the last good step."""
-    clip = max_grad_norm if max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-        optimizer.zero_grad(set_to_none=True)
-        raise FloatingPointError(f"the loss is {loss} and the gradient norm {grad_norm}")
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return grad_norm
 
 
 def stopped(step: int, error: FloatingPointError, out: Path, save_every: int) -> SystemExit:
@@ -313,48 +269,3 @@ class MetricsLog:
             f.write(line + "\n")
         if self.echo:
             tqdm.write(line, file=sys.stderr)  # above the progress bar, not through it
-
-
-class PeakMemory:
-    """Peak memory of a `with` block above the memory in use when it starts (so weights loaded before are
-    left out; gradients, optimizer state and activations counted). On CUDA: torch's peak allocation. On a
-    Linux CPU: the process's peak resident set (VmHWM, reset through /proc/self/clear_refs at the start).
-    After the block: `peak_bytes`, and `measure`, which says which of the two (or that neither worked)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.peak_bytes, self.measure = torch.device(device), 0, ""
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start = torch.cuda.memory_allocated(self.device)
-        else:
-            self.start = _proc_status("VmRSS")
-            try:
-                Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-            except OSError:
-                self.start = None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
-            self.measure = "CUDA: torch.cuda.max_memory_allocated above the start"
-        elif self.start is not None:
-            self.peak_bytes = _proc_status("VmHWM") - self.start
-            self.measure = "CPU: peak resident memory (VmHWM) above the start"
-        else:
-            self.measure = "not measured (no CUDA, no /proc/self/clear_refs)"
-
-
-def _proc_status(key: str) -> int | None:
-    """A /proc/self/status field in bytes (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None

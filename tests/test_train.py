@@ -4,45 +4,71 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from minitune.train import MetricsLog, add_common_args, all_reduce_sum, autocast, parse_common_args
+from tests.conftest import example_module
 
-# DESIGN.md's "Shared flags", verbatim
-DESIGN_FLAGS = ("--model --data --out --max-steps --epochs --batch-size --grad-accum --lr --warmup --schedule --seed "
-                "--device --dtype --eval-every --save-every --resume --grad-checkpointing --packing").split()
+# DESIGN.md's plumbing flags, which the shared helper adds
+PLUMBING = ("--model --data --out --resume --device --dtype --seed --eval-every --save-every --keep-last "
+            "--grad-checkpointing --packing").split()
+# the training hyperparameters each example declares itself, with the defaults each had before (dests)
+TRAINING = {
+    "finetune_mistral.py": dict(max_steps=None, epochs=1.0, batch_size=16, grad_accum=1, lr=1e-3, warmup=20,
+                                schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=10, save_every=25),
+    "dpo.py": dict(max_steps=None, epochs=3.0, batch_size=16, grad_accum=1, lr=1e-3, warmup=10, schedule="cosine",
+                   weight_decay=0.0, max_grad_norm=1.0, eval_every=20, save_every=50, beta=0.1, loss_type="sigmoid"),
+    "finetune_gpt.py": dict(max_steps=None, epochs=1.0, batch_size=16, grad_accum=1, lr=2e-3, warmup=10,
+                            schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, eval_every=25, save_every=1000),
+}
+TINY = str(Path(__file__).resolve().parents[1] / "examples" / "assets" / "tiny-mistral")
 
 
-def parser(**defaults) -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     return add_common_args(argparse.ArgumentParser(prog="example"), model="m", data="d.jsonl", out="runs/x",
-                           **defaults)
+                           eval_every=7)
 
 
-def test_every_design_flag_is_there_with_the_example_defaults():
-    p = parser(lr=5e-4, batch_size=3)
-    flags = {s for action in p._actions for s in action.option_strings}
-    assert set(DESIGN_FLAGS) <= flags
+def test_the_shared_helper_adds_only_the_plumbing_flags():
+    p = parser()
+    flags = {s for action in p._actions for s in action.option_strings} - {"-h", "--help"}
+    assert flags == set(PLUMBING)
     args = parse_common_args(p, ["--device", "cpu"])
-    assert (args.model, args.data, args.out, args.lr, args.batch_size) == ("m", "d.jsonl", "runs/x", 5e-4, 3)
+    assert (args.model, args.data, args.out, args.eval_every, args.save_every) == ("m", "d.jsonl", "runs/x", 7, 100)
     assert args.dtype == "float32"  # the CPU's default
     assert parse_common_args(p, ["--device", "cuda"]).dtype == "bfloat16"  # parsing only: no GPU needed
-    assert parse_common_args(p, ["--max-steps", "7", "--packing", "--resume", "auto"]).max_steps == 7
+
+
+@pytest.mark.parametrize("script", TRAINING)
+def test_each_example_declares_its_hyperparameters_with_the_defaults_it_had(script):
+    example = example_module(script)
+    args = vars(example.parse_args(["--model", TINY, "--device", "cpu"]))
+    assert {k: args[k] for k in TRAINING[script]} == TRAINING[script]
+    source = Path(example.__file__).read_text()
+    for flag in ("--max-steps", "--epochs", "--batch-size", "--grad-accum", "--lr", "--warmup", "--schedule",
+                 "--weight-decay", "--max-grad-norm"):
+        assert f'p.add_argument("{flag}"' in source, (script, flag)  # in the example's own file
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--batch-size", "0"], "--batch-size must be at least 1, not 0"),
-    (["--grad-accum", "-2"], "--grad-accum must be at least 1, not -2"),
-    (["--eval-every", "0"], "--eval-every must be at least 1"),
-    (["--max-steps", "0"], "--max-steps must be at least 1, not 0"),
-    (["--lr", "0"], "--lr must be positive"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
+    (["--grad-accum", "-2"], "argument --grad-accum: must be at least 1, not -2"),
+    (["--eval-every", "0"], "argument --eval-every: must be at least 1, not 0"),
+    (["--max-steps", "0"], "argument --max-steps: must be at least 1, not 0"),
+    (["--lr", "0"], "argument --lr: must be above 0.0, not 0.0"),
+    (["--lr", "nan"], "argument --lr: must be above 0.0, not nan"),
+    (["--warmup", "-1"], "argument --warmup: must be at least 0, not -1"),
+    (["--max-grad-norm", "-1"], "argument --max-grad-norm: must be at least 0.0, not -1.0"),
+    (["--epochs", "1.5x"], "argument --epochs: invalid positive_float value: '1.5x'"),
     (["--dtype", "float16"], "invalid choice: 'float16'"),
     (["--schedule", "cosin"], "invalid choice: 'cosin'"),
 ])
 def test_bad_flags_name_the_flag(argv, message, capsys):
     with pytest.raises(SystemExit):
-        parse_common_args(parser(), argv)
+        example_module("finetune_mistral.py").parse_args(argv)
     assert message in capsys.readouterr().err
 
 
@@ -69,5 +95,6 @@ def test_autocast_is_bf16_only_when_asked():
         assert (x @ x).dtype == torch.float32
 
 
-def test_all_reduce_sum_outside_torch_distributed_is_the_values():
-    assert all_reduce_sum([1.5, 2], torch.device("cpu")) == [1.5, 2]
+def test_all_reduce_sum_outside_torch_distributed_is_the_values_by_name():
+    summed = all_reduce_sum({"loss": torch.tensor(1.5), "count": 2, "tokens": torch.tensor(7)}, torch.device("cpu"))
+    assert summed == {"loss": 1.5, "count": 2.0, "tokens": 7.0}
