@@ -36,24 +36,28 @@ import time
 from pathlib import Path
 
 import torch
+from finetune_mistral import train_step  # the SFT example's step; examples/ is on sys.path when this file runs
 
 import minitune as mt
 from minitune import data as D
 from minitune.freeze import discriminative_param_groups, freeze, gradual_unfreeze, layer_groups
-from minitune.optim import make_optimizer, make_scheduler
+from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
+from minitune.profiling import PeakMemory
 from minitune.train import (
     MetricsLog,
-    PeakMemory,
     add_common_args,
     add_lora_args,
     autocast,
     micro_batches,
+    non_negative_float,
+    non_negative_int,
     parse_common_args,
+    positive_float,
+    positive_int,
     save_final,
     to_device,
     total_steps,
-    train_step,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +67,18 @@ TECHNIQUES = ("full", "head", "freeze-k", "gradual", "lora")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-gpt2"), data=str(HERE / "data" / "target" / "train.jsonl"),
-                    out="runs/gpt", lr=2e-3, batch_size=16, warmup=10, eval_every=25, save_every=1000)
+                    out="runs/gpt", eval_every=25, save_every=1000)
+    # the optimisation, the same for every technique: AdamW, linear warmup then a decay, the gradient clipped
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; default: --epochs over the data")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training windows")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="windows per micro-batch")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=positive_float, default=2e-3, help="peak learning rate (the head's, for gradual)")
+    p.add_argument("--warmup", type=non_negative_int, default=10, help="linear warmup steps")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the global gradient norm to "
+                   "this; 0 = no clipping")
     add_lora_args(p, targets=("all-linear",))
     p.add_argument("--technique", default="full", choices=TECHNIQUES)
     p.add_argument("--compare", action="store_true", help="run every technique and write the comparison")
@@ -113,12 +128,26 @@ def prepare(model, args) -> torch.optim.Optimizer:
         for p in model.parameters():
             p.requires_grad_(id(p) in head)
     elif args.technique == "freeze-k":
-        n_blocks = len(layer_groups(model)) - 2
-        freeze(model, embeddings=True, first_k_blocks=n_blocks // 2 if args.freeze_k is None else args.freeze_k)
+        freeze(model, embeddings=True, first_k_blocks=frozen_blocks(args, model))
     elif args.technique == "gradual":
         groups = discriminative_param_groups(model, args.lr, args.lr_factor, args.weight_decay)
         return torch.optim.AdamW(groups, lr=args.lr)
     return make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def frozen_blocks(args, model) -> int:
+    """freeze-k: the blocks frozen, --freeze-k or the bottom half."""
+    n_blocks = len(layer_groups(model)) - 2  # the groups: embeddings, each block, the head
+    return n_blocks // 2 if args.freeze_k is None else args.freeze_k
+
+
+def technique_name(args, model) -> str:
+    """The technique in words, for the comparison's table and chart."""
+    if args.technique == "freeze-k":
+        return f"layer freezing (first {frozen_blocks(args, model)} blocks)"
+    if args.technique == "lora":
+        return f"LoRA (r={args.lora_r})"
+    return {"full": "full fine-tuning", "head": "head only", "gradual": "gradual unfreezing"}[args.technique]
 
 
 def unfreeze_every(args, model, steps: int) -> int:
@@ -171,14 +200,14 @@ def run(args) -> dict:
             log.write(record)
     after = log.records[-1]
     trainable, total = mt.lora.parameter_counts(model)  # at the end: gradual has opened every group by then
-    summary = {"technique": args.technique, "trainable": trainable, "total": total, "steps": steps,
+    summary = {"technique": args.technique, "name": technique_name(args, model), "trainable": trainable, "total": total, "steps": steps,
                "peak_memory_mb": memory.peak_bytes / 1e6, "memory_measure": memory.measure,
                "step_ms": 1e3 * statistics.median(seconds), "target_ppl_before": before["val_ppl"],
                "target_ppl": after["val_ppl"], "source_ppl_before": before["source_ppl"],
                "source_ppl": after["source_ppl"], "added_tokens": args.add_tokens}
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_final(model, tok, out, args)
-    plot_training(log.records, out / "training.png", title=f"{args.technique}: {Path(args.model).name} -> target",
+    plot_training(log.records, out / "training.png", title=f"{summary['name']}: {Path(args.model).name} -> target",
                   panels=[("loss (nats per token)", ("loss", "val_loss", "source_loss"), None)])
     return summary
 
@@ -224,32 +253,32 @@ def comparison_table(results: list[dict]) -> str:
              f"| before training | — | — | — | — | {first['target_ppl_before']:.2f} | "
              f"{first['source_ppl_before']:.2f} |"]
     for r in results:
-        lines.append(f"| {r['technique']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.1f}% | "
+        lines.append(f"| {r['name']} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.1f}% | "
                      f"{r['peak_memory_mb']:.0f} | {r['step_ms']:.1f} | {r['target_ppl']:.2f} | "
                      f"{r['source_ppl']:.2f} |")
     return "\n".join(lines) + f"\n\n{first['steps']} steps each; peak memory: {first['memory_measure']}.\n"
 
 
 def plot_tradeoff(results: list[dict], path: Path) -> None:
-    """Target quality against forgetting: one point per technique, lower-left is better."""
+    """Target quality against forgetting: one marker per technique, named in the legend; lower left is better."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for r in results:
-        ax.scatter(r["source_ppl"], r["target_ppl"], s=60)
-        ax.annotate(r["technique"], (r["source_ppl"], r["target_ppl"]), textcoords="offset points", xytext=(6, 4))
-    ax.scatter(results[0]["source_ppl_before"], results[0]["target_ppl_before"], marker="x", color="k")
-    ax.annotate("before", (results[0]["source_ppl_before"], results[0]["target_ppl_before"]),
-                textcoords="offset points", xytext=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    first = results[0]
+    ax.scatter(first["source_ppl_before"], first["target_ppl_before"], marker="x", s=60, color="k",
+               label="before training")
+    for r, marker in zip(results, "osD^v", strict=False):  # named in the legend, so no label can overlap another
+        ax.scatter(r["source_ppl"], r["target_ppl"], marker=marker, s=70, alpha=0.85, label=r["name"])
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("source-domain perplexity after training (forgetting →)")
-    ax.set_ylabel("target-domain perplexity (← better)")
+    ax.set_ylabel("target-domain perplexity (lower is better)")
     ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -33,9 +33,12 @@ def result(out: Path, technique: str) -> dict:
 
 def test_the_comparison_has_every_technique_with_measured_numbers(compared):
     table = (compared / "comparison.md").read_text()
-    for technique in ("full", "head", "freeze-k", "gradual", "lora"):
-        assert f"| {technique} |" in table
+    names = {"full": "full fine-tuning", "head": "head only", "freeze-k": "layer freezing (first 2 blocks)",
+             "gradual": "gradual unfreezing", "lora": "LoRA (r=8)"}  # each technique named in words
+    for technique, name in names.items():
+        assert f"| {name} |" in table
         r = result(compared, technique)
+        assert r["name"] == name
         assert r["steps"] == 4 and r["step_ms"] > 0 and r["target_ppl"] > 1 and r["source_ppl"] > 1
     full = result(compared, "full")
     assert full["target_ppl"] < full["target_ppl_before"]  # four steps of full fine-tuning already help
