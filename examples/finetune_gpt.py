@@ -236,14 +236,19 @@ def compare(args, argv: list[str]) -> list[dict]:
         command = [sys.executable, __file__, *passed, "--technique", technique, "--out", str(out / technique)]
         subprocess.run(command, check=True)
         results.append(json.loads((out / technique / "result.json").read_text()))
+    write_comparison(results, out)
+    print(comparison_table(results))
+    return results
+
+
+def write_comparison(results: list[dict], out: Path) -> None:
+    """comparison.md, comparison.csv and comparison.png in `out`, from the techniques' result.json."""
     (out / "comparison.md").write_text(comparison_table(results))
     with open(out / "comparison.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(results[0]))
         writer.writeheader()
         writer.writerows(results)
     plot_tradeoff(results, out / "comparison.png")
-    print(comparison_table(results))
-    return results
 
 
 def comparison_table(results: list[dict]) -> str:

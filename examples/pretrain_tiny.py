@@ -182,7 +182,7 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
     write_json(out / "generation_config.json", {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
-    summary = {"model": name, "command": " ".join(["python examples/pretrain_tiny.py", *sys.argv[1:]]),
+    summary = {"model": name, "command": " ".join(["python examples/pretrain_tiny.py", *args.argv]),
                "seed": args.seed, "steps": args.max_steps, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "lr": args.lr, "parameters": model.num_parameters(),
                "train_tokens": len(train), "train_seconds": round(seconds, 1),
@@ -201,7 +201,7 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(HERE / "data" / "source"), help="folder with train/validation.jsonl")
     parser.add_argument("--world", default=str(HERE / "data"),
@@ -218,7 +218,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default="One morning, Mira")
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    args.argv = argv  # recorded in pretraining.json
     if min(args.max_steps, args.eval_every, args.batch_size, args.seq_len) < 1:
         parser.error("--max-steps, --eval-every, --batch-size and --seq-len must be at least 1")
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +23,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def example_module(relative_path: str):
-    """A script under examples/ imported as a module (examples/ is not a package), once per session."""
+    """A script under examples/ imported as a module (examples/ is not a package), once per session. examples/
+    goes on sys.path, as when a script runs, so the examples that import another one find it."""
+    if str(EXAMPLES) not in sys.path:
+        sys.path.append(str(EXAMPLES))
     name = Path(relative_path).stem
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, EXAMPLES / relative_path)
@@ -28,6 +34,34 @@ def example_module(relative_path: str):
         sys.modules[name] = module  # dataclasses look their module up while a class is built
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+# two gloo processes on the CPU, one thread each
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def run_command(command: list[str], timeout: float = 300, cwd: Path | None = None) -> tuple[int, str]:
+    """(exit status, stderr) of a command run as a user would, with one thread per process. On a timeout the
+    whole process group goes, torchrun's workers included."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True, cwd=cwd)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{stderr[-3000:]}")
+    return proc.returncode, stderr
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """A run's metrics.jsonl."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(metrics: list[dict]) -> list[dict]:
+    """Metrics records without tokens_per_s, the one value two runs of the same steps do not share."""
+    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -190,9 +188,8 @@ def test_pretraining_is_repeatable(tmp_path):
     (world / "eval" / "generation" / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        subprocess.run([sys.executable, str(ROOT / "examples" / "pretrain_tiny.py"), "--out", str(out),
-                        "--log-dir", str(out / "logs"), "--world", str(world), "--max-steps", "2", "--batch-size", "2",
-                        "--seq-len", "32", "--eval-every", "2"], check=True, capture_output=True, timeout=300)
+        pretrain_tiny().main(["--out", str(out), "--log-dir", str(out / "logs"), "--world", str(world), "--max-steps", "2",
+                         "--batch-size", "2", "--seq-len", "32", "--eval-every", "2"])
     for name in NAMES:
         weights = [(out / name / "model.safetensors").read_bytes() for out in outs]
         assert weights[0] == weights[1], name

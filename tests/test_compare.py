@@ -129,7 +129,6 @@ def test_compare_refuses_a_malformed_pipeline_and_a_model_named_twice():
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     out = tmp_path_factory.mktemp("cv")
-    example_module("finetune_mistral.py"), example_module("dpo.py")  # cross_validate imports them by name
     cv = example_module("cross_validate.py")
     results = cv.main(["--subset", "12", "--k", "3", "--search", "lr=1e-3,3e-3", "--samples", "0",
                        "--max-steps", "2", "--batch-size", "4", "--exact-match-samples", "2", "--device", "cpu",

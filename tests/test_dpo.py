@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 import minitune as mt
 from minitune.plot import have_matplotlib
-from tests.conftest import example_module
-from tests.test_finetune import _run
+from tests.conftest import TORCHRUN, example_module, read_metrics, run_command, without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "dpo.py"
@@ -38,27 +37,30 @@ def small(tmp_path_factory) -> list[str]:
             "--batch-size", "4", "--warmup", "1", "--eval-every", "2", "--win-rate-samples", "6", "--device", "cpu"]
 
 
-def run(out: Path, *args: str, torchrun: bool = False) -> list[dict]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
-        if torchrun else [sys.executable]
-    returncode, stderr = _run([*launcher, str(SCRIPT), "--out", str(out), *args],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert returncode == 0, stderr[-3000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def run(out: Path, *args: str) -> list[dict]:
+    """The example's main() into `out`, as `python examples/dpo.py` runs it; its metrics.jsonl."""
+    example_module("dpo.py").main(["--out", str(out), *args])
+    return read_metrics(out)
 
 
-def fails(out: Path, *args: str, cwd: Path | None = None) -> str:
-    returncode, stderr = _run([sys.executable, str(SCRIPT), "--out", str(out), *args], cwd=cwd)
-    assert returncode != 0
-    return stderr
+def fails(out: Path, *args: str) -> str:
+    """The message a run stops with (the last line the script prints)."""
+    with pytest.raises((SystemExit, ValueError)) as stop:
+        example_module("dpo.py").main(["--out", str(out), *args])
+    return str(stop.value)
 
 
-def without_timing(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in metrics]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, small) -> tuple[Path, list[str], list[dict]]:
+    """Plain DPO (no RPO term) with the frozen-copy reference, 6 steps, a checkpoint at step 3, validated every 2
+    steps; several tests read it. (folder, its flags, its metrics)"""
+    out = tmp_path_factory.mktemp("dpo")
+    flags = [*small, "--max-steps", "6", "--save-every", "3", "--rpo-alpha", "0"]
+    return out, flags, run(out, *flags)
 
 
-def test_a_run_logs_trl_metrics_starts_at_the_reference_and_saves_the_model(tmp_path, small):
-    metrics = run(tmp_path / "d", *small, "--max-steps", "4", "--rpo-alpha", "0")
+def test_a_run_logs_trl_metrics_starts_at_the_reference_and_saves_the_model(straight):
+    out, _, metrics = straight
     first, step1 = metrics[0], metrics[1]
     # before any update the policy is the reference: every reward is 0, the loss ln 2, agreement and win rate 1/2
     assert first["step"] == 0 and first["val_loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -67,14 +69,15 @@ def test_a_run_logs_trl_metrics_starts_at_the_reference_and_saves_the_model(tmp_
     assert step1["rewards/chosen"] == step1["rewards/rejected"] == step1["rewards/margins"] == 0.0
     assert step1["rewards/accuracies"] == 0.0  # TRL's: a tie is not a win
     assert all(name in m for m in metrics[1:] for name in (*TRL_NAMES, "lr", "grad_norm", "tokens_per_s"))
-    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 2, 4]
+    assert not any("nll_loss" in m for m in metrics)  # no RPO term, no metric for it
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 2, 4, 6]
     assert all(set(VAL_NAMES) <= m.keys() for m in metrics if "val_loss" in m)
     assert metrics[-1]["rewards/chosen"] != 0 and metrics[-1]["val_loss"] != first["val_loss"]  # the policy moved
     assert step1["logps/chosen"] < 0 and step1["logps/rejected"] < 0
-    model = mt.load_model(tmp_path / "d" / "final")
+    model = mt.load_model(out / "final")
     assert not torch.equal(model.lm_head.weight, mt.load_model(TINY).lm_head.weight)
     if have_matplotlib():
-        assert (tmp_path / "d" / "training.png").exists()
+        assert (out / "training.png").exists()
 
 
 def test_rpo_adds_the_chosen_answers_nll_per_token():
@@ -91,49 +94,54 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
-def test_the_three_reference_modes_train_the_same_way(tmp_path, small):
+def test_the_three_reference_modes_train_the_same_way(tmp_path, small, straight):
     """Full fine-tuning with a frozen copy or precomputed log-probs, LoRA with the adapter disabled or
     precomputed: the same losses, rewards and held-out numbers step for step."""
-    flags = [*small, "--max-steps", "3"]
-    copy = run(tmp_path / "copy", *flags, "--reference", "copy")
+    _, flags, copy = straight
     pre = run(tmp_path / "pre", *flags, "--reference", "precomputed")
-    lora = ["--lora-r", "4", "--lora-targets", "all-linear", "--lr", "1e-2"]
-    disabled = run(tmp_path / "disabled", *flags, *lora)  # lora-disabled is the default with LoRA
-    lora_pre = run(tmp_path / "lora-pre", *flags, *lora, "--reference", "precomputed")
+    lora = [*small, "--max-steps", "3", "--rpo-alpha", "0", "--lora-r", "4", "--lora-targets", "all-linear", "--lr",
+            "1e-2"]
+    disabled = run(tmp_path / "disabled", *lora)  # lora-disabled is the default with LoRA
+    lora_pre = run(tmp_path / "lora-pre", *lora, "--reference", "precomputed")
     assert (tmp_path / "pre" / "reference_logps.safetensors").exists()
     for a, b in ((copy, pre), (disabled, lora_pre)):
         for x, y in zip(without_timing(a), without_timing(b), strict=True):
             assert x.keys() == y.keys()
             for key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (key, x, y)
-    assert disabled[-1]["loss"] != pytest.approx(copy[-1]["loss"], rel=1e-3)  # LoRA trains something else
+    assert disabled[-1]["loss"] != pytest.approx(copy[3]["loss"], rel=1e-3)  # LoRA trains something else
     assert (tmp_path / "disabled" / "adapter" / "adapter_config.json").exists()
 
 
-def test_resume_continues_the_same_run_bit_for_bit(tmp_path, small):
-    """6 steps straight, then --resume auto from its step-3 checkpoint: the same metrics and weights. With the
-    frozen-copy reference, the resumed run must take its reference from --model again (not from the
+def test_resume_continues_the_same_run_bit_for_bit(tmp_path, straight):
+    """The run killed after its step-3 save and resumed with --resume auto: the same metrics and weights. With
+    the frozen-copy reference, the resumed run must take its reference from --model again (not from the
     resumed policy), or its losses would differ."""
-    flags = [*small, "--max-steps", "6", "--save-every", "3"]
-    straight = run(tmp_path / "d", *flags)
-    weights = final_weights(tmp_path / "d")
-    assert [p.name for p in (tmp_path / "d" / "checkpoints").iterdir()] == ["step-3"]
-    resumed = run(tmp_path / "d", *flags, "--resume", "auto")  # steps 4-6 again, from the checkpoint
-    assert without_timing(resumed) == without_timing(straight)
-    again = final_weights(tmp_path / "d")
+    out, flags, metrics = straight
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(out / "checkpoints", cut / "checkpoints")
+    resumed = run(cut, *flags, "--resume", "auto")  # steps 4-6 again, from the checkpoint
+    assert without_timing(resumed) == without_timing(metrics)
+    weights, again = final_weights(out), final_weights(cut)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
-    assert "other settings" in fails(tmp_path / "d", *flags, "--resume", "auto", "--beta", "0.5")
+    assert "other settings" in fails(cut, *flags, "--resume", "auto", "--beta", "0.5")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path, small):
     """DDP with LoRA and the disabled-adapter reference (the base model's forward beside the wrapped policy)."""
     lora = ["--max-steps", "2", "--grad-accum", "2", "--lora-r", "4", "--lr", "1e-2", "--warmup", "0"]
     one = run(tmp_path / "one", *small, *lora, "--batch-size", "4")
-    two = run(tmp_path / "two", *small, *lora, "--batch-size", "2", torchrun=True)
+    returncode, stderr = run_command([*TORCHRUN, str(SCRIPT), "--out", str(tmp_path / "two"), *small, *lora,
+                                      "--batch-size", "2"])
+    assert returncode == 0, stderr[-3000:]
+    two = read_metrics(tmp_path / "two")
     for a, b in zip(without_timing(one), without_timing(two), strict=True):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a, b)
-    assert one[-1]["rewards/margins"] != 0
+    assert one[-1]["rewards/margins"] != 0 and "nll_loss" in one[-1]  # RPO's term, on by default, is logged
 
 
 def test_flags_resolve_and_refuse_what_dpo_cannot_do(capsys):
@@ -152,10 +160,13 @@ def test_flags_resolve_and_refuse_what_dpo_cannot_do(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_refusals_name_what_to_do(tmp_path, small):
-    # the default --model is the SFT example's output: without it, say how to make it
-    message = fails(tmp_path / "c", cwd=tmp_path)
-    assert "runs/sft/final not found" in message and "finetune_mistral.py" in message
+def test_bad_data_is_refused_with_its_file_and_line(tmp_path, small):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": "a"}\n')
     assert f"{bad}:2: missing field 'rejected'" in fails(tmp_path / "d", *small, "--data", str(bad))
+
+
+def test_a_missing_sft_model_is_one_line_that_says_how_to_make_it(tmp_path):
+    """As a user sees it: the default --model is the SFT example's output."""
+    returncode, stderr = run_command([sys.executable, str(SCRIPT), "--out", str(tmp_path / "c")], cwd=tmp_path)
+    assert returncode == 2 and "runs/sft/final not found" in stderr and "finetune_mistral.py" in stderr

@@ -1,12 +1,12 @@
-"""examples/finetune_mistral.py end to end on the bundled tiny-mistral: resume, data parallelism, metrics."""
+"""examples/finetune_mistral.py on the bundled tiny-mistral: metrics, resume, accumulation, refusals, LoRA, and
+(slow) two torchrun processes against one. The example runs in this process through its main(), as
+`python examples/finetune_mistral.py` runs it; a failing run is also run as a user would, for what it prints."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,111 +14,114 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import example_module
+from tests.conftest import TORCHRUN, example_module, read_metrics, run_command, without_timing
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_mistral.py"
-SMALL = ["--batch-size", "4", "--eval-every", "5", "--exact-match-samples", "2", "--device", "cpu"]
+SMALL = ["--batch-size", "4", "--eval-every", "4", "--exact-match-samples", "2", "--device", "cpu"]
 
 
-def run(out: Path, *args: str, torchrun: bool = False) -> list[dict]:
-    """Run the example (under torchrun with 2 gloo processes if asked); its metrics.jsonl."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] \
-        if torchrun else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    returncode, stderr = _run([*launcher, str(SCRIPT), "--out", str(out), *SMALL, *args], env=env)
-    assert returncode == 0, stderr[-3000:]
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def run(out: Path, *args: str) -> list[dict]:
+    """The example's main() into `out`; its metrics.jsonl."""
+    example_module("finetune_mistral.py").main(["--out", str(out), *SMALL, *args])
+    return read_metrics(out)
 
 
-def _run(command: list[str], env: dict | None = None, timeout: float = 300, cwd: Path | None = None
-         ) -> tuple[int, str]:
-    """(exit status, stderr). On a timeout the whole process group goes, torchrun's workers included."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True, cwd=cwd)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{stderr[-3000:]}")
-    return proc.returncode, stderr
+def fails(out: Path, *args: str) -> str:
+    """The message a run stops with (the last line the script prints)."""
+    with pytest.raises((SystemExit, ValueError)) as stop:
+        example_module("finetune_mistral.py").main(["--out", str(out), *SMALL, *args])
+    return str(stop.value)
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
 
 
-def small_data(tmp_path: Path, n: int = 30) -> Path:
-    """The first n bundled training chats: 20 steps of 4 cross two epoch boundaries."""
-    path = tmp_path / "small.jsonl"
-    lines = (ROOT / "examples" / "data" / "sft" / "train.jsonl").read_text().splitlines()[:n]
+def resumable_copy(run_dir: Path, to: Path, logged_after_the_save: str = "") -> Path:
+    """A folder holding `run_dir`'s checkpoints, as a run killed after its last save leaves it."""
+    to.mkdir()
+    shutil.copytree(run_dir / "checkpoints", to / "checkpoints")
+    (to / "metrics.jsonl").write_text(logged_after_the_save)
+    return to
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """The first 10 bundled training chats: 8 steps of 4 cross three epoch boundaries."""
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    lines = (ROOT / "examples" / "data" / "sft" / "train.jsonl").read_text().splitlines()[:10]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-def test_resume_continues_the_same_run_bit_for_bit(tmp_path):
-    """20 steps straight, and 10 + a checkpoint + resume --auto + 10, give identical weights and metrics:
-    across epoch boundaries (30 examples, 4 a step), through warmup and into the cosine decay."""
-    flags = ["--data", str(small_data(tmp_path)), "--max-steps", "20", "--warmup", "2", "--eval-every", "5"]
-    straight = run(tmp_path / "straight", *flags)
-    run(tmp_path / "resumed", *flags, "--save-every", "10", "--keep-last", "1")
-    # what a run killed after its step-10 save leaves: the checkpoint...
-    (tmp_path / "cut").mkdir()
-    os.replace(tmp_path / "resumed" / "checkpoints", tmp_path / "cut" / "checkpoints")
-    # ... and lines the killed run logged after that save, which the resumed run must not keep
-    (tmp_path / "cut" / "metrics.jsonl").write_text('{"step": 13, "loss": 123.0}\n')
-    resumed = run(tmp_path / "cut", *flags, "--save-every", "10", "--resume", "auto")
-    a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in straight]
-    assert [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in resumed] == strip
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, small_data) -> tuple[Path, list[str], list[dict]]:
+    """One run that several tests read: 8 steps through warmup into the cosine decay, across epoch boundaries,
+    validated at steps 0, 4 and 8, with a checkpoint at step 4. (folder, its flags, its metrics)"""
+    out = tmp_path_factory.mktemp("straight")
+    flags = ["--data", str(small_data), "--max-steps", "8", "--warmup", "2", "--save-every", "4"]
+    return out, flags, run(out, *flags)
 
 
-def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path):
-    one = run(tmp_path / "one", "--max-steps", "6", "--batch-size", "8", "--grad-accum", "2")
-    two = run(tmp_path / "two", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "2", torchrun=True)
-    for a, b in zip(one[1:], two[1:], strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)  # DDP averages: scaled right
-    assert two[-1]["step"] == 6
-    # validation is split over the ranks and summed: the same numbers as one process computing all of it
-    for a, b in [(one[0], two[0]), (one[-1], two[-1])]:
-        for key in ("val_loss", "val_token_acc", "val_exact_match"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
-
-
-def test_metrics_use_the_design_names_and_validation_starts_at_step_0(tmp_path):
-    metrics = run(tmp_path / "m", "--max-steps", "5")
+def test_metrics_use_the_design_names_and_validation_starts_at_step_0(straight):
+    out, _, metrics = straight
     assert set(metrics[0]) == {"step", "val_loss", "val_ppl", "val_token_acc", "val_exact_match"}
     assert metrics[0]["step"] == 0
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(metrics[1])
-    assert {"val_loss", "val_ppl", "val_token_acc", "val_exact_match"} <= set(metrics[-1])
-    assert (tmp_path / "m" / "final" / "config.json").is_file()
-    assert (tmp_path / "m" / "final" / "tokenizer.json").is_file()
+    assert [m["step"] for m in metrics if "val_loss" in m] == [0, 4, 8]
+    assert (out / "final" / "config.json").is_file()
+    assert (out / "final" / "tokenizer.json").is_file()
     pytest.importorskip("matplotlib")
-    assert (tmp_path / "m" / "training.png").stat().st_size > 10_000
+    assert (out / "training.png").stat().st_size > 10_000
 
 
-def test_a_non_finite_step_stops_the_run_before_it_touches_the_weights(tmp_path):
+def test_resume_continues_the_same_run_bit_for_bit(straight, tmp_path):
+    """8 steps straight, and the same run killed after its step-4 save and resumed with --resume auto, give
+    identical weights and metrics: across epoch boundaries, through warmup and into the cosine decay."""
+    out, flags, metrics = straight
+    # the checkpoint, and a line the killed run logged after that save, which the resumed run must not keep
+    cut = resumable_copy(out, tmp_path / "cut", '{"step": 6, "loss": 123.0}\n')
+    resumed = run(cut, *flags, "--resume", "auto")
+    a, b = weights(out), weights(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timing(resumed) == without_timing(metrics)
+
+
+def test_a_resumed_run_takes_a_new_learning_rate(straight, tmp_path):
+    """--lr is the one setting a resume may change (after a blow-up): the schedule goes on at the new peak."""
+    out, flags, metrics = straight
+    again = run(resumable_copy(out, tmp_path / "lr"), *flags, "--lr", "5e-4", "--resume", "auto")  # it ran at 1e-3
+    assert again[:5] == metrics[:5]  # steps 0-4 come from the checkpoint
+    assert [m["lr"] for m in again[5:]] == pytest.approx([m["lr"] / 2 for m in metrics[5:]])
+
+
+def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(straight, tmp_path):
+    out, flags, _ = straight
+    saved = resumable_copy(out, tmp_path / "r")
+    assert "holds another run's checkpoints" in fails(saved, *flags)
+    assert "'batch_size': (4, 8)" in fails(saved, *flags, "--resume", "auto", "--batch-size", "8")
+    assert "'warmup': (2, 1)" in fails(saved, *flags, "--resume", "auto", "--warmup", "1")
+    # other training data under another path: its content is compared, not its name
+    data = Path(flags[flags.index("--data") + 1])
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(data.read_text().splitlines()[1:]) + "\n")
+    changed = [*flags[:flags.index("--data")], "--data", str(other), *flags[flags.index("--data") + 2:]]
+    assert "train_sha256" in fails(saved, *changed, "--resume", "auto")
+    assert sorted(p.name for p in (saved / "checkpoints").iterdir()) == ["step-4"]  # nothing written
+
+
+def test_a_non_finite_step_stops_the_run_before_it_touches_the_weights(tmp_path, small_data):
     out = tmp_path / "nf"
-    message = _fails(out, "--max-steps", "10", "--lr", "1e6", "--warmup", "0", "--save-every", "1")
-    assert "stopped before updating the weights" in message, message[-2000:]
+    message = fails(out, "--data", str(small_data), "--max-steps", "10", "--lr", "1e6", "--warmup", "0",
+                    "--save-every", "1")
+    assert "stopped before updating the weights" in message, message
     failed = int(re.search(r"step (\d+): the loss is", message).group(1))
     saved = sorted(int(d.name.removeprefix("step-")) for d in (out / "checkpoints").iterdir())
     assert saved[-1] == failed - 1, (saved, failed)  # the step before the failure, saved and kept
     kept = load_file(out / "checkpoints" / f"step-{failed - 1}" / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values())
     assert not (out / "final").exists()
-
-
-def test_a_resumed_run_takes_a_new_learning_rate(tmp_path):
-    """--lr is the one setting a resume may change (after a blow-up): the schedule goes on at the new peak."""
-    out = tmp_path / "lr"
-    first = run(out, "--max-steps", "4", "--save-every", "2", "--warmup", "0", "--lr", "1e-3")
-    again = run(out, "--max-steps", "4", "--save-every", "2", "--warmup", "0", "--lr", "5e-4", "--resume", "auto")
-    assert again[:3] == first[:3]  # steps 0-2 come from the checkpoint
-    assert [m["lr"] for m in again[3:]] == pytest.approx([m["lr"] / 2 for m in first[3:]])
 
 
 def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
@@ -150,32 +153,10 @@ def test_accumulation_normalises_by_the_targets_of_the_whole_batch():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-def _fails(out: Path, *args: str) -> str:
-    returncode, stderr = _run([sys.executable, str(SCRIPT), "--out", str(out), *SMALL, *args])
-    assert returncode != 0
-    return stderr
-
-
-def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(tmp_path):
-    out = tmp_path / "r"
-    run(out, "--max-steps", "4", "--save-every", "2")
-    assert "holds another run's checkpoints" in _fails(out, "--max-steps", "4", "--save-every", "2")
-    message = _fails(out, "--max-steps", "4", "--save-every", "2", "--resume", "auto", "--batch-size", "8")
-    assert "'batch_size': (4, 8)" in message
-    message = _fails(out, "--max-steps", "4", "--save-every", "2", "--resume", "auto", "--warmup", "1")
-    assert "'warmup': (20, 1)" in message
-    # other training data under the same path: its content is compared, not its name
-    data = small_data(tmp_path)
-    run(tmp_path / "d", "--data", str(data), "--max-steps", "4", "--save-every", "2")
-    data.write_text("\n".join(data.read_text().splitlines()[1:]) + "\n")
-    assert "train_sha256" in _fails(tmp_path / "d", "--data", str(data), "--max-steps", "4", "--save-every", "2",
-                                    "--resume", "auto")
-
-
-def test_resume_auto_after_a_first_save_was_killed_starts_afresh(tmp_path):
+def test_resume_auto_after_a_first_save_was_killed_starts_afresh(tmp_path, small_data):
     out = tmp_path / "k"
     (out / "checkpoints" / ".tmp-step-2").mkdir(parents=True)  # what a save killed midway leaves
-    metrics = run(out, "--max-steps", "2", "--save-every", "1", "--resume", "auto")
+    metrics = run(out, "--data", str(small_data), "--max-steps", "2", "--save-every", "1", "--resume", "auto")
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
 
@@ -184,26 +165,27 @@ def test_prompt_completion_data_trains_and_validates(tmp_path):
     data = tmp_path / "pc.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"What is {i} plus 1?\n", "completion": str(i + 1)}) + "\n"
                             for i in range(40)))
-    metrics = run(tmp_path / "pc", "--data", str(data), "--val-data", "", "--val-fraction", "0.1", "--max-steps", "5")
-    assert "val_exact_match" in metrics[-1]
+    metrics = run(tmp_path / "pc", "--data", str(data), "--val-data", "", "--val-fraction", "0.1", "--max-steps", "3")
+    assert "val_exact_match" in metrics[-1] and metrics[-1]["step"] == 3
 
 
 def test_an_error_in_the_data_names_its_line_in_the_file(tmp_path):
+    """As a user sees it: the run stops with the file and line of the bad record."""
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
-    assert f"{data}:3" in _fails(tmp_path / "bad", "--data", str(data), "--val-data", str(data), "--max-steps", "1")
+    returncode, stderr = run_command([sys.executable, str(SCRIPT), "--out", str(tmp_path / "bad"), *SMALL,
+                                      "--data", str(data), "--val-data", str(data), "--max-steps", "1"])
+    assert returncode != 0 and f"{data}:3" in stderr
 
 
-def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_path):
+def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_path, small_data):
     import minitune as mt
 
-    lora = ["--lora-r", "4", "--lora-targets", "q_proj", "v_proj", "down_proj", "--lr", "3e-3", "--warmup", "1"]
-    straight = run(tmp_path / "straight", "--max-steps", "4", *lora)
-    run(tmp_path / "cut", "--max-steps", "4", "--save-every", "2", *lora)
-    (tmp_path / "cut" / "final").rename(tmp_path / "first-final")
-    resumed = run(tmp_path / "cut", "--max-steps", "4", "--save-every", "2", "--resume", "auto", *lora)
-    strip = [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in straight]
-    assert [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in resumed] == strip
+    flags = ["--data", str(small_data), "--max-steps", "4", "--save-every", "2", "--lora-r", "4", "--lora-targets",
+             "q_proj", "v_proj", "down_proj", "--lr", "3e-3", "--warmup", "1"]
+    straight = run(tmp_path / "straight", *flags)
+    resumed = run(resumable_copy(tmp_path / "straight", tmp_path / "cut"), *flags, "--resume", "auto")
+    assert without_timing(resumed) == without_timing(straight)
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not [k for k in a if "lora" in k]  # the merged model is a plain checkpoint
@@ -214,3 +196,20 @@ def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_pa
     x = torch.tensor([mt.load_tokenizer(base).encode("What is 3 plus 4?")])
     with torch.no_grad():
         torch.testing.assert_close(adapted(x), merged(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_path):
+    one = run(tmp_path / "one", "--max-steps", "6", "--batch-size", "8", "--grad-accum", "2")
+    returncode, stderr = run_command([*TORCHRUN, str(SCRIPT), "--out", str(tmp_path / "two"), *SMALL, "--max-steps",
+                                      "6", "--batch-size", "4", "--grad-accum", "2"])
+    assert returncode == 0, stderr[-3000:]
+    two = read_metrics(tmp_path / "two")
+    for a, b in zip(one[1:], two[1:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (a, b)  # DDP averages: scaled right
+    assert two[-1]["step"] == 6
+    # validation is split over the ranks and summed: the same numbers as one process computing all of it
+    for a, b in [(one[0], two[0]), (one[-1], two[-1])]:
+        for key in ("val_loss", "val_token_acc", "val_exact_match"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)

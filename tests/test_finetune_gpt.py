@@ -1,15 +1,17 @@
-"""examples/finetune_gpt.py: every technique through --compare on a small budget, and what each leaves frozen."""
+"""examples/finetune_gpt.py: every technique on a small budget, what each trains and leaves frozen, and the
+comparison's table and chart; the same through --compare (slow: each technique in its own process)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+from tests.conftest import example_module, run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_gpt.py"
@@ -18,12 +20,20 @@ SMALL = ["--max-steps", "4", "--eval-every", "4", "--seq-len", "64", "--batch-si
          "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def compared(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["main", pytest.param("--compare", marks=pytest.mark.slow)])
+def compared(request, tmp_path_factory) -> Path:
+    """Every technique run into <out>/<technique>: by the example's main() in this process, then the comparison
+    written from their results; or by `finetune_gpt.py --compare` as a user runs it."""
     out = tmp_path_factory.mktemp("gpt")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--compare", "--out", str(out), *SMALL],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if request.param == "--compare":
+        returncode, stderr = run_command([sys.executable, str(SCRIPT), "--compare", "--out", str(out), *SMALL],
+                                         timeout=600)
+        assert returncode == 0, stderr[-3000:]
+        return out
+    gpt = example_module("finetune_gpt.py")
+    for technique in gpt.TECHNIQUES:
+        gpt.main([*SMALL, "--technique", technique, "--out", str(out / technique)])
+    gpt.write_comparison([result(out, t) for t in gpt.TECHNIQUES], out)
     return out
 
 
@@ -70,13 +80,11 @@ def test_frozen_weights_leave_the_run_bit_identical(compared):
     assert (compared / "lora" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_add_tokens_grows_the_vocabulary_for_the_target_words(tmp_path):
+def test_add_tokens_grows_the_vocabulary_for_the_target_words(tmp_path, capsys):
     import minitune as mt
 
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), *SMALL, "--add-tokens", "6"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    words = proc.stderr.split("added 6 tokens: ")[1].splitlines()[0].split()
+    example_module("finetune_gpt.py").main(["--out", str(tmp_path), *SMALL, "--add-tokens", "6"])
+    words = capsys.readouterr().err.split("added 6 tokens: ")[1].splitlines()[0].split()
     tok = mt.load_tokenizer(tmp_path / "final")
     assert len(words) == 6 and all(tok.token_to_id(w) is not None for w in words)
     model = mt.load_model(tmp_path / "final")
@@ -84,8 +92,6 @@ def test_add_tokens_grows_the_vocabulary_for_the_target_words(tmp_path):
 
 
 def test_lora_flags_configure_only_the_lora_technique():
-    from tests.conftest import example_module
-
     gpt = example_module("finetune_gpt.py")
     assert gpt.parse_args(["--technique", "full", "--lora-r", "4"]).lora_r == 0  # --compare passes it to all
     assert gpt.parse_args(["--technique", "lora", "--lora-r", "4"]).lora_r == 4

@@ -216,9 +216,11 @@ def test_load_adapter_errors_name_the_file(tmp_path, pair):
         load_adapter(mt.load_model(tmp_path / "base"), tmp_path / "a")
 
 
+@pytest.mark.slow
 def test_lora_under_fsdp2_with_checkpointing_matches_one_process():
     """Two gloo processes, each block and the root fully_shard-ed: the same loss and LoRA gradients as one."""
     import os
+    from tests.conftest import TORCHRUN
     import subprocess
     import sys
     from pathlib import Path
@@ -232,7 +234,7 @@ def test_lora_under_fsdp2_with_checkpointing_matches_one_process():
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     one = result(sys.executable, mode="one")
-    two = result(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", mode="fsdp")
+    two = result(*TORCHRUN, mode="fsdp")
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert two["grads"].keys() == one["grads"].keys() and all("lora_" in n for n in one["grads"])
     for name, norm in one["grads"].items():
