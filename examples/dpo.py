@@ -85,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=SFT_MODEL, data=str(HERE / "data" / "preference" / "train.jsonl"), out="runs/dpo",
                     eval_every=20, save_every=50)
-    # the optimisation: AdamW, linear warmup then a decay, the gradient clipped
-    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; default: --epochs over the data")
+    # the optimisation: AdamW, a linear warmup then a decay, the gradient clipped
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=positive_float, default=3.0, help="passes over the training pairs")
     p.add_argument("--batch-size", type=positive_int, default=16, help="pairs per micro-batch and process")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -94,8 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=non_negative_int, default=10, help="linear warmup steps")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
-    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the global gradient norm to "
-                   "this; 0 = no clipping")
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm; 0: never")
     add_lora_args(p)  # --lora-r 0 (the default): full fine-tuning
     # the DPO loss and its reference
     p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the pull towards the reference")
@@ -326,7 +325,8 @@ def main(argv=None) -> None:
     run = {**run_settings(args, train, world, steps, RESUMABLE), "sft_model": sft_model}
     start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
-    evaluate = functools.partial(validate, raw_model, tok, val, val_reference, judged, sft_answers, args, new_tokens, amp)
+    evaluate = functools.partial(validate, raw_model, tok, val, val_reference, judged, sft_answers, args, new_tokens,
+                                 amp)
 
     if start == 0:
         log.write({"step": 0, **evaluate()})

@@ -68,8 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-gpt2"), data=str(HERE / "data" / "target" / "train.jsonl"),
                     out="runs/gpt", eval_every=25, save_every=1000)
-    # the optimisation, the same for every technique: AdamW, linear warmup then a decay, the gradient clipped
-    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; default: --epochs over the data")
+    # the optimisation, the same for every technique: AdamW, a linear warmup then a decay, the gradient clipped
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (default: --epochs)")
     p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training windows")
     p.add_argument("--batch-size", type=positive_int, default=16, help="windows per micro-batch")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
@@ -77,9 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=non_negative_int, default=10, help="linear warmup steps")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
-    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the global gradient norm to "
-                   "this; 0 = no clipping")
-    add_lora_args(p, targets=("all-linear",))
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm; 0: never")
+    add_lora_args(p, targets=("all-linear",))  # used by --technique lora (r 8 unless --lora-r says)
     p.add_argument("--technique", default="full", choices=TECHNIQUES)
     p.add_argument("--compare", action="store_true", help="run every technique and write the comparison")
     p.add_argument("--val-data", default=str(HERE / "data" / "target" / "validation.jsonl"), help="target domain")
@@ -200,11 +199,12 @@ def run(args) -> dict:
             log.write(record)
     after = log.records[-1]
     trainable, total = mt.lora.parameter_counts(model)  # at the end: gradual has opened every group by then
-    summary = {"technique": args.technique, "name": technique_name(args, model), "trainable": trainable, "total": total, "steps": steps,
-               "peak_memory_mb": memory.peak_bytes / 1e6, "memory_measure": memory.measure,
-               "step_ms": 1e3 * statistics.median(seconds), "target_ppl_before": before["val_ppl"],
-               "target_ppl": after["val_ppl"], "source_ppl_before": before["source_ppl"],
-               "source_ppl": after["source_ppl"], "added_tokens": args.add_tokens}
+    summary = {"technique": args.technique, "name": technique_name(args, model), "trainable": trainable,
+               "total": total, "steps": steps, "peak_memory_mb": memory.peak_bytes / 1e6,
+               "memory_measure": memory.measure, "step_ms": 1e3 * statistics.median(seconds),
+               "target_ppl_before": before["val_ppl"], "target_ppl": after["val_ppl"],
+               "source_ppl_before": before["source_ppl"], "source_ppl": after["source_ppl"],
+               "added_tokens": args.add_tokens}
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
     save_final(model, tok, out, args)
     plot_training(log.records, out / "training.png", title=f"{summary['name']}: {Path(args.model).name} -> target",

@@ -7,12 +7,12 @@
     python examples/finetune_mistral.py --lora-r 8 --lora-targets all-linear   # LoRA: <out>/adapter and a merged final
 
 The data: chats ({"messages": [...]}, rendered with the tokenizer's chat template) or {"prompt",
-"completion"} pairs, the loss on the assistant turns / completions only. The loop: gradient
-accumulation normalised by the target tokens of the whole accumulated batch, clipping, AdamW with
-warmup and cosine decay, validation before the first step and every --eval-every steps (loss,
-perplexity, token accuracy, exact match of greedy answers), checkpoints every --save-every steps
-that resume bit for bit, metrics.jsonl and training.png, and the final model in the Hugging Face
-layout in <out>/final.
+"completion"} pairs, the loss on the assistant turns / completions only. Read it top to bottom: the
+settings (parse_args), the data, validation (loss, perplexity, token accuracy, exact match of greedy
+answers), one optimizer step written out (train_step: micro-batches, forward, backward, clipping,
+AdamW, the schedule), and the run (main: validation before the first step and every --eval-every
+steps, checkpoints every --save-every steps that resume bit for bit, metrics.jsonl and training.png,
+and the final model in the Hugging Face layout in <out>/final).
 """
 
 from __future__ import annotations
@@ -65,19 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-mistral"), data=str(HERE / "data" / "sft" / "train.jsonl"),
                     out="runs/sft", eval_every=10, save_every=25)
-    # the optimisation: AdamW, linear warmup then a decay, the gradient clipped
-    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps; default: --epochs over the data")
-    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the training examples (packed rows "
-                   "with --packing)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="examples (rows with --packing) per micro-batch "
-                   "and process")
+    # the optimisation: AdamW, a linear warmup then a decay, the gradient clipped
+    p.add_argument("--max-steps", type=positive_int, default=None, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=positive_float, default=1.0, help="passes over the examples (rows with --packing)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="examples (rows) per micro-batch and process")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup", type=non_negative_int, default=20, help="linear warmup steps")
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
-    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the global gradient norm to "
-                   "this; 0 = no clipping")
+    p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm; 0: never")
     add_lora_args(p)  # --lora-r 0 (the default): full fine-tuning
     # the data and validation
     p.add_argument("--val-data", default=str(HERE / "data" / "sft" / "validation.jsonl"),

@@ -9,5 +9,5 @@ from .tokenizer import Tokenizer, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = ["checkpoint", "data", "evaluate", "freeze", "kernels", "lora", "losses", "models", "optim", "profiling",
-           "reference", "train", "load_model", "save_model", "load_tokenizer", "Tokenizer", "generate", "sample_next", "GPT2",
-           "GPT2Config", "Mistral", "MistralConfig", "__version__"]
+           "reference", "train", "load_model", "save_model", "load_tokenizer", "Tokenizer", "generate", "sample_next",
+           "GPT2", "GPT2Config", "Mistral", "MistralConfig", "__version__"]

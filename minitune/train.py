@@ -40,7 +40,7 @@ DTYPES = ("float32", "bfloat16")
 
 def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, out: str, eval_every: int = 50,
                     save_every: int = 100) -> argparse.ArgumentParser:
-    """The plumbing flags every example shares (DESIGN.md), with the example's defaults for the paths and
+    """The plumbing flags every example shares, with the example's defaults for the paths and
     the validation and checkpoint intervals. Training hyperparameters are each example's own."""
     p = parser.add_argument
     p("--model", default=model, help="hub id or local folder")

@@ -41,10 +41,11 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def run_command(command: list[str], timeout: float = 300, cwd: Path | None = None) -> tuple[int, str]:
-    """(exit status, stderr) of a command run as a user would, with one thread per process. On a timeout the
-    whole process group goes, torchrun's workers included."""
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True, cwd=cwd)
+    """(exit status, stderr) of a command run as a user would; under torchrun, one thread per process. On a
+    timeout the whole process group goes, torchrun's workers included."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if command[:len(TORCHRUN)] == TORCHRUN else None
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True, cwd=cwd)
     try:
         _, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

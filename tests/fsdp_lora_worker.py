@@ -3,6 +3,7 @@ under torchrun with FSDP2 fully_shard on each block and the root ("fsdp"); print
 gradients' norms as JSON (rank 0)."""
 
 import json
+import os
 import sys
 
 import torch
@@ -45,8 +46,11 @@ def main(mode: str) -> None:
     dist.all_reduce(total)
     grads = {n: p.grad.full_tensor().norm().item() for n, p in model.named_parameters() if p.grad is not None}
     if rank == 0:
-        print(json.dumps({"loss": total.item(), "grads": grads}))
+        print(json.dumps({"loss": total.item(), "grads": grads}), flush=True)
     dist.destroy_process_group()
+    # Skip the interpreter's finalization: under load, gloo's threads can abort it after all the work is done
+    # ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291).
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -188,8 +188,8 @@ def test_pretraining_is_repeatable(tmp_path):
     (world / "eval" / "generation" / "test.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        pretrain_tiny().main(["--out", str(out), "--log-dir", str(out / "logs"), "--world", str(world), "--max-steps", "2",
-                         "--batch-size", "2", "--seq-len", "32", "--eval-every", "2"])
+        pretrain_tiny().main(["--out", str(out), "--log-dir", str(out / "logs"), "--world", str(world),
+                              "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2"])
     for name in NAMES:
         weights = [(out / name / "model.safetensors").read_bytes() for out in outs]
         assert weights[0] == weights[1], name

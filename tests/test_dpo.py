@@ -1,4 +1,6 @@
-"""examples/dpo.py end to end on the bundled tiny-mistral: metrics, the reference modes, resume, DDP, refusals."""
+"""examples/dpo.py on the bundled tiny-mistral: metrics, the reference modes, resume, refusals, and (slow) two
+torchrun processes against one. The example runs in this process through its main(), as `python examples/dpo.py`
+runs it; a missing SFT model is also run as a user would, for what it prints."""
 
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ def word_level(tmp_path_factory):
 def real_folder(name: str) -> Path:
     folder = FIXTURES / name
     if not (folder / "tokenizer.json").is_file():
-        pytest.skip(f"real tokenizer fixture {folder} not found (shared/fixtures is absent outside the dev setup)")
+        pytest.skip(f"real tokenizer fixture {folder} not found (the fixtures are absent outside the dev setup)")
     return folder
 
 

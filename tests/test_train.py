@@ -1,4 +1,5 @@
-"""minitune.train: the shared command line, autocast and metrics.jsonl."""
+"""minitune.train: the shared plumbing flags, each example's own hyperparameters, autocast, the all-reduce and
+metrics.jsonl."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from minitune.train import MetricsLog, add_common_args, all_reduce_sum, autocast, parse_common_args
 from tests.conftest import example_module
 
-# DESIGN.md's plumbing flags, which the shared helper adds
+# the plumbing flags, which the shared helper adds
 PLUMBING = ("--model --data --out --resume --device --dtype --seed --eval-every --save-every --keep-last "
             "--grad-checkpointing --packing").split()
 # the training hyperparameters each example declares itself, with the defaults each had before (dests)

@@ -405,8 +405,8 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         n_valid, scale = _mean_scale(targets, ignore_index, reduction)
         ctx.grad_in_forward = reduction != "none" and hidden.dtype != torch.float16
         loss, dh, dw = call_op(chunked_linear_ce, _chunked_linear_ce, hidden, weight, targets, scale,
-                               ignore_index, label_smoothing, need_dh and ctx.grad_in_forward, need_dw and ctx.grad_in_forward, chunk_rows,
-                               use_triton)
+                               ignore_index, label_smoothing, need_dh and ctx.grad_in_forward,
+                               need_dw and ctx.grad_in_forward, chunk_rows, use_triton)
         ctx.args = (ignore_index, reduction, label_smoothing, chunk_rows, use_triton)
         ctx.consumed = False
         ctx.save_for_backward(*((dh, dw) if ctx.grad_in_forward else (hidden, weight, targets, n_valid)))
