@@ -31,6 +31,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
     The loss is float32. The model computes it in its forward (`model(..., labels=...)`), so a model
     wrapped in DDP or FSDP works the same: `kernels.fused_linear_cross_entropy` on the final hidden
     states and the `lm_head` weight (tied or not), one chunk of [tokens, vocab] logits at a time.
+    `lm_head`'s own forward does not run then, so under FSDP it must stay a plain Linear in the root
+    module's unit, whose hooks gather its weight.
     """
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)

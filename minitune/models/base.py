@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 
-
 @dataclass
 class ModelConfig:
     """Base for a family's config: fields named as in config.json.
