@@ -178,7 +178,7 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # DDP all-reduces the gradients in the backward: only once, in the last micro-batch's
-        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             with amp():  # bf16 compute on CUDA, over float32 weights
                 ref_chosen, ref_rejected = reference.logps(batch, args.average_logps)  # (B,) each, no graph
                 chosen, rejected = preference_logps(model, batch, args.average_logps)  # one forward over 2B rows
@@ -191,9 +191,10 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
         per_pair = {"loss": loss, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                     "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                     "rewards/margins": chosen_rewards - rejected_rewards, "logps/chosen": chosen,
-                    "logps/rejected": rejected, "nll_loss": nll, "tokens": batch["attention_mask"]}
+                    "logps/rejected": rejected, "nll_loss": nll}
         for name, values in per_pair.items():
             sums[name] = sums.get(name, 0.0) + values.detach().sum().double()
+        sums["tokens"] = sums.get("tokens", 0.0) + batch["attention_mask"].sum().double()  # non-padding tokens
     totals = all_reduce_sum(sums, device)  # every metric in one collective
     tokens = totals.pop("tokens")
     metrics = {name: total / n_pairs for name, total in totals.items()}

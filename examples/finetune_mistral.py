@@ -171,7 +171,7 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
         # DDP all-reduces the gradients in the backward: only once, in the last micro-batch's
-        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():
+        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             with amp():  # bf16 compute on CUDA, over float32 weights
                 loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")

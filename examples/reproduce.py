@@ -1,6 +1,6 @@
 """The project's main job: every workflow on the bundled tiny models, one report.
 
-    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; about 9 minutes on 2 cores
+    python examples/reproduce.py                  # runs/report/REPORT.md with its charts; about 4 minutes on 2 cores
     python examples/reproduce.py --max-steps 3    # a smoke run: every workflow, a few steps each
     python examples/reproduce.py --sections sft   # some of the workflows
 

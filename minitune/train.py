@@ -156,7 +156,7 @@ def world_size() -> int:
 def all_reduce_sum(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
     """Each value summed over the processes, all in one collective (float64, so counts stay exact); the
     values themselves outside torch.distributed."""
-    sums = torch.stack([torch.as_tensor(v, device=device).double().reshape(()) for v in values.values()])
+    sums = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values.values()])
     if dist.is_initialized():
         dist.all_reduce(sums)
     return dict(zip(values, sums.tolist(), strict=True))

@@ -4,7 +4,6 @@ runs it; a missing SFT model is also run as a user would, for what it prints."""
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import sys
@@ -101,8 +100,7 @@ def test_the_three_reference_modes_train_the_same_way(tmp_path, small, straight)
     precomputed: the same losses, rewards and held-out numbers step for step."""
     _, flags, copy = straight
     pre = run(tmp_path / "pre", *flags, "--reference", "precomputed")
-    lora = [*small, "--max-steps", "3", "--rpo-alpha", "0", "--lora-r", "4", "--lora-targets", "all-linear", "--lr",
-            "1e-2"]
+    lora = [*small, "--max-steps", "3", "--lora-r", "4", "--lora-targets", "all-linear", "--lr", "1e-2"]  # RPO on
     disabled = run(tmp_path / "disabled", *lora)  # lora-disabled is the default with LoRA
     lora_pre = run(tmp_path / "lora-pre", *lora, "--reference", "precomputed")
     assert (tmp_path / "pre" / "reference_logps.safetensors").exists()
@@ -111,7 +109,7 @@ def test_the_three_reference_modes_train_the_same_way(tmp_path, small, straight)
             assert x.keys() == y.keys()
             for key in x:
                 assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-5), (key, x, y)
-    assert disabled[-1]["loss"] != pytest.approx(copy[3]["loss"], rel=1e-3)  # LoRA trains something else
+    assert disabled[-1]["rewards/margins"] != 0 and "nll_loss" in disabled[-1]  # LoRA trained, with RPO's term
     assert (tmp_path / "disabled" / "adapter" / "adapter_config.json").exists()
 
 

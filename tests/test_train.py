@@ -97,5 +97,6 @@ def test_autocast_is_bf16_only_when_asked():
 
 
 def test_all_reduce_sum_outside_torch_distributed_is_the_values_by_name():
-    summed = all_reduce_sum({"loss": torch.tensor(1.5), "count": 2, "tokens": torch.tensor(7)}, torch.device("cpu"))
-    assert summed == {"loss": 1.5, "count": 2.0, "tokens": 7.0}
+    summed = all_reduce_sum({"loss": torch.tensor(1.5), "count": 2, "tokens": torch.tensor(7), "share": 0.1},
+                            torch.device("cpu"))
+    assert summed == {"loss": 1.5, "count": 2.0, "tokens": 7.0, "share": 0.1}  # a Python float keeps its 64 bits
