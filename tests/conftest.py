@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,28 @@ def run_command(command: list[str], timeout: float = 300, cwd: Path | None = Non
         _, stderr = proc.communicate()
         pytest.fail(f"{' '.join(command)} did not finish in {timeout} s:\n{stderr[-3000:]}")
     return proc.returncode, stderr
+
+
+def run_example(script: str, out: Path, *args: str) -> list[dict]:
+    """examples/<script>'s main() into `out`, in this process, as `python examples/<script>` runs it; its
+    metrics.jsonl."""
+    example_module(script).main(["--out", str(out), *args])
+    return read_metrics(out)
+
+
+def example_stops(script: str, out: Path, *args: str) -> str:
+    """The message examples/<script>'s main() stops with (the last line the script prints)."""
+    with pytest.raises((SystemExit, ValueError)) as stop:
+        example_module(script).main(["--out", str(out), *args])
+    return str(stop.value)
+
+
+def resumable_copy(run_dir: Path, to: Path, logged_after_the_save: str = "") -> Path:
+    """A folder holding `run_dir`'s checkpoints, as a run killed after its last save leaves it."""
+    to.mkdir()
+    shutil.copytree(run_dir / "checkpoints", to / "checkpoints")
+    (to / "metrics.jsonl").write_text(logged_after_the_save)
+    return to
 
 
 def read_metrics(out: Path) -> list[dict]:

@@ -5,7 +5,6 @@ runs it; a missing SFT model is also run as a user would, for what it prints."""
 from __future__ import annotations
 
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +14,16 @@ from safetensors.torch import load_file
 
 import minitune as mt
 from minitune.plot import have_matplotlib
-from tests.conftest import TORCHRUN, example_module, read_metrics, run_command, without_timing
+from tests.conftest import (
+    TORCHRUN,
+    example_module,
+    example_stops,
+    read_metrics,
+    resumable_copy,
+    run_command,
+    run_example,
+    without_timing,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "dpo.py"
@@ -39,16 +47,11 @@ def small(tmp_path_factory) -> list[str]:
 
 
 def run(out: Path, *args: str) -> list[dict]:
-    """The example's main() into `out`, as `python examples/dpo.py` runs it; its metrics.jsonl."""
-    example_module("dpo.py").main(["--out", str(out), *args])
-    return read_metrics(out)
+    return run_example("dpo.py", out, *args)
 
 
 def fails(out: Path, *args: str) -> str:
-    """The message a run stops with (the last line the script prints)."""
-    with pytest.raises((SystemExit, ValueError)) as stop:
-        example_module("dpo.py").main(["--out", str(out), *args])
-    return str(stop.value)
+    return example_stops("dpo.py", out, *args)
 
 
 @pytest.fixture(scope="module")
@@ -119,9 +122,7 @@ def test_resume_continues_the_same_run_bit_for_bit(tmp_path, straight):
     resumed policy), or its losses would differ."""
     out, flags, metrics = straight
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-3"]
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    shutil.copytree(out / "checkpoints", cut / "checkpoints")
+    cut = resumable_copy(out, tmp_path / "cut")
     resumed = run(cut, *flags, "--resume", "auto")  # steps 4-6 again, from the checkpoint
     assert without_timing(resumed) == without_timing(metrics)
     weights, again = final_weights(out), final_weights(cut)

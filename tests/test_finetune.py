@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TORCHRUN, example_module, read_metrics, run_command, without_timing
+from tests.conftest import (
+    TORCHRUN,
+    example_module,
+    example_stops,
+    read_metrics,
+    resumable_copy,
+    run_command,
+    run_example,
+    without_timing,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_mistral.py"
@@ -22,28 +30,15 @@ SMALL = ["--batch-size", "4", "--eval-every", "4", "--exact-match-samples", "2",
 
 
 def run(out: Path, *args: str) -> list[dict]:
-    """The example's main() into `out`; its metrics.jsonl."""
-    example_module("finetune_mistral.py").main(["--out", str(out), *SMALL, *args])
-    return read_metrics(out)
+    return run_example("finetune_mistral.py", out, *SMALL, *args)
 
 
 def fails(out: Path, *args: str) -> str:
-    """The message a run stops with (the last line the script prints)."""
-    with pytest.raises((SystemExit, ValueError)) as stop:
-        example_module("finetune_mistral.py").main(["--out", str(out), *SMALL, *args])
-    return str(stop.value)
+    return example_stops("finetune_mistral.py", out, *SMALL, *args)
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "final" / "model.safetensors")
-
-
-def resumable_copy(run_dir: Path, to: Path, logged_after_the_save: str = "") -> Path:
-    """A folder holding `run_dir`'s checkpoints, as a run killed after its last save leaves it."""
-    to.mkdir()
-    shutil.copytree(run_dir / "checkpoints", to / "checkpoints")
-    (to / "metrics.jsonl").write_text(logged_after_the_save)
-    return to
 
 
 @pytest.fixture(scope="module")
