@@ -1,0 +1,10 @@
+"""The one exception type for input a user can fix: a file, a flag, a value, a folder.
+
+Its message is one line that names where (the file and line, the flag, the key) and what was expected.
+The example scripts print it alone on stderr and exit with status 2 (minitune.train.run_main); any other
+exception is a bug and keeps its traceback. It is a ValueError, so `except ValueError` still catches it.
+"""
+
+
+class UserError(ValueError):
+    """Bad input a user can fix; the message says where and what was expected, in one line."""
