@@ -71,20 +71,23 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, betas
 
 @dataclass
 class Schedule:
-    """The learning-rate multiplier at an optimizer step: linear warmup from 0, then a decay.
+    """The learning-rate multiplier at an optimizer step: a linear warmup, then a decay.
 
-    Warmup: step / warmup_steps for step < warmup_steps. After it, with progress = (step - warmup)
-    / (total - warmup) going 0 -> 1, "cosine" is 0.5 * (1 + cos(pi * progress)), "linear" is
-    1 - progress and "constant" stays 1. With min_lr_ratio = 0 these are transformers'
-    get_{cosine,linear,constant}_schedule_with_warmup (cosine with num_cycles=0.5) at every step
-    from 0 to total_steps. With min_lr_ratio > 0 the decay ends at min_lr_ratio instead of 0
+    Warmup: (step + 1) / (warmup_steps + 1) for step < warmup_steps, as nanoGPT's, so the first step
+    already moves the weights (transformers' warmup starts at 0: a step at learning rate 0, which a
+    one-step run takes as its only step). The peak, 1, is reached at step warmup_steps. After it, with
+    progress = (step - warmup) / (total - warmup) going 0 -> 1, "cosine" is 0.5 * (1 + cos(pi * progress)),
+    "linear" is 1 - progress and "constant" stays 1. With min_lr_ratio = 0 these are transformers'
+    get_{cosine,linear,constant}_schedule_with_warmup (cosine with num_cycles=0.5) at every step from
+    warmup_steps to total_steps. With min_lr_ratio > 0 the decay ends at min_lr_ratio instead of 0
     (nanoGPT's min + (1 - min) * coeff); "constant" ignores it.
 
     Past total_steps the multiplier stays at its final value, where transformers' cosine climbs back
     up along the cosine: a surprise for a run that goes on a few steps longer than planned.
     With warmup_steps == total_steps there is no decay phase: the multiplier is 1 at total_steps (as
     transformers' cosine; its linear gives 0 there) and the final value from the step after. A loop
-    of total_steps optimizer steps uses the multipliers of steps 0 to total_steps - 1 only.
+    of total_steps optimizer steps uses the multipliers of steps 0 to total_steps - 1 only, so it
+    never reaches the peak unless warmup_steps < total_steps (minitune.train.warmup_steps sees to it).
 
     A dataclass rather than a closure so that it pickles, and so that LambdaLR's state dict, which
     saves a callable object's fields, holds the schedule: a resumed run continues on the schedule it
@@ -110,7 +113,7 @@ class Schedule:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return step / max(1, self.warmup_steps)
+            return (step + 1) / (self.warmup_steps + 1)
         if self.name == "constant":
             return 1.0
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)

@@ -147,14 +147,23 @@ def test_schedule_matches_transformers(name, warmup, total):
     else:
         make = getattr(transformers, f"get_{name}_schedule_with_warmup")
         theirs = make(sgd(), warmup, total)
-    ours = make_scheduler(sgd(), name, warmup, total)
-    assert lrs(ours, total) == pytest.approx(lrs(theirs, total), rel=0, abs=1e-12)
+    ours, theirs = lrs(make_scheduler(sgd(), name, warmup, total), total), lrs(theirs, total)
+    # the same from the peak on; in the warmup ours is one step ahead (theirs starts at 0)
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], rel=0, abs=1e-12)
+    assert ours[:warmup] == pytest.approx([(s + 1) / (warmup + 1) for s in range(warmup)])
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("warmup", [1, 5, 20])
+def test_no_step_at_learning_rate_0(name, warmup):
+    """The first optimizer step moves the weights (transformers' warmup spends it at lr 0)."""
+    assert Schedule(name, warmup, 40)(0) == 1 / (warmup + 1) > 0
 
 
 def test_hand_worked_values():
     cosine, linear, constant = (Schedule(name, warmup_steps=10, total_steps=110) for name in SCHEDULES)
     for s in (cosine, linear, constant):
-        assert s(0) == 0.0 and s(5) == 0.5 and s(10) == 1.0
+        assert s(0) == 1 / 11 and s(5) == 6 / 11 and s(9) == 10 / 11 and s(10) == 1.0
     assert cosine(35) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))  # a quarter of the decay
     assert linear(35) == pytest.approx(0.75)
     assert cosine(60) == pytest.approx(0.5) and linear(60) == pytest.approx(0.5)
@@ -165,7 +174,7 @@ def test_hand_worked_values():
 def test_min_lr_ratio_endpoints():
     for name in ("cosine", "linear"):
         s = Schedule(name, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
-        assert s(5) == 0.5 and s(10) == 1.0  # warmup is unchanged
+        assert s(5) == 6 / 11 and s(10) == 1.0  # warmup is unchanged
         assert s(60) == pytest.approx(0.55)  # halfway from 1 to 0.1
         assert s(110) == pytest.approx(0.1) and s(1000) == pytest.approx(0.1)
     assert Schedule("constant", 10, 110, min_lr_ratio=0.1)(110) == 1.0
@@ -189,7 +198,7 @@ def test_transformers_cosine_would_climb_back_past_total():
 
 def test_warmup_equal_to_total():
     s = Schedule("linear", warmup_steps=4, total_steps=4)
-    assert [s(step) for step in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 0.0, 0.0]
+    assert [s(step) for step in range(7)] == [0.2, 0.4, 0.6, 0.8, 1.0, 0.0, 0.0]
 
 
 def test_every_group_keeps_its_base_lr():
