@@ -50,27 +50,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.optim.lr_scheduler import LRScheduler
+
+from .errors import UserError
+from .hub import mismatch, save_safetensors
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 TRAINER_STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
-
-# Whole tensors, gathered to rank 0's CPU memory (the other ranks get empty dicts) for saving. On load
-# every rank passes the whole state dict and each keeps its own shard.
-_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _state_dict_api():
+    """torch.distributed.checkpoint's state-dict functions, imported on the first save or load (importing them
+    takes about a second, which `import minitune` should not pay when no checkpoint is used)."""
+    from torch.distributed.checkpoint import state_dict
+    return state_dict
+
+
+def _full():
+    """Whole tensors, gathered to rank 0's CPU memory (the other ranks get empty dicts) for saving. On load
+    every rank passes the whole state dict and each keeps its own shard."""
+    return _state_dict_api().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 # ---------------------------------------------------------------- where the checkpoints are
@@ -143,7 +147,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
     Under torch.distributed every process calls this; it returns once the checkpoint is in place.
     """
     if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be at least 1 (or None to keep every checkpoint), got {keep_last}")
+        raise UserError(f"keep_last must be at least 1 (or None to keep every checkpoint), got {keep_last}")
     rank, world = _rank_and_world()
     trainer_state = {"format_version": FORMAT_VERSION, "step": step, "world_size": world, "state": state or {}}
     try:
@@ -151,7 +155,7 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_checkpoint: `state` must be JSON-serialisable: {e}") from None
     rng = rng_state()  # first: nothing below should be able to move a stream before it is recorded
-    weights = get_model_state_dict(model, options=_FULL)  # collective under FSDP
+    weights = _state_dict_api().get_model_state_dict(model, options=_full())  # collective under FSDP
     optim = _optimizer_state_dict(model, optimizer)        # collective under FSDP
 
     root = Path(out_dir) / "checkpoints"
@@ -234,7 +238,7 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 def _save_weights(weights: dict[str, torch.Tensor], aliases: dict[str, str], path: Path) -> None:
     tensors = {k: v.contiguous() for k, v in weights.items() if k not in aliases}
-    save_file(tensors, path, metadata={"format": "pt", "aliases": json.dumps(aliases)})
+    save_safetensors(tensors, path, {"format": "pt", "aliases": json.dumps(aliases)})
     _fsync(path)
 
 
@@ -247,7 +251,7 @@ def _optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     saved. That state is undone here, and saved as what it is: none.
     """
     fresh = not optimizer.state
-    optim = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    optim = _state_dict_api().get_optimizer_state_dict(model, optimizer, options=_full())
     if fresh:
         optimizer.state.clear()
         if optim:  # ranks other than 0 get {}
@@ -323,12 +327,12 @@ def _read_trainer_state(path: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found, so {path.parent} is not a complete checkpoint") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
+        raise UserError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
     missing = [k for k in ("format_version", "step", "world_size", "state") if k not in trainer_state]
     if missing:
-        raise ValueError(f"{path}: not a minitune trainer state (missing {', '.join(missing)})")
+        raise UserError(f"{path}: not a minitune trainer state (missing {', '.join(missing)})")
     if trainer_state["format_version"] > FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {trainer_state['format_version']} is newer than this "
+        raise UserError(f"{path}: format_version {trainer_state['format_version']} is newer than this "
                          f"minitune reads ({FORMAT_VERSION}); upgrade minitune")
     return trainer_state
 
@@ -346,19 +350,19 @@ def _load_weights(path: Path, model: nn.Module) -> None:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not found (the checkpoint folder is damaged)") from None
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        raise UserError(f"{path}: not a readable safetensors file ({e})") from None
     for alias, name in aliases.items():
         weights[alias] = weights[name]
 
-    expected = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+    api = _state_dict_api()
+    expected = api.get_model_state_dict(model, options=api.StateDictOptions(full_state_dict=False))
     problems = [f"unexpected tensor {k!r}" for k in weights if k not in expected]
     problems += [f"missing tensor {k!r}" for k in expected if k not in weights]
     problems += [f"tensor {k!r} has shape {list(weights[k].shape)}, the model expects {list(expected[k].shape)}"
                  for k in expected if k in weights and weights[k].shape != expected[k].shape]
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"{path} does not match {type(model).__name__}:\n  {shown}")
-    set_model_state_dict(model, weights, options=_FULL)
+        raise mismatch(str(path), model, problems)
+    api.set_model_state_dict(model, weights, options=_full())
 
 
 def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -371,9 +375,9 @@ def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """
     saved = _torch_load(path)
     try:
-        set_optimizer_state_dict(model, optimizer, saved, options=_FULL)
+        _state_dict_api().set_optimizer_state_dict(model, optimizer, saved, options=_full())
     except (KeyError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} does not match the optimizer ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path} does not match the optimizer ({type(e).__name__}: {e})") from None
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=True):
         group.update({k: v for k, v in saved_group.items() if isinstance(v, tuple)})
         for p, name in zip(group["params"], saved_group["params"], strict=True):
@@ -388,7 +392,7 @@ def _torch_load(path: Path):
         raise FileNotFoundError(f"{path}: not found (the checkpoint folder is damaged, or was saved "
                                 "without this part)") from None
     except Exception as e:  # a truncated zip, a pickle that is not weights-only...: all the same to the caller
-        raise ValueError(f"{path}: not readable with torch.load(weights_only=True) ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: not readable with torch.load(weights_only=True) ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- RNG streams and processes

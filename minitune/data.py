@@ -32,6 +32,7 @@ from pathlib import Path
 import jinja2
 import torch
 
+from .errors import UserError
 from .losses import IGNORE_INDEX
 from .tokenizer import Tokenizer
 
@@ -54,20 +55,20 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                raise UserError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
                                  "expected one JSON object per line") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             count += 1
             yield lineno, record
     if count == 0:
-        raise ValueError(f"{path}: no records (the file is empty or holds only blank lines)")
+        raise UserError(f"{path}: no records (the file is empty or holds only blank lines)")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -94,22 +95,22 @@ def encode_sft(record: dict, tok: Tokenizer, max_length: int, train_on_prompt: b
     """
     _check_args(max_length, truncation)
     if not isinstance(record, dict):
-        raise ValueError(f"{_at(where)}expected an SFT record (a JSON object), got {type(record).__name__}")
+        raise UserError(f"{_at(where)}expected an SFT record (a JSON object), got {type(record).__name__}")
     if "messages" in record and ("prompt" in record or "completion" in record):
-        raise ValueError(f"{_at(where)}has both 'messages' and 'prompt'/'completion'; give one or the other")
+        raise UserError(f"{_at(where)}has both 'messages' and 'prompt'/'completion'; give one or the other")
     if "messages" in record:
         ids, labels = encode_chat(_messages(record, where), tok, where)
     elif "prompt" in record or "completion" in record:
         prompt, completion = _string(record, "prompt", where), _string(record, "completion", where)
         ids, labels = encode_prompt_completion(prompt, completion, tok)
     else:
-        raise ValueError(f"{_at(where)}expected an SFT record with 'messages', or 'prompt' and 'completion'; "
+        raise UserError(f"{_at(where)}expected an SFT record with 'messages', or 'prompt' and 'completion'; "
                          f"got keys {sorted(record)}")
     if len(ids) > max_length:
         if truncation == "drop":
             return None
         if truncation == "error":
-            raise ValueError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length} "
+            raise UserError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length} "
                              "(raise max_length, or pass truncation='drop' or 'left')")
         ids, labels = truncate_left(ids, labels, max_length, tok.bos_token_id, where)
     if train_on_prompt:
@@ -126,7 +127,7 @@ def encode_prompt_completion(prompt: str, completion: str, tok: Tokenizer) -> tu
     learns to stop. Write the separator (a space, a newline) into the prompt or the completion yourself.
     """
     if tok.eos_token_id is None:
-        raise ValueError(f"{tok!r} has no EOS token to end a completion with")
+        raise UserError(f"{tok!r} has no EOS token to end a completion with")
     prompt_ids = tok.encode(prompt)
     completion_ids = tok.encode(completion, add_special_tokens=False) + [tok.eos_token_id]
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
@@ -156,7 +157,7 @@ def encode_chat(messages: list[dict], tok: Tokenizer, where: str = "") -> tuple[
         if any(span_start < end <= span_end for span_start, span_end in spans):
             labels[t] = ids[t]
     if all(label == IGNORE_INDEX for label in labels):
-        raise ValueError(f"{_at(where)}the chat template wrote no text for the assistant turns, nothing to train on")
+        raise UserError(f"{_at(where)}the chat template wrote no text for the assistant turns, nothing to train on")
     return ids, labels
 
 
@@ -168,16 +169,16 @@ def _assistant_spans(messages: list[dict], tok: Tokenizer, where: str) -> tuple[
         if message["role"] != "assistant":
             continue
         if i == 0:
-            raise ValueError(f"{_at(where)}messages[0] is an assistant turn; a chat starts with a system or user turn")
+            raise UserError(f"{_at(where)}messages[0] is an assistant turn; a chat starts with a system or user turn")
         before = _render(tok, messages[:i], True, where)  # ends with the assistant header
         through = _render(tok, messages[: i + 1], False, where)
         if not (through.startswith(before) and text.startswith(through)):
-            raise ValueError(f"{_at(where)}the chat template does not render prefixes of this chat consistently: "
+            raise UserError(f"{_at(where)}the chat template does not render prefixes of this chat consistently: "
                              f"messages[:{i}] with the generation prompt, messages[:{i + 1}] and the whole chat "
                              "are not prefixes of each other, so the assistant turns cannot be located")
         spans.append((len(before), len(through)))
     if not spans:
-        raise ValueError(f"{_at(where)}no message has role 'assistant', nothing to train on")
+        raise UserError(f"{_at(where)}no message has role 'assistant', nothing to train on")
     return text, spans
 
 
@@ -185,7 +186,7 @@ def _render(tok: Tokenizer, messages: list[dict], add_generation_prompt: bool, w
     try:
         return tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
     except (ValueError, jinja2.TemplateError) as e:
-        raise ValueError(f"{_at(where)}{e}") from e
+        raise UserError(f"{_at(where)}{e}") from e
 
 
 def _encode_with_offsets(tok: Tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -214,7 +215,7 @@ def truncate_left(ids: list[int], labels: list[int], max_length: int, bos_id: in
     cut = len(ids) - (max_length - keep)  # ids[keep:cut] go
     first = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
     if cut >= first + keep:
-        raise ValueError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length}, and its "
+        raise UserError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length}, and its "
                          f"answer ({len(ids) - first} tokens from the first answer token on) does not fit even "
                          "after truncating the prompt from the left")
     return ids[:keep] + ids[cut:], labels[:keep] + labels[cut:]
@@ -242,7 +243,7 @@ def encode_records(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_leng
         else:
             examples.append(example)
     if not examples:
-        raise ValueError(f"{name}: all {dropped} examples are longer than max_length={max_length} and were dropped")
+        raise UserError(f"{name}: all {dropped} examples are longer than max_length={max_length} and were dropped")
     if dropped:
         warnings.warn(f"{name}: dropped {dropped} of {dropped + len(examples)} examples longer than "
                       f"max_length={max_length}", stacklevel=2)
@@ -254,7 +255,7 @@ def read_texts(path: str | Path) -> list[str]:
     texts = []
     for lineno, record in iter_jsonl(path):
         if not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{lineno}: expected {{\"text\": str}}, got {record!r:.80}")
+            raise UserError(f"{path}:{lineno}: expected {{\"text\": str}}, got {record!r:.80}")
         texts.append(record["text"])
     return texts
 
@@ -276,9 +277,9 @@ def pad_id(tok: Tokenizer) -> int:
 
 def _check_args(max_length: int, truncation: str) -> None:
     if truncation not in TRUNCATION_POLICIES:
-        raise ValueError(f"truncation={truncation!r}: expected one of {', '.join(TRUNCATION_POLICIES)}")
+        raise UserError(f"truncation={truncation!r}: expected one of {', '.join(TRUNCATION_POLICIES)}")
     if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length={max_length!r}: expected a positive int")
+        raise UserError(f"max_length={max_length!r}: expected a positive int")
 
 
 def _at(where: str) -> str:
@@ -287,9 +288,9 @@ def _at(where: str) -> str:
 
 def _string(record: dict, key: str, where: str) -> str:
     if key not in record:
-        raise ValueError(f"{_at(where)}missing field '{key}'")
+        raise UserError(f"{_at(where)}missing field '{key}'")
     if not isinstance(record[key], str):
-        raise ValueError(f"{_at(where)}field '{key}': expected a string, got {type(record[key]).__name__}")
+        raise UserError(f"{_at(where)}field '{key}': expected a string, got {type(record[key]).__name__}")
     return record[key]
 
 
@@ -297,11 +298,11 @@ def _messages(record: dict, where: str, key: str = "messages") -> list[dict]:
     """record[key] checked to be a non-empty list of {"role": str, "content": str}; errors name key[i]."""
     messages = record[key]
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{_at(where)}field '{key}': expected a non-empty list of "
+        raise UserError(f"{_at(where)}field '{key}': expected a non-empty list of "
                          f"{{'role': ..., 'content': ...}} objects, got {messages!r:.80}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"{_at(where)}{key}[{i}]: expected an object, got {type(message).__name__}")
+            raise UserError(f"{_at(where)}{key}[{i}]: expected an object, got {type(message).__name__}")
         for field in ("role", "content"):
             _string(message, field, f"{_at(where)}{key}[{i}]")
     return messages
@@ -328,7 +329,7 @@ def split_shared_prefix(chosen: str, rejected: str, where: str = "") -> tuple[st
     pair to learn from, or nothing the answers respond to.
     """
     if chosen == rejected:
-        raise ValueError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
+        raise UserError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
                          "different answers")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
@@ -341,12 +342,12 @@ def split_shared_prefix(chosen: str, rejected: str, where: str = "") -> tuple[st
         cut = max((i for i, c in enumerate(shared) if c.isspace()), default=0)
     prompt = chosen[:cut]
     if not prompt.strip():
-        raise ValueError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) share no prompt: their "
+        raise UserError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) share no prompt: their "
                          f"common start {shared!r:.60} holds no {HH_ASSISTANT!r} and no whole word; "
                          "give the prompt in a 'prompt' field")
     for key, answer in (("chosen", chosen[cut:]), ("rejected", rejected[cut:])):
         if "\n\nHuman:" in answer:
-            raise ValueError(f"{_at(where)}'{key}': the answer after the shared prompt holds a later Human turn: the "
+            raise UserError(f"{_at(where)}'{key}': the answer after the shared prompt holds a later Human turn: the "
                              "two transcripts differ before their last assistant turn, so they are not one pair")
     return prompt, chosen[cut:], rejected[cut:]
 
@@ -368,12 +369,12 @@ def preference_parts(record: dict, chat: bool = False, where: str = ""
     its EOS is still a target ("say nothing"). Chosen and rejected must differ.
     """
     if not isinstance(record, dict):
-        raise ValueError(f"{_at(where)}expected a preference record (a JSON object), got {type(record).__name__}")
+        raise UserError(f"{_at(where)}expected a preference record (a JSON object), got {type(record).__name__}")
     keys = ("prompt", "chosen", "rejected") if "prompt" in record else ("chosen", "rejected")
     values = [_text_or_messages(record, key, where) for key in keys]
     if len({type(value) for value in values}) > 1:
         got = ", ".join(f"'{key}' a {type(value).__name__}" for key, value in zip(keys, values, strict=True))
-        raise ValueError(f"{_at(where)}expected {_names(keys)} to be all strings (text) or all message lists "
+        raise UserError(f"{_at(where)}expected {_names(keys)} to be all strings (text) or all message lists "
                          f"(conversational), got {got}")
     if isinstance(values[0], str):
         if len(keys) == 2:
@@ -394,17 +395,17 @@ def preference_parts(record: dict, chat: bool = False, where: str = ""
         roles = [message["role"] for message in answer]
         if set(roles) != {"assistant"}:
             what = "the answer" if len(keys) == 3 else f"the answer (after the {len(prompt)} shared messages)"
-            raise ValueError(f"{_at(where)}field '{key}': {what} must be assistant turns only, got roles {roles} "
+            raise UserError(f"{_at(where)}field '{key}': {what} must be assistant turns only, got roles {roles} "
                              "(two conversations that differ before their last turn are not one preference pair)")
     return prompt, chosen, rejected
 
 
 def _text_or_messages(record: dict, key: str, where: str) -> str | list:
     if key not in record:
-        raise ValueError(f"{_at(where)}missing field '{key}' (a preference record has 'chosen' and 'rejected', "
+        raise UserError(f"{_at(where)}missing field '{key}' (a preference record has 'chosen' and 'rejected', "
                          "and 'prompt' unless the two share it as a prefix)")
     if not isinstance(record[key], (str, list)):
-        raise ValueError(f"{_at(where)}field '{key}': expected a string or a list of messages, "
+        raise UserError(f"{_at(where)}field '{key}': expected a string or a list of messages, "
                          f"got {type(record[key]).__name__}")
     return record[key]
 
@@ -418,18 +419,18 @@ def _split_shared_messages(chosen: list[dict], rejected: list[dict], where: str
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
     if n == 0:
-        raise ValueError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) differ from their first "
+        raise UserError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) differ from their first "
                          "message on, so there is no prompt; give the prompt in a 'prompt' field")
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         if len(messages) == n:
-            raise ValueError(f"{_at(where)}field '{key}': no answer: all its {n} messages are shared with the "
+            raise UserError(f"{_at(where)}field '{key}': no answer: all its {n} messages are shared with the "
                              "other side, so they are the prompt")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
 def _check_different(chosen: str | list, rejected: str | list, where: str) -> None:
     if chosen == rejected:
-        raise ValueError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
+        raise UserError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
                          "different answers")
 
 
@@ -473,7 +474,7 @@ def encode_preference(record: dict, tok: Tokenizer, max_length: int, max_prompt_
         if max_prompt_length is not None:
             ids, labels = _truncate_prompt(ids, labels, max_prompt_length, tok.bos_token_id)
         if labels[0] != IGNORE_INDEX:  # position 0 predicts nothing: the answer's first token would go unscored
-            raise ValueError(f"{_at(where)}the prompt is empty and {tok!r} adds no BOS, so the {side} answer's first "
+            raise UserError(f"{_at(where)}the prompt is empty and {tok!r} adds no BOS, so the {side} answer's first "
                              "token has no position to be predicted from; give a non-empty prompt")
         pair[side] = {"input_ids": ids, "labels": labels}
     too_long = [side for side, example in pair.items() if len(example["input_ids"]) > max_length]
@@ -483,7 +484,7 @@ def encode_preference(record: dict, tok: Tokenizer, max_length: int, max_prompt_
         return None
     if truncation == "error":
         side = too_long[0]
-        raise ValueError(f"{_at(where)}the {side} side is {len(pair[side]['input_ids'])} tokens (prompt + answer), "
+        raise UserError(f"{_at(where)}the {side} side is {len(pair[side]['input_ids'])} tokens (prompt + answer), "
                          f"longer than max_length={max_length} (raise max_length, set max_prompt_length, "
                          "or pass truncation='drop' or 'right')")
     for side in too_long:
@@ -497,14 +498,14 @@ def _encode_conversation(prompt: list[dict], answer: list[dict], tok: Tokenizer,
     text = _render(tok, prompt + answer, False, where)
     prompt_text = _render(tok, prompt, True, where)  # ends with the assistant header
     if not text.startswith(prompt_text):
-        raise ValueError(f"{_at(where)}the chat template does not render the prompt (with the generation prompt) "
+        raise UserError(f"{_at(where)}the chat template does not render the prompt (with the generation prompt) "
                          f"as a prefix of the prompt followed by the '{side}' answer, so the answer cannot be "
                          "located")
     ids, offsets = _encode_with_offsets(tok, text)
     start = len(prompt_text)
     labels = [ids[t] if end > start else IGNORE_INDEX for t, (_, end) in enumerate(offsets)]
     if all(label == IGNORE_INDEX for label in labels):
-        raise ValueError(f"{_at(where)}the chat template wrote no text for the '{side}' answer, nothing to train on")
+        raise UserError(f"{_at(where)}the chat template wrote no text for the '{side}' answer, nothing to train on")
     return ids, labels
 
 
@@ -527,7 +528,7 @@ def _truncate_answer(example: dict[str, list[int]], max_length: int, side: str, 
                      ) -> dict[str, list[int]]:
     n = _prompt_length(example["labels"])
     if n >= max_length:
-        raise ValueError(f"{_at(where)}the {side} side's prompt alone is {n} tokens, leaving no room for an answer "
+        raise UserError(f"{_at(where)}the {side} side's prompt alone is {n} tokens, leaving no room for an answer "
                          f"token within max_length={max_length} (set max_prompt_length below max_length, "
                          "or raise max_length)")
     return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
@@ -548,9 +549,9 @@ def encode_preferences(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_
         else:
             pairs.append(pair)
     if not pairs and not dropped:
-        raise ValueError(f"{name}: no preference pairs")
+        raise UserError(f"{name}: no preference pairs")
     if not pairs:
-        raise ValueError(f"{name}: all {dropped} preference pairs are longer than max_length={max_length} "
+        raise UserError(f"{name}: all {dropped} preference pairs are longer than max_length={max_length} "
                          "and were dropped")
     if dropped:
         warnings.warn(f"{name}: dropped {dropped} of {dropped + len(pairs)} preference pairs longer than "
@@ -575,10 +576,10 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
     some examples with and some without is an error, as the batch would need the reference model after all.
     """
     if not examples:
-        raise ValueError("collate_preferences: no examples")
+        raise UserError("collate_preferences: no examples")
     with_reference = sum("reference_logps" in example for example in examples)
     if with_reference not in (0, len(examples)):
-        raise ValueError(f"collate_preferences: {with_reference} of {len(examples)} examples have reference_logps; "
+        raise UserError(f"collate_preferences: {with_reference} of {len(examples)} examples have reference_logps; "
                          "precompute them for every example or for none")
     rows = [{"input_ids": example[side]["input_ids"], "labels": example[side]["labels"]}
             for side in ("chosen", "rejected") for example in examples]
@@ -587,7 +588,7 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
         pairs = [example["reference_logps"] for example in examples]
         for i, pair in enumerate(pairs):
             if len(pair) != 2:
-                raise ValueError(f"collate_preferences: example {i}: reference_logps: expected a pair "
+                raise UserError(f"collate_preferences: example {i}: reference_logps: expected a pair "
                                  f"[chosen, rejected], got {pair!r:.80}")
         batch["reference_logps"] = torch.tensor([float(pair[0]) for pair in pairs] +
                                                 [float(pair[1]) for pair in pairs], dtype=torch.float32)  # (2B,)
@@ -596,12 +597,12 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
 
 def _check_preference_args(max_length: int, max_prompt_length: int | None, truncation: str) -> None:
     if truncation not in PREFERENCE_TRUNCATION:
-        raise ValueError(f"truncation={truncation!r}: expected one of {', '.join(PREFERENCE_TRUNCATION)}")
+        raise UserError(f"truncation={truncation!r}: expected one of {', '.join(PREFERENCE_TRUNCATION)}")
     if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length={max_length!r}: expected a positive int")
+        raise UserError(f"max_length={max_length!r}: expected a positive int")
     if max_prompt_length is not None and (not isinstance(max_prompt_length, int)
                                           or not 0 < max_prompt_length < max_length):
-        raise ValueError(f"max_prompt_length={max_prompt_length!r}: expected None or a positive int below "
+        raise UserError(f"max_prompt_length={max_prompt_length!r}: expected None or a positive int below "
                          f"max_length={max_length}, so an answer token fits")
 
 
@@ -616,12 +617,12 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
     in the batch only when the examples have them (packed rows), padded with 0.
     """
     if not examples:
-        raise ValueError("collate: no examples")
+        raise UserError("collate: no examples")
     if pad_id is None:
-        raise ValueError("collate: pad_id is None; for a tokenizer without a pad token pass its eos_token_id")
+        raise UserError("collate: pad_id is None; for a tokenizer without a pad token pass its eos_token_id")
     with_positions = sum("position_ids" in example for example in examples)
     if with_positions not in (0, len(examples)):
-        raise ValueError(f"collate: {with_positions} of {len(examples)} examples have position_ids; "
+        raise UserError(f"collate: {with_positions} of {len(examples)} examples have position_ids; "
                          "packed rows and plain examples cannot share a batch")
     length = max(len(example["input_ids"]) for example in examples)
     batch = {
@@ -657,7 +658,7 @@ def pack(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict
     for i, example in enumerate(examples):
         n = len(example["input_ids"])
         if not 0 < n <= max_length:
-            raise ValueError(f"pack: example {i} is {n} tokens; each example must have 1 to max_length={max_length}")
+            raise UserError(f"pack: example {i} is {n} tokens; each example must have 1 to max_length={max_length}")
         if row_length + n > max_length:
             rows.append(_pack_row(row))
             row, row_length = [], 0
@@ -689,11 +690,11 @@ def train_val_split(records: Sequence, val_fraction: float, seed: int) -> tuple[
     random.Random(seed), so the split does not depend on, or disturb, any global random state.
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction}: expected a fraction strictly between 0 and 1")
+        raise UserError(f"val_fraction={val_fraction}: expected a fraction strictly between 0 and 1")
     n = len(records)
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
-        raise ValueError(f"train_val_split: val_fraction={val_fraction} of {n} records leaves a split empty")
+        raise UserError(f"train_val_split: val_fraction={val_fraction} of {n} records leaves a split empty")
     val = set(_permutation(n, random.Random(seed))[:n_val])
     train = [record for i, record in enumerate(records) if i not in val]
     return train, [record for i, record in enumerate(records) if i in val]
@@ -728,7 +729,7 @@ def step_indices(n: int, step: int, per_step: int, seed: int) -> list[int]:
     of the step alone, so a run resumed after step k simply asks for step k + 1.
     """
     if n < 1 or per_step < 1 or step < 0:
-        raise ValueError(f"step_indices: need n >= 1, per_step >= 1 and step >= 0, got {n}, {per_step}, {step}")
+        raise UserError(f"step_indices: need n >= 1, per_step >= 1 and step >= 0, got {n}, {per_step}, {step}")
     out = []
     for i in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(i, n)
@@ -759,6 +760,6 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     wait forever in the gradient all-reduce.
     """
     if not 0 <= rank < world_size:
-        raise ValueError(f"shard: rank={rank} is not in [0, world_size={world_size})")
+        raise UserError(f"shard: rank={rank} is not in [0, world_size={world_size})")
     usable = len(indices) - len(indices) % world_size
     return list(indices[rank:usable:world_size])

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .errors import UserError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -40,7 +42,7 @@ def resolve(name_or_path: str | os.PathLike, allow_patterns: list[str]) -> Path:
     """
     name = str(name_or_path)
     if not name.strip():
-        raise ValueError("name_or_path is empty: pass a local folder or a hub id like 'gpt2'")
+        raise UserError("name_or_path is empty: pass a local folder or a hub id like 'gpt2'")
     path = Path(name).expanduser()
     if path.is_dir():
         return path
@@ -85,7 +87,7 @@ def read_json(path: Path) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
+        raise UserError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON: {e.msg}") from None
 
 
 def weight_names(folder: Path) -> list[str]:
@@ -94,7 +96,7 @@ def weight_names(folder: Path) -> list[str]:
         return [SINGLE_FILE]
     index = read_json(folder / INDEX_FILE)
     if not isinstance(index.get("weight_map"), dict):
-        raise ValueError(f"{folder / INDEX_FILE}: no 'weight_map' object")
+        raise UserError(f"{folder / INDEX_FILE}: no 'weight_map' object")
     return list(dict.fromkeys(index["weight_map"].values()))
 
 
@@ -120,7 +122,7 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
             "float": "float32"}.get(dtype, dtype).removeprefix("torch.")
     value = getattr(torch, name, None)
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype {dtype!r}: expected a floating type such as 'float32' or 'bfloat16'")
+        raise UserError(f"dtype {dtype!r}: expected a floating type such as 'float32' or 'bfloat16'")
     return value
 
 
@@ -160,23 +162,23 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if size < 8 or n > size - 8:
-            raise ValueError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+            raise UserError(f"{path}: not a safetensors file (header length {n}, file size {size})")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a safetensors file (unreadable header: {e})") from None
+            raise UserError(f"{path}: not a safetensors file (unreadable header: {e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path}: not a safetensors file (the header is not a JSON object)")
+        raise UserError(f"{path}: not a safetensors file (the header is not a JSON object)")
     header.pop("__metadata__", None)
     entries = {key: _entry(path, key, info, data_start=8 + n) for key, info in header.items()}
     end = 8 + n
     for key, e in sorted(entries.items(), key=lambda item: item[1].offset):
         if e.offset != end:
-            raise ValueError(f"{path}: tensor {key!r} starts at byte {e.offset - 8 - n} of the data, expected "
+            raise UserError(f"{path}: tensor {key!r} starts at byte {e.offset - 8 - n} of the data, expected "
                              f"{end - 8 - n} (tensors overlap or leave a gap)")
         end += e.nbytes
     if end != size:
-        raise ValueError(f"{path}: the tensors end at byte {end} but the file has {size} (truncated?)")
+        raise UserError(f"{path}: the tensors end at byte {end} but the file has {size} (truncated?)")
     return entries
 
 
@@ -184,17 +186,17 @@ def _entry(path: Path, key: str, info, data_start: int) -> TensorEntry:
     where = f"{path}: tensor {key!r}"
     if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
         dtype = info.get("dtype") if isinstance(info, dict) else info
-        raise ValueError(f"{where}: dtype {dtype!r} is not one minitune reads ({', '.join(SAFETENSORS_DTYPES)})")
+        raise UserError(f"{where}: dtype {dtype!r} is not one minitune reads ({', '.join(SAFETENSORS_DTYPES)})")
     shape, offsets = info.get("shape"), info.get("data_offsets")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise ValueError(f"{where}: shape {shape!r} is not a list of sizes")
+        raise UserError(f"{where}: shape {shape!r} is not a list of sizes")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
             and 0 <= offsets[0] <= offsets[1]):
-        raise ValueError(f"{where}: data_offsets {offsets!r} are not [start, end]")
+        raise UserError(f"{where}: data_offsets {offsets!r} are not [start, end]")
     dtype = SAFETENSORS_DTYPES[info["dtype"]]
     nbytes = offsets[1] - offsets[0]
     if nbytes != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"{where}: {nbytes} bytes for shape {shape} in {info['dtype']}")
+        raise UserError(f"{where}: {nbytes} bytes for shape {shape} in {info['dtype']}")
     return TensorEntry(dtype, shape, data_start + offsets[0], nbytes)
 
 
@@ -207,7 +209,7 @@ def read_into(path: Path, entry: TensorEntry, out: torch.Tensor) -> None:
         while done < entry.nbytes:
             got = f.readinto(buffer[done:])
             if not got:
-                raise ValueError(f"{path}: file ends inside a tensor (truncated?)")
+                raise UserError(f"{path}: file ends inside a tensor (truncated?)")
             done += got
 
 
@@ -258,8 +260,7 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
     problems += [f"missing tensor {k!r} (in none of {', '.join(p.name for p in files)})"
                  for k in sorted(set(targets) - set(jobs))]
     if problems:
-        shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        raise ValueError(f"checkpoint in {files[0].parent} does not match {type(model).__name__}:\n  {shown}")
+        raise mismatch(f"checkpoint in {files[0].parent}", model, problems)
 
     def load_one(ours: str) -> None:
         path, entry, _ = jobs[ours]
@@ -286,6 +287,18 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
             model.config.tie_word_embeddings = False
 
 
+def mismatch(what: str, model, problems: list[str]) -> UserError:
+    """One line for weights that do not fit a model: the first three problems of each kind (a shape, a missing
+    tensor, an unexpected one...) and how many more of that kind there are."""
+    kinds: dict[str, list[str]] = {}
+    for problem in problems:
+        kind = next((k for k in ("has shape", "missing", "unexpected") if k in problem), "other")
+        kinds.setdefault(kind, []).append(problem)
+    shown = "; ".join("; ".join(found[:3]) + (f" (and {len(found) - 3} more like it)" if len(found) > 3 else "")
+                      for found in kinds.values())
+    return UserError(f"{what} does not match {type(model).__name__}: {shown}")
+
+
 # ---------------------------------------------------------------- saving
 
 def parse_size(size: int | str) -> int:
@@ -294,7 +307,7 @@ def parse_size(size: int | str) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size.upper().replace("IB", "iB"))
     if not m:
-        raise ValueError(f"max_shard_size {size!r}: expected bytes or a size like '5GB'")
+        raise UserError(f"max_shard_size {size!r}: expected bytes or a size like '5GB'")
     units = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
     return int(float(m.group(1)) * units[m.group(2) or "B"])
@@ -313,6 +326,15 @@ def shard_state(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str
     return shards + [current]
 
 
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with the mode every other file gets from the umask (0644 under the usual 022):
+    save_file itself creates its file 0600, readable by its owner only."""
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
     """config.json + safetensors in the Hugging Face layout, loadable by transformers."""
     out = Path(out_dir)
@@ -329,7 +351,7 @@ def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5
         tmp = Path(tmp)
         for name, shard in zip(names, shards, strict=True):
             # one shard at a time on the CPU, made contiguous (GPT-2's transposed views) only here
-            save_file({k: v.to("cpu").contiguous() for k, v in shard.items()}, tmp / name, metadata={"format": "pt"})
+            save_safetensors({k: v.to("cpu").contiguous() for k, v in shard.items()}, tmp / name, {"format": "pt"})
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
                      "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard}}

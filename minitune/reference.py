@@ -32,11 +32,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from .data import collate_preferences
+from .errors import UserError
+from .hub import save_safetensors
 from .losses import preference_logps
 
 REFERENCE_MODES = ("copy", "lora-disabled", "precomputed")
@@ -81,21 +82,21 @@ class Reference:
 
     def __init__(self, mode: str, policy: nn.Module):
         if mode not in REFERENCE_MODES:
-            raise ValueError(f"reference mode {mode!r}: expected one of {', '.join(REFERENCE_MODES)}")
+            raise UserError(f"reference mode {mode!r}: expected one of {', '.join(REFERENCE_MODES)}")
         self.mode = mode
         self.model = frozen_copy(policy) if mode == "copy" else policy if mode == "lora-disabled" else None
 
     def logps(self, batch: dict[str, torch.Tensor], average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "precomputed":
             if "reference_logps" not in batch:
-                raise ValueError("reference 'precomputed': the batch has no reference_logps; compute them with "
+                raise UserError("reference 'precomputed': the batch has no reference_logps; compute them with "
                                  "precompute_logps and attach them to the examples (attach_logps) before collating")
             return batch["reference_logps"].chunk(2)
         if self.mode == "copy":
             return reference_logps(self.model, batch, average)
         from .lora import disable_lora, lora_layers
         if not any(True for _ in lora_layers(self.model)):
-            raise ValueError("reference 'lora-disabled': the policy has no LoRA layers, so disabling them leaves the "
+            raise UserError("reference 'lora-disabled': the policy has no LoRA layers, so disabling them leaves the "
                              "policy itself; apply LoRA (--lora-r) or use the 'copy' or 'precomputed' reference")
         with disable_lora(self.model):
             return reference_logps(self.model, batch, average)
@@ -123,7 +124,7 @@ def precompute_logps(model: nn.Module, examples: Sequence[dict], pad_id: int, ba
 def attach_logps(examples: Sequence[dict], logps: torch.Tensor) -> list[dict]:
     """The examples with "reference_logps": [chosen, rejected] each, which collate_preferences batches."""
     if logps.shape != (len(examples), 2):
-        raise ValueError(f"reference log-probabilities of shape {tuple(logps.shape)} for {len(examples)} examples: "
+        raise UserError(f"reference log-probabilities of shape {tuple(logps.shape)} for {len(examples)} examples: "
                          f"expected ({len(examples)}, 2)")
     return [{**example, "reference_logps": row} for example, row in zip(examples, logps.tolist(), strict=True)]
 
@@ -151,7 +152,7 @@ def save_logps(path: str | os.PathLike, logps: torch.Tensor, fingerprint: str) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({"logps": logps.contiguous()}, str(tmp), metadata={"fingerprint": fingerprint})
+    save_safetensors({"logps": logps.contiguous()}, tmp, {"fingerprint": fingerprint})
     os.replace(tmp, path)
 
 
@@ -166,8 +167,8 @@ def load_logps(path: str | os.PathLike, fingerprint: str) -> torch.Tensor | None
             saved = (f.metadata() or {}).get("fingerprint")
             logps = f.get_tensor("logps")
     except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path}: not a readable reference log-probability cache ({e}); delete it to recompute") from e
+        raise UserError(f"{path}: not a readable reference log-probability cache ({e}); delete it to recompute") from e
     if saved != fingerprint:
-        raise ValueError(f"{path}: reference log-probabilities computed for other examples, another reference "
+        raise UserError(f"{path}: reference log-probabilities computed for other examples, another reference "
                          "model or another compute dtype (the fingerprint differs); delete the file to recompute them")
     return logps

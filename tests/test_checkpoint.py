@@ -318,7 +318,8 @@ def test_a_model_that_does_not_match_is_named(tmp_path):
         load_checkpoint(path, tiny_mistral(num_hidden_layers=3, intermediate_size=48))
     message = str(e.value)
     assert str(path / "model.safetensors") in message
-    assert "missing tensor 'model.layers.2.mlp.up_proj.weight'" in message
+    assert "missing tensor 'model.layers.2.self_attn.q_proj.weight'" in message and "(and 6 more like it)" in message
+    assert "\n" not in message
     assert "tensor 'model.layers.0.mlp.up_proj.weight' has shape [64, 32], the model expects [48, 32]" in message
 
 
