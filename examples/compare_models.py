@@ -48,6 +48,8 @@ import minitune as mt
 from minitune import data as D
 from minitune import evaluate as E
 from minitune import plot
+from minitune.errors import UserError
+from minitune.train import ArgumentParser, check_out, device_problem, run_main
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -56,11 +58,12 @@ BUILT = {"sft": ("finetune_mistral.py", []), "dpo": ("dpo.py", ["--model", "{run
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=None,
                    help="hub ids or folders (default: tiny-mistral, <runs>/sft/final, <runs>/dpo/final)")
     p.add_argument("--runs", default="runs", help="where the default SFT and DPO models are, or are made")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
     p.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "text"))
     p.add_argument("--generation", default=str(DATA / "eval" / "generation" / "test.jsonl"),
                    help="instruction set: JSONL of {prompt, answer}")
@@ -84,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="the weights' dtype (default: bfloat16 on CUDA, else float32)")
     args = p.parse_args(argv)
+    if problem := device_problem(args.device):
+        p.error(f"--device {args.device}: {problem}")
     args.dtype = getattr(torch, args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32"))
     runs = Path(args.runs)
     args.default = args.models is None
@@ -108,7 +113,8 @@ def build_missing(args) -> None:
             command = [sys.executable, str(HERE / script), "--out", str(runs / name),
                        *[f.format(runs=runs) for f in flags]]
             print(f"{runs / name / 'final'} not found: making it with {' '.join(command[1:])}", file=sys.stderr)
-            subprocess.run(command, check=True)
+            if subprocess.run(command).returncode:  # it said why on stderr
+                raise UserError(f"making {runs / name / 'final'} failed: pass --models to compare other models")
 
 
 # ---------------------------------------------------------------- one protocol for every model
@@ -193,6 +199,7 @@ def language(model, tok, args) -> dict[str, tuple]:
 
 TASKS = {"instruction": instruction, "knowledge": knowledge, "preference": preference, "language": language}
 LOWER_IS_BETTER = {"language/ppl", "language/bits_per_byte"}
+OUTPUTS = ("results.json", "comparison.md", "comparison.csv", "comparison.png", "pipeline.md", "pipeline.jsonl")
 
 
 def evaluate_model(name: str, args) -> dict[str, tuple]:
@@ -262,7 +269,7 @@ def best_of_n(args, out: Path) -> dict[str, tuple]:
 
 def check_format(tok, name: str, fmt: str) -> None:
     if fmt == "chat" and not tok.chat_template:
-        raise SystemExit(f"{name}: its tokenizer has no chat template, so it cannot be asked in chat: use "
+        raise UserError(f"{name}: its tokenizer has no chat template, so it cannot be asked in chat: use "
                          "--prompt-format text (or auto) to ask every model in plain text")
 
 
@@ -343,7 +350,7 @@ def labels_for(models: list[str], default: bool) -> dict[str, str]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.perf_counter()
-    out = Path(args.out)
+    out = check_out(argparse.Namespace(out=args.out, model=None, resume=None, overwrite=args.overwrite), OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     if args.default:
         build_missing(args)
@@ -371,4 +378,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

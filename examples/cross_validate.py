@@ -9,7 +9,11 @@ ranked by the mean over the folds, reported with the standard deviation.
 Each fold runs the workflow's example (finetune_mistral.py or dpo.py) in this process, through its main(),
 with --data and --val-data pointing at the fold's files; any flag this script does not know goes to the
 example unchanged (e.g. --epochs 2 --batch-size 8). --search names the example's flags by their dest
-(lr, warmup, lora_r, beta, ...). Output in --out: search.md, search.csv, search.json and search.png.
+(lr, warmup, lora_r, beta, ...). Every value of --search is checked by the example's own flags before
+any fold trains. Output in --out: search.jsonl (each configuration's folds and summary, written as soon as it
+is scored, so an interrupted search keeps what it finished: --resume auto goes on from it), then search.md,
+search.csv, search.json and search.png. A folder holding an earlier search is refused without --resume auto
+or --overwrite.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import finetune_mistral as sft
 from minitune import data as D
 from minitune import evaluate as E
 from minitune import plot
+from minitune.errors import UserError
+from minitune.train import ArgumentParser, Interrupted, check_out, run_main
 
 HERE = Path(__file__).resolve().parent
 WORKFLOWS = {  # example, default data, default metric
@@ -34,6 +40,7 @@ WORKFLOWS = {  # example, default data, default metric
     "dpo": (dpo, HERE / "data" / "preference" / "train.jsonl", "val_preference_accuracy"),
 }
 DEFAULT_SEARCH = ["lr=1e-3,3e-3", "warmup=0,5", "lora_r=4,32"]
+OUTPUTS = ("search.jsonl", "search.json", "search.md", "search.csv", "search.png", "runs")
 # The example flags for the bundled data (a fold trains for about 20 steps): LoRA on every linear layer, 2 epochs
 # of the fold's chats, every held-out chat answered. A flag that --search sets is dropped from these.
 # --lora-alpha stays 32 whatever the rank, so the rank also sets the update's scale (alpha / r), as in PEFT when
@@ -44,7 +51,7 @@ DEFAULT_EXTRA = {"sft": ["--lora-r", "16", "--lora-targets", "all-linear", "--lo
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workflow", default="sft", choices=list(WORKFLOWS))
     p.add_argument("--model", default=None,
                    help="default: the example's own (tiny-mistral for sft, runs/sft/final for dpo)")
@@ -58,7 +65,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--metric", default=None, help="what ranks the configurations (default: the workflow's)")
     p.add_argument("--out", default="runs/cv")
     p.add_argument("--seed", type=int, default=0, help="the subset, the folds and the random search")
+    p.add_argument("--resume", choices=["auto"], help="reuse the configurations search.jsonl in --out has scored")
+    p.add_argument("--overwrite", action="store_true", help="start again in an --out that holds an earlier search")
     args, extra = p.parse_known_args(argv)
+    if args.resume and args.overwrite:
+        p.error("--overwrite starts the search again and --resume continues it: pass one of them")
     if args.k < 2 or args.subset < 0 or args.samples < 0:
         p.error("--k must be at least 2, --subset and --samples at least 0")
     args.space = {}
@@ -74,9 +85,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
         p.error(f"--search {unknown}: not flags of {example.__name__}.py (its flags: {sorted(known)})")
     args.metric = args.metric or WORKFLOWS[args.workflow][2]
     args.model_name = args.model or known["model"]
+    if args.data and not Path(args.data).is_file():
+        p.error(f"--data {args.data}: no such file")
     defaults = DEFAULT_EXTRA[args.workflow]
     kept = [f for i in range(0, len(defaults), 2) if defaults[i][2:].replace("-", "_") not in args.space
             for f in defaults[i:i + 2]]
+    for name, values in args.space.items():  # each value as the example reads it: a bad one stops us here
+        for value in values:
+            example.parse_args([*kept, *extra, *flags({name: value})])
     return args, kept + extra
 
 
@@ -131,18 +147,34 @@ def report(results: list[dict], args, extra: list[str], n: int) -> str:
 def main(argv=None) -> list[dict]:
     args, extra = parse_args(argv)
     out = Path(args.out)
+    if not args.resume:  # a folder holding an earlier search needs --resume auto or --overwrite
+        check_out(argparse.Namespace(out=out, model=args.model_name, resume=None, overwrite=args.overwrite), OUTPUTS)
     out.mkdir(parents=True, exist_ok=True)
     records = D.read_jsonl(args.data or WORKFLOWS[args.workflow][1])
     if args.subset and args.subset < len(records):
         records = random.Random(args.seed).sample(records, args.subset)
     configs = E.random_configs(args.space, args.samples, args.seed) if args.samples else E.grid(args.space)
     lower = any(word in args.metric for word in ("loss", "ppl"))
+    # what a configuration's score depends on besides its values: a resumed search reuses only scores that match
+    settings = {"workflow": args.workflow, "model": args.model_name, "data": str(args.data), "subset": args.subset,
+                "k": args.k, "seed": args.seed, "records": len(records), "flags": extra}
+    scored = previous_scores(out / "search.jsonl", settings) if args.resume else {}
 
     def evaluate_config(config: dict) -> dict:
-        return E.cross_validate(records, args.k, lambda train, val, i: fit_fold(args, extra, config, train, val, i),
-                                args.seed, desc=label(config))
+        if label(config) in scored:
+            return scored[label(config)]
+        result = E.cross_validate(records, args.k, lambda train, val, i: fit_fold(args, extra, config, train, val, i),
+                                  args.seed, desc=label(config))
+        with open(out / "search.jsonl", "a", encoding="utf-8") as f:  # kept at once: a stopped search loses no fold
+            f.write(json.dumps({"config": config, "settings": settings, **result}) + "\n")
+        return result
 
-    results = E.search(configs, evaluate_config, args.metric, higher_is_better=not lower)
+    try:
+        results = E.search(configs, evaluate_config, args.metric, higher_is_better=not lower)
+    except KeyboardInterrupt:
+        done = len(D.read_jsonl(out / "search.jsonl")) if (out / "search.jsonl").exists() else 0
+        raise Interrupted(f"interrupted with {done} of {len(configs)} configurations scored in {out / 'search.jsonl'}: "
+                          "the same command with --resume auto goes on from them") from None
     (out / "search.json").write_text(json.dumps(results, indent=1))
     with open(out / "search.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -159,5 +191,18 @@ def main(argv=None) -> list[dict]:
     return results
 
 
+def previous_scores(path: Path, settings: dict) -> dict[str, dict]:
+    """The configurations an earlier search in the same folder scored with the same settings, by label."""
+    if not path.exists():
+        raise UserError(f"--resume auto: {path} not found, so there is no search to continue")
+    scored = {}
+    for lineno, line in D.iter_jsonl(path):
+        if line.get("settings") != settings:
+            raise UserError(f"{path}:{lineno}: scored with other settings ({line.get('settings')}, now {settings}): "
+                            "pass --overwrite to start again")
+        scored[label(line["config"])] = {k: line[k] for k in ("mean", "std", "folds")}
+    return scored
+
+
 if __name__ == "__main__":
-    main()
+    run_main(main)

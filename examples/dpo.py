@@ -55,13 +55,18 @@ from minitune.reference import (
     save_logps,
 )
 from minitune.train import (
+    RUN_FILES,
+    ArgumentParser,
     MetricsLog,
     add_common_args,
     add_lora_args,
     all_reduce_sum,
     apply_lora_args,
     autocast,
+    check_out,
+    finished,
     init_distributed,
+    interrupted,
     micro_batches,
     non_negative_float,
     non_negative_int,
@@ -69,6 +74,7 @@ from minitune.train import (
     positive_float,
     positive_int,
     resume,
+    run_main,
     run_settings,
     save_final,
     stopped,
@@ -82,7 +88,7 @@ SFT_MODEL = "runs/sft/final"  # where examples/finetune_mistral.py leaves its mo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=SFT_MODEL, data=str(HERE / "data" / "preference" / "train.jsonl"), out="runs/dpo",
                     eval_every=20, save_every=50)
     # the optimisation: AdamW, a linear warmup then a decay, the gradient clipped
@@ -274,6 +280,7 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
 # Flags a resumed run may change (see finetune_mistral.py); --model may not: it is the reference.
 RESUMABLE = {"data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every", "keep_last",
              "win_rate_samples", "grad_checkpointing"}
+REFERENCE_CACHE = "reference_logps.safetensors"  # --reference precomputed's log-probabilities, in --out
 LOSSES = ("loss", ("loss", "val_loss"), None)
 SHARES = ("share of held-out pairs / prompts", ("val_preference_accuracy", "val_win_rate", "rewards/accuracies"),
           (0, 1))
@@ -284,7 +291,7 @@ def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp) 
     """--reference precomputed: the model's log-probabilities on the training pairs, from <out>'s cache when it
     holds them for this model and data, else computed in one pass (by every rank) and cached by rank 0."""
     key = fingerprint(model, examples, args.average_logps, args.dtype)
-    cache = out / "reference_logps.safetensors"
+    cache = out / REFERENCE_CACHE
     logps = load_logps(cache, key)
     if logps is None:
         logps = precompute_logps(model, examples, D.pad_id(tok), args.batch_size, args.average_logps, amp,
@@ -297,8 +304,8 @@ def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp) 
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
+    out = check_out(args, (*RUN_FILES, REFERENCE_CACHE))  # a finished run needs --resume auto or --overwrite
     torch.manual_seed(args.seed)
-    out = Path(args.out)
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # the SFT model: policy and reference
     model.gradient_checkpointing = args.grad_checkpointing
@@ -319,7 +326,7 @@ def main(argv=None) -> None:
 
     steps = total_steps(args, len(train), world)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
+    scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
     raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
@@ -329,34 +336,39 @@ def main(argv=None) -> None:
     evaluate = functools.partial(validate, raw_model, tok, val, val_reference, judged, sft_answers, args, new_tokens,
                                  amp)
 
-    if start == 0:
-        log.write({"step": 0, **evaluate()})
-    for step in tqdm(range(start + 1, steps + 1), desc="dpo", initial=start, total=steps, disable=rank != 0,
-                     file=sys.stderr):
-        tick = time.perf_counter()
-        batches = [to_device(D.collate_preferences(b, D.pad_id(tok)), device) for b in
-                   micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)]
-        lr = scheduler.get_last_lr()[0]
-        try:
-            result = dpo_step(model, reference, batches, optimizer, scheduler, amp, args)
-        except FloatingPointError as e:
-            raise stopped(step, e, out, args.save_every) from None
-        tokens = result.pop("tokens")
-        record = {"step": step, **result, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - tick)}
-        if step % args.eval_every == 0 or step == steps:
-            record.update(evaluate())
-        log.write(record)
-        if step % args.save_every == 0 and step < steps:
-            save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
-                            state={"run": run, "lr": args.lr, "metrics": log.records})
+    step = start
+    try:
+        if start == 0:
+            log.write({"step": 0, **evaluate()})
+        for step in tqdm(range(start + 1, steps + 1), desc="dpo", initial=start, total=steps, disable=rank != 0,
+                         file=sys.stderr):
+            tick = time.perf_counter()
+            batches = [to_device(D.collate_preferences(b, D.pad_id(tok)), device) for b in
+                       micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)]
+            lr = scheduler.get_last_lr()[0]
+            try:
+                result = dpo_step(model, reference, batches, optimizer, scheduler, amp, args)
+            except FloatingPointError as e:
+                raise stopped(step, e, out, args.save_every) from None
+            tokens = result.pop("tokens")
+            record = {"step": step, **result, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - tick)}
+            if step % args.eval_every == 0 or step == steps:
+                record.update(evaluate())
+            log.write(record)
+            if step % args.save_every == 0 and step < steps:
+                save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
+                                state={"run": run, "lr": args.lr, "metrics": log.records})
+    except KeyboardInterrupt:
+        raise interrupted(step, steps, out) from None
     if rank == 0:
-        save_final(raw_model, tok, out, args)
-        plot_training(log.records, out / "training.png", title=f"DPO of {'/'.join(Path(args.model).parts[-2:])}",
-                      panels=(LOSSES, SHARES, REWARDS))
+        saved = save_final(raw_model, tok, out, args)
+        chart = plot_training(log.records, out / "training.png",
+                              title=f"DPO of {'/'.join(Path(args.model).parts[-2:])}", panels=(LOSSES, SHARES, REWARDS))
+        finished(*saved, log.path, chart)
     del model, reference  # DDP's reducer first: the process group freed from inside it can hang (pytorch#56297)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

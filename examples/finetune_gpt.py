@@ -45,19 +45,27 @@ from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
 from minitune.profiling import PeakMemory
 from minitune.train import (
+    RUN_FILES,
+    ArgumentParser,
     MetricsLog,
     add_common_args,
     add_lora_args,
     autocast,
+    check_out,
+    finished,
+    interrupted,
     micro_batches,
     non_negative_float,
     non_negative_int,
     parse_common_args,
     positive_float,
     positive_int,
+    run_main,
     save_final,
+    stopped,
     to_device,
     total_steps,
+    warmup_steps,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -65,7 +73,7 @@ TECHNIQUES = ("full", "head", "freeze-k", "gradual", "lora")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-gpt2"), data=str(HERE / "data" / "target" / "train.jsonl"),
                     out="runs/gpt", eval_every=25, save_every=1000)
     # the optimisation, the same for every technique: AdamW, a linear warmup then a decay, the gradient clipped
@@ -92,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--add-tokens", type=int, default=0, help="add the N most frequent target words that the "
                    "tokenizer splits into 3+ pieces as whole tokens, and grow the embedding to match")
     args = parse_common_args(p, argv)
+    if args.resume:  # its runs are short and save no checkpoints
+        p.error("--resume: this example saves no checkpoints to resume from; --overwrite starts a run again")
     # the --lora-* flags configure the lora technique (--compare passes them to every run)
     args.lora_r = (args.lora_r or 8) if args.technique == "lora" else 0
     return args
@@ -159,7 +169,7 @@ def unfreeze_every(args, model, steps: int) -> int:
 
 
 def run(args) -> dict:
-    device, out = torch.device(args.device), Path(args.out)
+    device, out = torch.device(args.device), check_out(args, (*RUN_FILES, "result.json"))
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()
@@ -179,24 +189,30 @@ def run(args) -> dict:
     log.write({"step": 0, **before})
 
     optimizer = prepare(model, args)
-    scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
+    scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
     every = unfreeze_every(args, model, steps) if args.technique == "gradual" else None
-    seconds = []
+    seconds, step = [], 0
     with PeakMemory(device) as memory:
-        for step in range(1, steps + 1):
-            if every:
-                gradual_unfreeze(model, step - 1, every)
-            tick = time.perf_counter()
-            batches = [to_device(D.collate(b, D.pad_id(tok)), device)
-                       for b in micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, 0, 1)]
-            lr = scheduler.get_last_lr()[0]  # the head's rate for gradual (its groups run from the top)
-            result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
-            seconds.append(time.perf_counter() - tick)
-            record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
-                      "tokens_per_s": result["tokens"] / seconds[-1]}
-            if step % args.eval_every == 0 or step == steps:
-                record.update(evaluate())
-            log.write(record)
+        try:
+            for step in range(1, steps + 1):
+                if every:
+                    gradual_unfreeze(model, step - 1, every)
+                tick = time.perf_counter()
+                batches = [to_device(D.collate(b, D.pad_id(tok)), device)
+                           for b in micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, 0, 1)]
+                lr = scheduler.get_last_lr()[0]  # the head's rate for gradual (its groups run from the top)
+                try:
+                    result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
+                except FloatingPointError as e:
+                    raise stopped(step, e, out, args.save_every) from None
+                seconds.append(time.perf_counter() - tick)
+                record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
+                          "tokens_per_s": result["tokens"] / seconds[-1]}
+                if step % args.eval_every == 0 or step == steps:
+                    record.update(evaluate())
+                log.write(record)
+        except KeyboardInterrupt:
+            raise interrupted(step, steps, out) from None
     after = log.records[-1]
     trainable, total = mt.lora.parameter_counts(model)  # at the end: gradual has opened every group by then
     summary = {"technique": args.technique, "name": technique_name(args, model), "trainable": trainable,
@@ -206,9 +222,11 @@ def run(args) -> dict:
                "source_ppl_before": before["source_ppl"], "source_ppl": after["source_ppl"],
                "added_tokens": args.add_tokens}
     (out / "result.json").write_text(json.dumps(summary, indent=2) + "\n")
-    save_final(model, tok, out, args)
-    plot_training(log.records, out / "training.png", title=f"{summary['name']}: {Path(args.model).name} -> target",
-                  panels=[("loss (nats per token)", ("loss", "val_loss", "source_loss"), None)])
+    saved = save_final(model, tok, out, args)
+    chart = plot_training(log.records, out / "training.png",
+                          title=f"{summary['name']}: {Path(args.model).name} -> target",
+                          panels=[("loss (nats per token)", ("loss", "val_loss", "source_loss"), None)])
+    finished(*saved, log.path, chart, out / "result.json")
     return summary
 
 
@@ -229,12 +247,13 @@ def _exp(loss: float) -> float:
 
 def compare(args, argv: list[str]) -> list[dict]:
     """Each technique in its own process, same flags otherwise; the table, CSV and chart in --out."""
-    out = Path(args.out)
-    passed = [a for a in argv if a != "--compare"]
+    out = check_out(args, (*TECHNIQUES, "comparison.md", "comparison.csv", "comparison.png"))
+    passed = [a for a in argv if a not in ("--compare", "--overwrite")]  # the folders are fresh now
     results = []
     for technique in TECHNIQUES:
         command = [sys.executable, __file__, *passed, "--technique", technique, "--out", str(out / technique)]
-        subprocess.run(command, check=True)
+        if subprocess.run(command).returncode:  # it said why on stderr
+            raise mt.errors.UserError(f"the {technique} run failed: the comparison is not written")
         results.append(json.loads((out / technique / "result.json").read_text()))
     write_comparison(results, out)
     print(comparison_table(results))
@@ -296,4 +315,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,14 +35,19 @@ from minitune.checkpoint import save_checkpoint
 from minitune.losses import IGNORE_INDEX
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
+from minitune.reference import fingerprint
 from minitune.train import (
+    ArgumentParser,
     MetricsLog,
     add_common_args,
     add_lora_args,
     all_reduce_sum,
     apply_lora_args,
     autocast,
+    check_out,
+    finished,
     init_distributed,
+    interrupted,
     micro_batches,
     non_negative_float,
     non_negative_int,
@@ -50,11 +55,13 @@ from minitune.train import (
     positive_float,
     positive_int,
     resume,
+    run_main,
     run_settings,
     save_final,
     stopped,
     to_device,
     total_steps,
+    warmup_steps,
     world_size,
 )
 
@@ -62,7 +69,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, model=str(HERE / "assets" / "tiny-mistral"), data=str(HERE / "data" / "sft" / "train.jsonl"),
                     out="runs/sft", eval_every=10, save_every=25)
     # the optimisation: AdamW, a linear warmup then a decay, the gradient clipped
@@ -200,10 +207,11 @@ RESUMABLE = {"model", "data", "val_data", "out", "resume", "lr", "device", "dtyp
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
+    out = check_out(args)  # a folder holding a finished run needs --resume auto or --overwrite
     torch.manual_seed(args.seed)
-    out = Path(args.out)
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # float32 master weights
+    base_model = fingerprint(model, [], False)  # a resumed run must start from the same weights
     model.gradient_checkpointing = args.grad_checkpointing
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
     amp = functools.partial(autocast, device, args.dtype)
@@ -211,42 +219,47 @@ def main(argv=None) -> None:
     train, val, questions = load_examples(args, tok)
     steps = total_steps(args, len(train), world)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = make_scheduler(optimizer, args.schedule, min(args.warmup, steps), steps)
+    scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
     raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
-    run = run_settings(args, train, world, steps, RESUMABLE)
+    run = {**run_settings(args, train, world, steps, RESUMABLE), "base_model": base_model}
     start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
 
-    if start == 0:
-        log.write({"step": 0, **validate(raw_model, tok, val, questions, args.batch_size, amp)})
-    for step in tqdm(range(start + 1, steps + 1), desc="sft", initial=start, total=steps, disable=rank != 0,
-                     file=sys.stderr):
-        tick = time.perf_counter()
-        batches = [to_device(D.collate(b, D.pad_id(tok)), device) for b in
-                   micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)]
-        lr = scheduler.get_last_lr()[0]
-        try:
-            result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
-        except FloatingPointError as e:
-            raise stopped(step, e, out, args.save_every) from None
-        record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
-                  "tokens_per_s": result["tokens"] / (time.perf_counter() - tick)}
-        if step % args.eval_every == 0 or step == steps:
-            record.update(validate(raw_model, tok, val, questions, args.batch_size, amp))
-        log.write(record)
-        if step % args.save_every == 0 and step < steps:
-            save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
-                            state={"run": run, "lr": args.lr, "metrics": log.records})
+    step = start
+    try:
+        if start == 0:
+            log.write({"step": 0, **validate(raw_model, tok, val, questions, args.batch_size, amp)})
+        for step in tqdm(range(start + 1, steps + 1), desc="sft", initial=start, total=steps, disable=rank != 0,
+                         file=sys.stderr):
+            tick = time.perf_counter()
+            batches = [to_device(D.collate(b, D.pad_id(tok)), device) for b in
+                       micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)]
+            lr = scheduler.get_last_lr()[0]
+            try:
+                result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
+            except FloatingPointError as e:
+                raise stopped(step, e, out, args.save_every) from None
+            record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
+                      "tokens_per_s": result["tokens"] / (time.perf_counter() - tick)}
+            if step % args.eval_every == 0 or step == steps:
+                record.update(validate(raw_model, tok, val, questions, args.batch_size, amp))
+            log.write(record)
+            if step % args.save_every == 0 and step < steps:
+                save_checkpoint(out, step, model, optimizer, scheduler, keep_last=args.keep_last,
+                                state={"run": run, "lr": args.lr, "metrics": log.records})
+    except KeyboardInterrupt:
+        raise interrupted(step, steps, out) from None
     if rank == 0:
-        save_final(raw_model, tok, out, args)
-        plot_training(log.records, out / "training.png", title=f"SFT of {Path(args.model).name}")
+        saved = save_final(raw_model, tok, out, args)
+        chart = plot_training(log.records, out / "training.png", title=f"SFT of {Path(args.model).name}")
+        finished(*saved, log.path, chart)
     del model  # DDP's reducer first: the process group freed from inside it can hang at exit (pytorch#56297)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

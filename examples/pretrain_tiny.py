@@ -37,7 +37,8 @@ from minitune.data import read_jsonl, read_texts, token_stream
 from minitune.evaluate import stream_loss as validation_loss
 from minitune.optim import make_optimizer, make_scheduler
 from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE
-from minitune.train import MetricsLog
+from minitune.errors import UserError
+from minitune.train import ArgumentParser, MetricsLog, run_main, warmup_steps
 
 HERE = Path(__file__).resolve().parent
 
@@ -151,7 +152,7 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
           f"{len(train):,} training tokens", file=sys.stderr)
 
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
-    scheduler = make_scheduler(optimizer, "cosine", warmup_steps=min(args.warmup, args.max_steps),
+    scheduler = make_scheduler(optimizer, "cosine", warmup_steps=warmup_steps(args.warmup, args.max_steps),
                                total_steps=args.max_steps, min_lr_ratio=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     metrics = MetricsLog(Path(args.log_dir) / name / "metrics.jsonl")
@@ -202,7 +203,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(HERE / "data" / "source"), help="folder with train/validation.jsonl")
     parser.add_argument("--world", default=str(HERE / "data"),
                         help="folder with world.jsonl and eval/generation/test.jsonl, to measure what the model knows")
@@ -218,12 +219,17 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompt", default="One morning, Mira")
+    parser.add_argument("--overwrite", action="store_true", help="replace models already in --out (the bundled ones)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     args.argv = argv  # recorded in pretraining.json
     if min(args.max_steps, args.eval_every, args.batch_size, args.seq_len) < 1:
         parser.error("--max-steps, --eval-every, --batch-size and --seq-len must be at least 1")
 
+    if existing := [str(Path(args.out) / name) for name in args.models if (Path(args.out) / name).exists()]:
+        if not args.overwrite:
+            raise UserError(f"{', '.join(existing)} already hold a model: pass --overwrite to replace it, "
+                            "or another --out")
     train_texts = read_texts(Path(args.data) / "train.jsonl")
     val_texts = read_texts(Path(args.data) / "validation.jsonl")
     for name in args.models:
@@ -231,4 +237,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,6 +31,8 @@ import torch
 
 import minitune as mt
 from minitune import data as D
+from minitune.errors import UserError
+from minitune.train import ArgumentParser, positive_int, run_main
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,12 +49,14 @@ def held_out(model_dir: Path, test_file: Path) -> dict:
 
 
 def run_example(script: str, out: Path, extra: list[str]) -> tuple[str, float]:
-    """Run examples/<script> into `out`, deleting an earlier run there first (a fresh run, not a resume)."""
+    """Run examples/<script> into `out`, deleting an earlier run there first (main() has checked that --overwrite
+    allows it): a fresh run, not a resume."""
     if out.exists():
         shutil.rmtree(out)
     command = [sys.executable, str(HERE / script), "--out", str(out), *extra]
     start = time.perf_counter()
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode:  # it said why on stderr
+        raise UserError(f"examples/{script} failed: the report is not written")
     return " ".join(["python", f"examples/{script}", "--out", str(out), *extra]), time.perf_counter() - start
 
 
@@ -117,7 +121,7 @@ DPO_RUNS = {"DPO + NLL (the default)": ("dpo", []), "plain DPO": ("dpo-plain", [
 def dpo_section(runs: Path, report: Path, extra: list[str]) -> str:
     sft_dir = runs / "sft" / "final"
     if not sft_dir.is_dir():
-        raise SystemExit(f"{sft_dir} not found: the DPO section starts from the SFT section's model; "
+        raise UserError(f"{sft_dir} not found: the DPO section starts from the SFT section's model; "
                          "run with --sections sft dpo")
     test = HERE / "data" / "preference" / "test.jsonl"
     rows, commands = [], []
@@ -196,19 +200,25 @@ def comparison_section(runs: Path, report: Path, extra: list[str]) -> str:
 
 
 SECTIONS = {"sft": sft_section, "transfer": transfer_section, "dpo": dpo_section, "comparison": comparison_section}
+FOLDERS = {"sft": ["sft"], "transfer": ["gpt"], "dpo": ["dpo", "dpo-plain"], "comparison": ["compare", "cv"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", default="runs",
-                        help="where the report and each workflow's run go (runs/sft, ...: replaced each time)")
-    parser.add_argument("--max-steps", type=int, help="cap every workflow's optimizer steps (a quick smoke run)")
+def main(argv=None) -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", default="runs", help="where the report and each workflow's run go (runs/sft, ...)")
+    parser.add_argument("--max-steps", type=positive_int, help="cap every workflow's optimizer steps (a smoke run)")
     parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS),
                         help="which workflows to run (default: all)")
-    args = parser.parse_args()
+    parser.add_argument("--overwrite", action="store_true", help="run again over the runs and report in --runs")
+    args = parser.parse_args(argv)
     extra = ["--max-steps", str(args.max_steps)] if args.max_steps else []
     runs = Path(args.runs)
     report = runs / "report"
+    earlier = [str(runs / f) for name in args.sections for f in FOLDERS[name] if (runs / f).exists()]
+    earlier += [str(report / "REPORT.md")] if (report / "REPORT.md").exists() else []
+    if earlier and not args.overwrite:
+        raise UserError(f"{', '.join(earlier)} hold an earlier main job: pass --overwrite to run it again (deleting "
+                        "them), or another --runs")
     report.mkdir(parents=True, exist_ok=True)
     sections = [SECTIONS[name](runs, report, extra) for name in args.sections]
     (report / "REPORT.md").write_text("# minitune: the workflows on the bundled tiny models\n\n" + "\n".join(sections))
@@ -216,4 +226,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,15 +1,20 @@
 """The plumbing every example's training loop shares, so that each example file holds its loop and its settings.
 
-    parser = argparse.ArgumentParser()
+    parser = ArgumentParser()                                               # argparse, errors in one line
     add_common_args(parser, model=..., data=..., out="runs/sft")            # --model --data --out --device ...
     parser.add_argument("--lr", type=positive_float, default=1e-3)          # the example's own hyperparameters
-    args = parse_common_args(parser, argv)
+    args = parse_common_args(parser, argv)                                  # device and data paths checked
     rank, world, device = init_distributed(args.device)                     # plain, or under torchrun
-    log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0)              # one JSON object per line
-    for step in range(start, total_steps(args, len(train), world)):
-        batches = micro_batches(train, step, args.batch_size, args.grad_accum, args.seed, rank, world)
+    out = check_out(args)                                                   # never over a finished run unasked
+    start, history = resume(args, out, model, optimizer, scheduler, run)    # 0, or the checkpoint's step
+    log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0)     # one JSON object per line
+    for step in range(start + 1, steps + 1):
+        batches = micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)
         ...                                                                 # the example's step, written out
     save_final(model, tok, out, args)                                       # final/ (and adapter/)
+
+    if __name__ == "__main__":
+        run_main(main)                                                      # user errors: one line, exit 2
 
 No trainer class and no training step here: the forward, backward, clipping and optimizer step are
 written out in examples/finetune_mistral.py and examples/dpo.py.
@@ -23,8 +28,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -33,9 +39,20 @@ from tqdm import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from .data import shard, step_indices
+from .errors import UserError
 from .optim import scale_learning_rates
 
 DTYPES = ("float32", "bfloat16")
+# What a training run writes in its --out; a fresh run refuses a folder holding any of them (see check_out)
+RUN_FILES = ("final", "adapter", "checkpoints", "metrics.jsonl", "training.png")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, with a bad flag reported in one line (`prog: error: ...`, the usage left to --help)
+    and exit status 2, as argparse itself exits."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, out: str, eval_every: int = 50,
@@ -47,6 +64,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, o
     p("--data", default=data, help="training JSONL")
     p("--out", default=out, help="metrics.jsonl, charts, checkpoints/ and final/ go here")
     p("--resume", default=None, help="'auto' (the latest complete checkpoint in --out) or a checkpoint folder")
+    p("--overwrite", action="store_true", help="start again in an --out that holds an earlier run, deleting its files")
     p("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p("--dtype", default=None, choices=DTYPES,
       help="compute dtype: bfloat16 runs under autocast over float32 weights; default bfloat16 on CUDA, else float32")
@@ -112,27 +130,60 @@ def apply_lora_args(model: torch.nn.Module, args: argparse.Namespace) -> bool:
     return True
 
 
-def save_final(model: torch.nn.Module, tok, out: Path, args: argparse.Namespace) -> None:
+def save_final(model: torch.nn.Module, tok, out: Path, args: argparse.Namespace) -> list[Path]:
     """The run's result: <out>/final (HF layout, with the tokenizer) and, when the model has LoRA layers,
     <out>/adapter (PEFT's format) beside it; the full model is then the merged one, or absent with
-    --lora-final none."""
+    --lora-final none. Returns the folders written."""
     from . import lora
+    saved = []
     if any(True for _ in lora.lora_layers(model)):
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=args.model)
         tok.save_pretrained(out / "adapter")
+        saved.append(out / "adapter")
         if getattr(args, "lora_final", "merged") == "none":
-            return
+            return saved
         lora.save_merged(model, out / "final")
     else:
         model.save_pretrained(out / "final")
     tok.save_pretrained(out / "final")
+    return [out / "final", *saved]
+
+
+def finished(*written: Path | None) -> None:
+    """The line that ends a run: where its results went (None, e.g. a chart without matplotlib, is left out)."""
+    note("finished: " + ", ".join(str(path) for path in written if path is not None))
 
 
 def parse_common_args(parser: argparse.ArgumentParser, argv: Iterable[str] | None = None) -> argparse.Namespace:
-    """Parse (a bad value ends with parser.error, naming the flag) and fill in the device's default dtype."""
+    """Parse, check what can be checked before any work (the device, the data files, --resume against
+    --overwrite), and fill in the device's default dtype. A bad value ends with parser.error, naming the flag."""
     args = parser.parse_args(argv)
+    if problem := device_problem(args.device):
+        parser.error(f"--device {args.device}: {problem}")
+    for flag in ("data", "val_data"):  # --val-data "" means: split it off --data
+        if (path := getattr(args, flag, None)) and not Path(path).is_file():
+            what = "is a folder, not a JSONL file" if Path(path).is_dir() else "no such file"
+            parser.error(f"--{flag.replace('_', '-')} {path}: {what}")
+    if args.overwrite and args.resume:
+        parser.error("--overwrite starts the run again and --resume continues it: pass one of them")
     args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     return args
+
+
+def device_problem(name: str) -> str | None:
+    """Why torch cannot compute on the device `name` ("cpu", "cuda", "cuda:1", "mps"), or None when it can."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return "not a device torch knows (expected cpu, cuda, cuda:N or mps)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"this torch {torch.__version__} " + ("was built without CUDA" if torch.version.cuda is None else
+                                                    "sees no CUDA GPU") + ": pass --device cpu"
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return f"there are {torch.cuda.device_count()} CUDA devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available on this machine: pass --device cpu"
+    return None
 
 
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
@@ -182,12 +233,93 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def stopped(step: int, error: FloatingPointError, out: Path, save_every: int) -> SystemExit:
-    """The message of a run stopped by a non-finite step: what happened and where to go on from."""
+def stopped(step: int, error: FloatingPointError, out: Path, save_every: int) -> UserError:
+    """The error of a run stopped by a non-finite step: what happened and where to go on from."""
     last = latest_checkpoint(out)
-    return SystemExit(f"step {step}: {error}; stopped before updating the weights. " + (
+    return UserError(f"step {step}: {error}; stopped before updating the weights. " + (
         f"The last good checkpoint is {last}: continue from it with --resume auto and a lower --lr."
         if last else f"No checkpoint was saved yet (--save-every {save_every}): start again with a lower --lr."))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in a training loop, with a message saying where the run stopped and how to go on."""
+
+
+def interrupted(step: int, steps: int, out: Path) -> Interrupted:
+    """The Interrupted of a Ctrl-C during step `step`: the step reached, the last checkpoint, how to resume."""
+    last = latest_checkpoint(out)
+    return Interrupted(f"interrupted in step {step} of {steps}; " + (
+        f"the last checkpoint is {last}: the same command with --resume auto continues from it" if last else
+        "no checkpoint was saved yet: start again with --overwrite"))
+
+
+def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run an example's main() as a command. A UserError (bad data, a bad value, a refused --out, a non-finite
+    loss) or an OSError (a missing file, a full disk) ends it with its one-line message on stderr and exit
+    status 2; Ctrl-C with a line saying where the run stopped, and status 130. Anything else is a bug and
+    keeps its traceback."""
+    prog = Path(sys.argv[0]).name
+    try:
+        main(argv)
+    except (UserError, OSError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: {e or 'interrupted before the first step; nothing was written'}", file=sys.stderr)
+        sys.exit(130)
+
+
+def note(message: str) -> None:
+    """One line on stderr, from the first process only (above a progress bar, not through it)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tqdm.write(message, file=sys.stderr)
+
+
+def warmup_steps(warmup: int, steps: int) -> int:
+    """--warmup, or steps - 1 for a run no longer than its warmup (said in one line), so that even a
+    short run takes its last step at the peak learning rate."""
+    if warmup < steps:
+        return warmup
+    note(f"--warmup {warmup} is not shorter than the run ({steps} steps): warming up over {steps - 1} steps, "
+         "the last one at the peak --lr")
+    return steps - 1
+
+
+# ---------------------------------------------------------------- the output folder
+
+
+def check_out(args: argparse.Namespace, files: Sequence[str] = RUN_FILES) -> Path:
+    """--out, checked before any work, so that nothing an earlier run wrote is lost unasked.
+
+    Refused: a file; a folder that holds the --model this run starts from (its final/ would be replaced);
+    a folder holding an earlier run's `files` (final/, metrics.jsonl, checkpoints/ ...), unless --resume
+    continues that run (it needs a checkpoint) or --overwrite starts again, deleting those files first
+    (the folder's other files stay)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; pass a folder for the run's files")
+    model = Path(args.model or "").expanduser()  # None: the run writes no model
+    if args.model and model.exists() and (model.resolve() == out.resolve() or out.resolve() in model.resolve().parents):
+        raise UserError(f"--out {out} holds the --model {args.model} this run starts from, which the run's files "
+                        "would replace: choose another --out")
+    found = [name for name in files if (out / name).exists()
+             and (name != "checkpoints" or latest_checkpoint(out) is not None)]  # not just a killed first save
+    if not found or args.resume not in (None, "auto"):
+        return out
+    if args.overwrite:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            for name in found:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+            note(f"--overwrite: deleted the earlier run's {', '.join(found)} in {out}")
+        if dist.is_initialized():
+            dist.barrier()
+    elif args.resume is None:
+        raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}): pass --resume auto to continue it, "
+                        "--overwrite to start again (deleting them), or another --out")
+    elif latest_checkpoint(out) is None:
+        raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}) but no checkpoint to continue from: "
+                        "pass --overwrite to start again (deleting them), or another --out")
+    return out
 
 
 # ---------------------------------------------------------------- resuming
@@ -224,20 +356,25 @@ def resume(args: argparse.Namespace, out: Path, model, optimizer, scheduler, run
     `--resume auto` or a checkpoint folder restores the model, optimizer, scheduler and RNG streams, and
     refuses a checkpoint saved with other `run` settings, naming what differs. A new --lr rescales the
     schedule to the new peak (the way out of a blow-up). A fresh run refuses a folder that already holds
-    another run's checkpoints, rather than mixing the two."""
+    another run's checkpoints, rather than mixing the two (check_out says so before any work)."""
     ckpt = resolve_resume(args.resume, out)
     if ckpt is None:
         if latest_checkpoint(out) is not None:
-            raise SystemExit(f"{out / 'checkpoints'} holds another run's checkpoints: pass --resume auto to continue "
-                             "it, or choose a new --out")
+            raise UserError(f"{out / 'checkpoints'} holds another run's checkpoints: pass --resume auto to continue "
+                            "it, or choose a new --out")
         return 0, []
     saved = load_checkpoint(ckpt, model, optimizer, scheduler)
     before = saved["state"]["run"]
-    if changed := {k: (before.get(k), run.get(k)) for k in before.keys() | run.keys() if before.get(k) != run.get(k)}:
-        raise SystemExit(f"{ckpt}: saved by a run with other settings {changed} (saved, now): the data order "
-                         "and optimisation would not continue; resume with the same flags (--lr may change)")
+    changed = {k: (before.get(k), run.get(k)) for k in before.keys() | run.keys() if before.get(k) != run.get(k)}
+    if changed.keys() & {"base_model", "sft_model"}:
+        raise UserError(f"{ckpt}: the run started from other weights than --model {args.model}: resume with the "
+                        "--model it started from, or start a new run in another --out")
+    if changed:
+        raise UserError(f"{ckpt}: saved by a run with other settings {changed} (saved, now): the data order "
+                        "and optimisation would not continue; resume with the same flags (--lr may change)")
     if args.lr != saved["state"]["lr"]:  # e.g. after a blow-up: the schedule goes on at the new peak
         scale_learning_rates(scheduler, args.lr / saved["state"]["lr"])
+    note(f"resuming from step {saved['step']} of {run['steps']} ({ckpt})")
     return saved["step"], saved["state"]["metrics"]
 
 
@@ -256,9 +393,11 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike, records: Iterable[dict] = (), enabled: bool = True,
                  echo: bool = False):
         self.path, self.records, self.enabled, self.echo = Path(path), list(records), enabled, echo
-        if enabled:
+        if enabled:  # written aside and renamed: a Ctrl-C here leaves the old file whole
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         self.records.append(record)

@@ -94,7 +94,7 @@ def test_a_resumed_run_takes_a_new_learning_rate(straight, tmp_path):
 def test_resume_refuses_other_settings_and_a_fresh_run_refuses_old_checkpoints(straight, tmp_path):
     out, flags, _ = straight
     saved = resumable_copy(out, tmp_path / "r")
-    assert "holds another run's checkpoints" in fails(saved, *flags)
+    assert "holds an earlier run (checkpoints, metrics.jsonl): pass --resume auto" in fails(saved, *flags)
     assert "'batch_size': (4, 8)" in fails(saved, *flags, "--resume", "auto", "--batch-size", "8")
     assert "'warmup': (2, 1)" in fails(saved, *flags, "--resume", "auto", "--warmup", "1")
     # other training data under another path: its content is compared, not its name
@@ -164,13 +164,16 @@ def test_prompt_completion_data_trains_and_validates(tmp_path):
     assert "val_exact_match" in metrics[-1] and metrics[-1]["step"] == 3
 
 
-def test_an_error_in_the_data_names_its_line_in_the_file(tmp_path):
-    """As a user sees it: the run stops with the file and line of the bad record."""
+def test_an_error_in_the_data_is_one_line_naming_its_line_in_the_file(tmp_path):
+    """As a user sees it: the run stops with exit status 2 and one line on stderr, the file and line of the bad
+    record, no traceback; nothing is written."""
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "c"}\n')
     returncode, stderr = run_command([sys.executable, str(SCRIPT), "--out", str(tmp_path / "bad"), *SMALL,
                                       "--data", str(data), "--val-data", str(data), "--max-steps", "1"])
-    assert returncode != 0 and f"{data}:3" in stderr
+    assert returncode == 2 and stderr.count("\n") == 1, stderr
+    assert stderr.startswith(f"finetune_mistral.py: error: {data}:3: ") and "Traceback" not in stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_path, small_data):
