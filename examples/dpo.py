@@ -80,6 +80,7 @@ from minitune.train import (
     stopped,
     to_device,
     total_steps,
+    warmup_steps,
     world_size,
 )
 

@@ -89,7 +89,7 @@ def test_models_without_a_chat_template_are_asked_in_plain_text(tmp_path):
     assert result["format"] == "text" and result["pipeline"] == {}
     # the same weights, asked the same way: the same numbers
     assert result["results"][TINY] == result["results"][str(base)]
-    with pytest.raises(SystemExit, match="base: its tokenizer has no chat template.*--prompt-format text"):
+    with pytest.raises(compare.UserError, match="base: its tokenizer has no chat template.*--prompt-format text"):
         compare.main(["--models", TINY, str(base), "--prompt-format", "chat", "--out", str(tmp_path / "chat")])
 
 
