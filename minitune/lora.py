@@ -11,6 +11,7 @@ under their own names, so the model's state-dict keys, the fused loss and the ch
 the layer they always saw; the adapter lives beside them as `lora_A` / `lora_B`.
 
     mt.lora.apply_lora(model, r=8, alpha=16, target_modules=("q_proj", "v_proj"))  # only LoRA trains
+    mt.lora.apply_lora(model, r=8, alpha=16, target_modules=["down_proj"])  # more layers; every adapter trains
     with mt.lora.disable_lora(model): ...     # the base model, e.g. the DPO reference
     mt.lora.merge_lora(model)                 # W += scale * B A: a plain model again, same outputs
     mt.lora.save_adapter(model, "out/adapter")   # PEFT's files: PeftModel.from_pretrained reads them
@@ -20,6 +21,9 @@ PEFT's names: an adapter file holds `base_model.model.<module path>.lora_A.weigh
 where the module path is the Hugging Face one; ours are the same, so nothing is renamed. GPT-2's
 c_attn is a Conv1D in transformers (weight stored (in, out)); PEFT marks it `fan_in_fan_out`, but
 A and B have the same shapes either way, so the files are the same.
+
+All or nothing: apply_lora and load_adapter check every target, setting, tensor name and shape before the
+model changes; a UserError (one line: what, where, what was expected) leaves the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -28,14 +32,19 @@ import contextlib
 import fnmatch
 import json
 import math
+import numbers
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
+
+from .errors import UserError
+from .hub import save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +57,7 @@ class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the base's parameters are adopted, not re-made
         if r < 1:
-            raise ValueError(f"LoRA rank r must be at least 1, got {r}")
+            raise UserError(f"LoRA rank r must be at least 1, got {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
@@ -99,29 +108,73 @@ class LoRALinear(nn.Linear):
 
 
 def target_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
-    """Module paths of the nn.Linear layers LoRA goes on.
+    """Module paths of the nn.Linear layers LoRA goes on; a UserError, naming the entry, when a target is wrong.
 
-    "all-linear": every linear layer but the output head. A name without wildcards matches a path that
-    is that name or ends in "." + name (PEFT's rule: "q_proj" is every attention's q_proj); a pattern
-    with * ? [ matches the whole path (fnmatch: "model.layers.1*.self_attn.*_proj").
+    "all-linear" (alone): every linear layer but the output head. A name without wildcards matches a path that
+    is that name or ends in "." + name (PEFT's rule: "q_proj" is every attention's q_proj); a pattern with
+    * ? [ matches the whole path (fnmatch: "model.layers.1*.self_attn.*_proj"). Every entry must match at
+    least one layer, so a typo is an error, not a layer silently left out.
+
+    A layer that already has LoRA is a LoRALinear at the layer's own path (it holds the base weight itself:
+    there is no `.base` child), so a target reaches it by the same name as before; that is refused, since
+    LoRA on LoRA is never meant. The layers inside a LoRALinear (its lora_A and lora_B) are the adapter,
+    never a target: no name or pattern reaches them.
     """
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-              and not name.startswith("lora_") and ".lora_" not in name]
+    targets = [target_modules] if isinstance(target_modules, str) else target_modules
+    if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise UserError(f"target_modules={target_modules!r}: expected 'all-linear', a module name (q_proj), an "
+                        "fnmatch pattern over paths, or a non-empty list of names and patterns")
+    targets = list(targets)
+    if "all-linear" in targets and len(targets) > 1:
+        raise UserError(f"target_modules={targets!r}: 'all-linear' means every linear layer but the head; give "
+                        "it alone, or list the names instead")
+    linear = _linear_layers(model)
 
-    def wanted(name: str) -> bool:
-        if targets == ["all-linear"]:
+    def matches(name: str, target: str) -> bool:
+        if target == "all-linear":
             return name != "lm_head"
-        return any(fnmatch.fnmatchcase(name, t) if any(c in t for c in "*?[") else
-                   name == t or name.endswith("." + t) for t in targets)
+        if any(c in target for c in "*?["):
+            return fnmatch.fnmatchcase(name, target)
+        return name == target or name.endswith("." + target)
 
-    found = [name for name in linear if wanted(name)]
+    if unmatched := [t for t in targets if not any(matches(name, t) for name in linear)]:
+        leaf_names = dict.fromkeys(name.rpartition(".")[2] for name in linear)
+        raise UserError(f"target_modules: {', '.join(map(repr, unmatched))} matches no linear layer; the "
+                        f"model's are {_few(list(leaf_names), shown=10)}, at paths like {next(iter(linear), '(none)')}")
+    found = [name for name in linear if any(matches(name, t) for t in targets)]
     if "lm_head" in found:
-        raise ValueError("LoRA on lm_head is not supported: the fused loss reads lm_head.weight directly")
-    if not found:
-        raise ValueError(f"target_modules={target_modules!r} matches no linear layer; the model's are, e.g., "
-                         f"{', '.join(linear[:8])}")
+        raise UserError("target_modules: LoRA on lm_head is not supported: the fused loss reads lm_head.weight "
+                        "directly")
+    if with_lora := [name for name in found if isinstance(linear[name], LoRALinear)]:
+        raise UserError(f"target_modules={target_modules!r} reaches {len(with_lora)} layer(s) that already have "
+                        f"LoRA ({_few(with_lora)}): target other layers, or save_merged the model and apply LoRA "
+                        "to the checkpoint it writes")
     return found
+
+
+def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The model's linear layers by path, the ones with LoRA (LoRALinear) included, the adapters' own never."""
+    adapters = tuple(f"{name}." for name, _ in lora_layers(model))  # lora_A, lora_B and anything else inside
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not (adapters and name.startswith(adapters))}
+
+
+def _few(names: list[str], shown: int = 6) -> str:
+    """'a, b, c' or 'a, b, c, ... (+37 more)': a one-line sample of a long list."""
+    more = f", ... (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _check_settings(where: str, **settings) -> None:
+    """A UserError naming `where` unless the rank, alpha and dropout fit. `settings` holds the three in that
+    order, named as the user wrote them: apply_lora's r, alpha, dropout or the config's r, lora_alpha, lora_dropout."""
+    (r_name, r), (alpha_name, alpha), (dropout_name, dropout) = settings.items()
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+        raise UserError(f"{where}: {r_name}={r!r}; the LoRA rank must be a whole number >= 1")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+        raise UserError(f"{where}: {alpha_name}={alpha!r}; LoRA's scale numerator must be a positive number")
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+        raise UserError(f"{where}: {dropout_name}={dropout!r}; the LoRA dropout must be in [0, 1)")
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
@@ -129,22 +182,43 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
                verbose: bool = True) -> nn.Module:
     """Wrap the target linear layers in LoRALinear and freeze everything else; returns the model.
 
-    Only LoRA parameters train afterwards. With verbose, prints the trainable and total parameter counts.
+    All or nothing: the settings and every target are checked first, and a UserError leaves the model exactly
+    as it was. Afterwards only LoRA parameters train. On a model that already has LoRA, new targets extend it:
+    the new layers are added and every adapter, old and new, trains; a target reaching a layer that already
+    has LoRA (an "all-linear" included) is refused (see target_names). With verbose, prints the trainable and
+    total parameter counts.
     """
+    _check_settings("apply_lora", r=r, alpha=alpha, dropout=dropout)
     names = target_names(model, target_modules)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
-    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
-                         "target_modules": sorted({n.rpartition(".")[2] for n in names})}
+    _add_lora(model, names, r, alpha, dropout, use_rslora)
     if verbose:
         trainable, total = parameter_counts(model)
-        print(f"LoRA r={r} on {len(names)} layers: {trainable:,} trainable of {total:,} parameters "
+        in_all = sum(1 for _ in lora_layers(model))
+        earlier = f" ({in_all} with the earlier ones)" if in_all > len(names) else ""
+        print(f"LoRA r={r} on {len(names)} layers{earlier}: {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.3f}%)")
     return model
+
+
+def _add_lora(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float, use_rslora: bool) -> None:
+    """Wrap the (checked) layers at `names` in LoRALinear; then every adapter's parameters train, nothing else."""
+    trainable_before = [(p, p.requires_grad) for p in model.parameters()]
+    try:  # every wrapper is built before the model changes
+        wrappers = [LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora) for name in names]
+    except BaseException:
+        for p, trainable in trainable_before:  # a LoRALinear freezes its base weight as it is built
+            p.requires_grad_(trainable)
+        raise
+    for name, wrapper in zip(names, wrappers, strict=True):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, wrapper)
+    adapters = {id(p) for _, layer in lora_layers(model) for p in (*layer.lora_A.parameters(),
+                                                                    *layer.lora_B.parameters())}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in adapters)
+    # this call's settings; the targets are every LoRA layer's, earlier calls' included
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
+                         "target_modules": sorted({name.rpartition(".")[2] for name, _ in lora_layers(model)})}
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
@@ -162,7 +236,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
 def _layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     layers = list(lora_layers(model))
     if not layers:
-        raise ValueError("the model has no LoRA layers: call apply_lora (or load_adapter) first")
+        raise UserError("the model has no LoRA layers: call apply_lora (or load_adapter) first")
     return layers
 
 
@@ -234,7 +308,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     layers = _layers(model)
     first = layers[0][1]
     if any((layer.r, layer.alpha, layer.use_rslora) != (first.r, first.alpha, first.use_rslora) for _, layer in layers):
-        raise ValueError("save_adapter: the LoRA layers differ in r, alpha or rslora; PEFT's config holds one of each")
+        raise UserError("save_adapter: the LoRA layers differ in r, alpha or rslora; PEFT's config holds one of each")
     dropout = first.lora_dropout.p if isinstance(first.lora_dropout, nn.Dropout) else 0.0
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
@@ -247,52 +321,89 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, out / f".{ADAPTER_WEIGHTS}.tmp", metadata={"format": "pt"})
+    save_safetensors(tensors, out / f".{ADAPTER_WEIGHTS}.tmp", {"format": "pt"})
     os.replace(out / f".{ADAPTER_WEIGHTS}.tmp", out / ADAPTER_WEIGHTS)
     (out / f".{ADAPTER_CONFIG}.tmp").write_text(json.dumps(config, indent=2) + "\n")
     os.replace(out / f".{ADAPTER_CONFIG}.tmp", out / ADAPTER_CONFIG)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Apply the adapter in `adapter_dir` (saved here or by PEFT) to a model without LoRA; returns the model."""
+    """Apply the adapter in `adapter_dir` (saved here or by PEFT) to a model without LoRA; returns the model.
+
+    All or nothing: the config, the tensor names and every shape are checked against the model before it
+    changes, and a UserError leaves it as it was. Afterwards only the adapter trains, as after apply_lora.
+    """
     folder = Path(adapter_dir)
+    if with_lora := [name for name, _ in lora_layers(model)]:
+        raise UserError(f"{folder}: the model already has LoRA layers ({len(with_lora)}: {_few(with_lora)}): load "
+                        "the adapter onto the base model, or save_merged this model and load the adapter onto the "
+                        "checkpoint it writes")
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (an adapter folder holds {ADAPTER_CONFIG} and "
                                     f"{ADAPTER_WEIGHTS})")
+    config = _read_adapter_config(config_path)
+    r = config["r"]
+    try:
+        tensors = {_our_key(k): v for k, v in load_file(weights_path).items()}
+    except SafetensorError as e:
+        raise UserError(f"{weights_path}: not a readable safetensors file ({e})") from None
+    # base_model.model.<path>.lora_A.weight -> <path>; anything else in the file is not plain LoRA
+    parts = (".lora_A.weight", ".lora_B.weight")
+    if unexpected := sorted(k for k in tensors if not (k.startswith(PEFT_PREFIX) and k.endswith(parts))):
+        raise UserError(f"{weights_path}: unexpected tensors {unexpected[:4]}; a LoRA adapter holds only "
+                        f"{PEFT_PREFIX}<layer>.lora_A.weight and .lora_B.weight")
+    in_file = {k.removeprefix(PEFT_PREFIX).rsplit(".", 2)[0] for k in tensors}
+    if not in_file:
+        raise UserError(f"{weights_path}: holds no LoRA tensors")
+    linear = _linear_layers(model)
+    if unknown := sorted(name for name in in_file if name not in linear or name == "lm_head"):
+        raise UserError(f"{weights_path}: the model has no linear layer LoRA can go on at {_few(unknown)} (its "
+                        f"layers are at paths like {next(iter(linear), '(none)')})")
+    names = [name for name in linear if name in in_file]  # in the model's order
+    for name in names:
+        layer = linear[name]
+        for part, want in (("lora_A", (r, layer.in_features)), ("lora_B", (layer.out_features, r))):
+            key = f"{PEFT_PREFIX}{name}.{part}.weight"
+            if key not in tensors:
+                raise UserError(f"{weights_path}: missing {key} (each layer needs lora_A and lora_B)")
+            if tuple(tensors[key].shape) != want:
+                raise UserError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, the model's layer "
+                                f"needs {want} (r={r} from {ADAPTER_CONFIG}, the layer {layer.in_features} -> "
+                                f"{layer.out_features})")
+    _add_lora(model, names, r, config["lora_alpha"], config.get("lora_dropout", 0.0),
+              config.get("use_rslora", False))
+    with torch.no_grad():
+        for key, target in adapter_state_dict(model).items():
+            target.copy_(tensors[key])
+    return model
+
+
+def _read_adapter_config(config_path: Path) -> dict:
+    """adapter_config.json, checked: a plain LoRA adapter (PEFT's or ours) with usable r, alpha and dropout."""
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        raise UserError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path}: expected a JSON object (PEFT's adapter config), got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LORA adapters load here")
+        raise UserError(f"{config_path}: peft_type {config.get('peft_type')!r}; only LORA adapters load here")
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise ValueError(f"{config_path}: bias={config.get('bias')!r}, modules_to_save="
-                         f"{config.get('modules_to_save')!r}; only plain LoRA adapters (bias 'none', no "
-                         "modules_to_save) load here")
+        raise UserError(f"{config_path}: bias={config.get('bias')!r}, modules_to_save="
+                        f"{config.get('modules_to_save')!r}; only plain LoRA adapters (bias 'none', no "
+                        "modules_to_save) load here")
     # PEFT options that change the maths, which this LoRA does not implement: refuse rather than guess
     unsupported = {k: config[k] for k in ("use_dora", "alpha_pattern", "rank_pattern", "layers_to_transform",
                                           "lora_bias") if config.get(k)}
     if unsupported:
-        raise ValueError(f"{config_path}: {unsupported} are not supported here; only plain LoRA adapters load")
-    tensors = load_file(weights_path)
-    paths = sorted({key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0] for key in tensors})
-    apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-               target_modules=paths, use_rslora=config.get("use_rslora", False), verbose=False)
-    expected = adapter_state_dict(model)
-    renamed = {_our_key(k): v for k, v in tensors.items()}
-    if missing := sorted(expected.keys() - renamed.keys()):
-        raise ValueError(f"{weights_path}: missing {missing[:4]}")
-    if unexpected := sorted(renamed.keys() - expected.keys()):
-        raise ValueError(f"{weights_path}: unexpected {unexpected[:4]}")
-    with torch.no_grad():
-        for key, target in expected.items():
-            if renamed[key].shape != target.shape:
-                raise ValueError(f"{weights_path}: {key} has shape {tuple(renamed[key].shape)}, the model's "
-                                 f"layer needs {tuple(target.shape)}")
-            target.copy_(renamed[key])
-    return model
+        raise UserError(f"{config_path}: {unsupported} are not supported here; only plain LoRA adapters load")
+    if missing := [k for k in ("r", "lora_alpha") if k not in config]:
+        raise UserError(f"{config_path}: no {' or '.join(missing)}; a LoRA adapter config holds r and lora_alpha")
+    _check_settings(str(config_path), r=config["r"], lora_alpha=config["lora_alpha"],
+                    lora_dropout=config.get("lora_dropout", 0.0))
+    return config
 
 
 def _our_key(peft_key: str) -> str:

@@ -320,8 +320,10 @@ def test_saved_weights_follow_the_umask_like_every_other_file(tmp_path):
     optimizer = torch.optim.AdamW(model.parameters())
     checkpoint = mt.checkpoint.save_checkpoint(tmp_path / "r", 1, model, optimizer)
     mt.reference.save_logps(tmp_path / "logps.safetensors", torch.zeros(2, 2), "key")
+    mt.lora.apply_lora(model, r=2)
+    mt.lora.save_adapter(model, tmp_path / "adapter")
     written = [tmp_path / "m" / "model.safetensors", tmp_path / "m" / "config.json", checkpoint / "model.safetensors",
-               tmp_path / "logps.safetensors"]
+               tmp_path / "logps.safetensors", tmp_path / "adapter" / "adapter_model.safetensors"]
     assert {str(p): oct(p.stat().st_mode & 0o777) for p in written} == {str(p): oct(mode) for p in written}
 
 
