@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 from .data import pad_id
-from .generate import generate
+from .errors import UserError
+from .generate import check_length, generate
 
 # Refusals, matched as whole phrases at the start of the normalised answer, in the spirit of the
 # refusal-prefix test of Zou et al. 2023 ("Universal and Transferable Adversarial Attacks"). Each names
@@ -125,13 +126,24 @@ def preference_accuracy(chosen_rewards, rejected_rewards) -> float:
 def generate_answers(model, tok, prompts: Sequence[str | list[dict]], batch_size: int = 16,
                      max_new_tokens: int = 32, desc: str | None = None) -> list[str]:
     """Greedy answers to `prompts` (text, or chat messages rendered with the template and the assistant's
-    opening), in left-padded batches; each answer is the text up to the first EOS, special tokens dropped."""
+    opening), in left-padded batches; each answer is the text up to the first EOS, special tokens dropped.
+    Every prompt is encoded and checked (not empty, fits the model with max_new_tokens) before any generation."""
+    if isinstance(prompts, (str, Mapping)):
+        raise TypeError(f"generate_answers expects a list of prompts (texts or chats); "
+                        f"got one {type(prompts).__name__}")
     device = next(model.parameters()).device
     pad = pad_id(tok)
+    encoded = [tok.encode(p if isinstance(p, str) else tok.apply_chat_template(p, add_generation_prompt=True))
+               for p in prompts]
+    for i, row in enumerate(encoded):
+        if not row:
+            raise UserError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens: give it some text")
+    if encoded:
+        longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+        check_length(model, len(encoded[longest]), max_new_tokens, prompt=f"prompt {longest}")
     answers = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False, file=sys.stderr):
-        rows = [tok.encode(p if isinstance(p, str) else tok.apply_chat_template(p, add_generation_prompt=True))
-                for p in prompts[i:i + batch_size]]
+    for i in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=desc is None, leave=False, file=sys.stderr):
+        rows = encoded[i:i + batch_size]
         width = max(map(len, rows))
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # (B, T), left-padded
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)

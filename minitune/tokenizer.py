@@ -11,12 +11,13 @@ surprising, the code says so and names the place in transformers it follows.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import tempfile
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jinja2
 from jinja2 import nodes
@@ -25,6 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
+from .errors import UserError
 from .hub import read_json, resolve
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -114,7 +116,8 @@ class Tokenizer:
         Special tokens are also skipped by decode(skip_special_tokens=True). Grow the model to match with
         `model.resize_token_embeddings(len(tokenizer))`.
         """
-        from tokenizers import AddedToken
+        if isinstance(tokens, str) or not all(isinstance(t, str) for t in tokens):
+            raise TypeError(f"add_tokens expects a list of strings; got {tokens!r}")  # a str would add its characters
         new = [t for t in dict.fromkeys(tokens) if self.backend.token_to_id(t) is None]
         added = [AddedToken(t, special=special, normalized=not special) for t in new]
         count = self.backend.add_special_tokens(added) if special else self.backend.add_tokens(added)
@@ -189,7 +192,12 @@ class Tokenizer:
 
     def batch_encode(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """encode() for many texts at once (the Rust backend runs them in parallel)."""
+        if isinstance(texts, str):
+            raise TypeError("batch_encode expects a list of strings, got one str; use encode for a single text")
         texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"batch_encode: texts[{i}] is a {type(text).__name__}, expected a str")
         encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
         return [self._ids(e, t, add_special_tokens) for e, t in zip(encodings, texts, strict=True)]
 
@@ -210,16 +218,40 @@ class Tokenizer:
         transformers applies `clean_up_tokenization_spaces` ("a ." -> "a.") only when the config asks for
         it *and* the model is not BPE, since on BPE it corrupts text (TokenizersBackend._decode in
         transformers/tokenization_utils_tokenizers.py). GPT-2's config asks for it and gets none.
+
+        Unlike transformers, an id outside 0..len(self)-1 is an error, not silently dropped (nor an
+        OverflowError for -100, the label ignore index).
         """
-        if hasattr(ids, "tolist"):  # a tensor or an array
-            ids = ids.tolist()
-        if isinstance(ids, int):
-            ids = [ids]
-        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        text = self.backend.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
         is_bpe = type(self.backend.model).__name__ == "BPE"
         if self.clean_up_tokenization_spaces and (not is_bpe or self._clean_up_bpe):
             text = clean_up_tokenization(text)
         return text
+
+    def _checked_ids(self, ids) -> list[int]:
+        """`ids` (a list, a tensor, an array or one id) as a list of ints, each a token of this tokenizer."""
+        if hasattr(ids, "tolist"):  # a tensor or an array
+            ids = ids.tolist()
+        if _is_int(ids):
+            ids = [ids]
+        if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
+            raise TypeError(f"decode expects a sequence of token ids; got {type(ids).__name__}")
+        ids = list(ids)
+        if not all(type(i) is int for i in ids):  # the slow path: numpy ints are fine, floats and lists are not
+            for k, i in enumerate(ids):
+                if not _is_int(i):
+                    hint = "; batch_decode takes several sequences" if isinstance(i, (list, tuple)) else ""
+                    raise TypeError(f"decode: ids[{k}] is {i!r} ({type(i).__name__}), not an int token id{hint}")
+            ids = [int(i) for i in ids]
+        n = len(self)
+        if ids and (min(ids) < 0 or max(ids) >= n):  # transformers: OverflowError for -100, silence for >= n
+            bad = [(k, i) for k, i in enumerate(ids) if not 0 <= i < n]
+            k, i = bad[0]
+            what = ("the label ignore index, not a token: decode input ids, or drop the -100s" if i == -100
+                    else "not a token of this tokenizer")
+            more = f" ({len(bad)} such ids)" if len(bad) > 1 else ""
+            raise ValueError(f"decode: id {i} at position {k} is {what}; token ids are 0..{n - 1}{more}")
+        return ids
 
     def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
@@ -262,6 +294,10 @@ class Tokenizer:
         special tokens of the same name). tokenize=True returns ids encoded without adding special
         tokens, because the template already writes them (transformers does the same).
         """
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+            raise TypeError("apply_chat_template expects a list of {'role': ..., 'content': ...} messages; "
+                            f"got a {type(messages).__name__}")
+        messages = list(messages)
         if not messages:
             raise ValueError("apply_chat_template: the conversation is empty; give at least one message")
         source = self._chat_template_source
@@ -331,6 +367,25 @@ class Tokenizer:
         # in transformers 4 and 5 alike.
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         return config
+
+
+def check_fits(tok: Tokenizer, model) -> None:
+    """Raise UserError unless every id of `tok` has a row in `model`'s token embedding.
+
+    Where a tokenizer and a model meet (after loading both, after add_tokens), check once: an id past
+    the embedding fails deep inside torch (an IndexError on CPU, a device assert on CUDA), and checking
+    ids in every forward would cost a device sync. More rows than tokens is fine: embeddings are often
+    padded to a multiple of 64.
+    """
+    rows = model.input_embeddings().num_embeddings
+    if len(tok) > rows:
+        where = f" ({tok.folder})" if tok.folder else ""
+        raise UserError(f"the tokenizer{where} has {len(tok)} tokens, added ones included, but the model's embedding "
+                        f"has {rows} rows; grow it first: model.resize_token_embeddings(len(tok))")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def clean_up_tokenization(text: str) -> str:
@@ -579,6 +634,13 @@ def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise TypeError(f"message {i}: expected a dict with 'role' and 'content', got {message!r}")
+        if not isinstance(message.get("role"), str):  # a template would skip the message without a word
+            raise UserError(f"message {i}: expected a 'role' string (system, user, assistant, ...); "
+                            f"got {message.get('role')!r} (keys {sorted(map(str, message))})")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list, Mapping)):
+            raise UserError(f"message {i}: 'content' must be a string (or a list of parts); got "
+                            f"{type(content).__name__} {content!r}")
         message = {k: _plain(v) for k, v in message.items() if v is not None}
         reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
         if reasoning is not None:

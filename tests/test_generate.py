@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import pytest
 import torch
 
 import minitune as mt
+from minitune.errors import UserError
 from minitune.generate import sample_next
+from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
 from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
+
+ASSETS = Path(__file__).resolve().parents[1] / "examples" / "assets"
 
 CONFIGS = {
     "gpt2": lambda: tiny_gpt2_config(),
@@ -135,9 +142,7 @@ def test_bad_generate_arguments(tmp_path):
 @pytest.mark.parametrize("name", ["tiny-mistral", "tiny-gpt2"])
 def test_generate_answers_in_batches_equal_one_at_a_time(name):
     """Left-padded batches of chat and text prompts of different lengths give each prompt's own greedy answer."""
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[1] / "examples" / "assets" / name
+    folder = ASSETS / name
     tok, model = mt.load_tokenizer(folder), mt.load_model(folder).eval()
     prompts = ["What is 3 plus 4?\n", "Who lives in Stonebridge? Tell me about the weaver and her owl.\n", "One"]
     if tok.chat_template:
@@ -147,3 +152,126 @@ def test_generate_answers_in_batches_equal_one_at_a_time(name):
     alone = [mt.evaluate.generate_answers(model, tok, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
     assert batched == alone and all(batched)
     assert not any(tok.eos_token in answer for answer in batched if tok.eos_token)
+
+
+# ---------------------------------------------------------------- bad input: refused before any work, by name
+
+def _tiny_mistral(max_position_embeddings=128):
+    return Mistral(MistralConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1,
+                                 max_position_embeddings=max_position_embeddings)).eval()
+
+
+def _tiny_gpt2(n_positions=64):
+    return GPT2(GPT2Config(vocab_size=101, n_embd=32, n_layer=1, n_head=2, n_positions=n_positions)).eval()
+
+
+def _forward_calls(model) -> list:
+    """A list that grows by one at every forward pass of `model`."""
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls
+
+
+IDS = torch.randint(3, 101, (2, 5))
+
+BAD_GENERATE_ARGUMENTS = {  # name: (arguments after the model, the error, the message it must match)
+    "max_new_tokens float": ((IDS, 2.5), TypeError, r"max_new_tokens must be an int; got 2.5 \(float\)"),
+    "max_new_tokens bool": ((IDS, True), TypeError, r"max_new_tokens must be an int; got True \(bool\)"),
+    "max_new_tokens negative": ((IDS, -1), UserError, r"max_new_tokens must be >= 0; got -1"),
+    "top_k float": ((IDS, 3, 1.0, 2.5), TypeError, r"top_k must be an int; got 2.5"),
+    "top_k zero": ((IDS, 3, 1.0, 0), UserError, r"top_k must be >= 1; got 0"),
+    "temperature str": ((IDS, 3, "0.7"), TypeError, r"temperature must be a number \(0 = greedy\); got '0.7'"),
+    "temperature nan": ((IDS, 3, float("nan")), UserError, r"temperature must be a finite number >= 0.*got nan"),
+    "temperature negative": ((IDS, 3, -1.0), UserError, r"temperature must be a finite number >= 0.*got -1.0"),
+    "top_p str": ((IDS, 3, 1.0, None, "0.9"), TypeError, r"top_p must be a number in \(0, 1\] or None; got '0.9'"),
+    "top_p above 1": ((IDS, 3, 1.0, None, 1.5), UserError, r"top_p must be in \(0, 1\]; got 1.5"),
+    "eos_token_id str": ((IDS, 3, 0.0, None, None, "</s>"), TypeError, r"eos_token_id must be an int.*got '</s>'"),
+    "input_ids list": (([[5, 6, 7]], 3), TypeError, r"input_ids must be a LongTensor.*got list"),
+    "input_ids float": ((IDS.float(), 3), TypeError, r"input_ids must be a LongTensor.*got torch.float32"),
+    "input_ids 1-d": ((IDS[0], 3), ValueError, r"got \(5,\) \(one prompt: input_ids\[None\]\)"),
+    "input_ids empty": ((IDS[:, :0], 3), ValueError, r"prompt_len > 0; got \(2, 0\)"),
+    "id past the embedding": ((IDS.masked_fill(IDS == IDS[1, 2], 101), 3), ValueError,
+                              r"input_ids hold id 101, outside the model's embedding \(ids 0..100\).*check_fits"),
+    "negative id": ((IDS.masked_fill(IDS == IDS[1, 2], -100), 3), ValueError, r"input_ids hold id -100, outside"),
+    "ids on another device": ((IDS.to("meta"), 3), ValueError, r"input_ids are on meta but the model is on cpu"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_GENERATE_ARGUMENTS)
+def test_bad_generate_arguments_are_refused_by_name_before_any_work(case):
+    model = _tiny_mistral()
+    calls = _forward_calls(model)
+    args, error, message = BAD_GENERATE_ARGUMENTS[case]
+    with pytest.raises(error, match=message) as raised:
+        mt.generate(model, *args)
+    assert type(raised.value) is error and "\n" not in str(raised.value)  # this type, not a subclass; one line
+    assert calls == []
+
+
+def test_bad_generate_keywords_are_refused_by_name():
+    model = _tiny_mistral()
+    with pytest.raises(TypeError, match=r"pad_token_id must be an int or None; got 2.0"):
+        mt.generate(model, IDS, 3, pad_token_id=2.0)
+    packed = torch.tensor([[1, 1, 2, 2, 2], [1, 1, 1, 1, 1]])  # a packed row's numbering means nothing here
+    with pytest.raises(ValueError, match=r"attention_mask must hold only 0 \(padding\) and 1 \(token\).*got 2"):
+        mt.generate(model, IDS, 3, attention_mask=packed)
+    with pytest.raises(ValueError, match=r"attention_mask must be a tensor of input_ids' shape \(2, 5\); got list"):
+        mt.generate(model, IDS, 3, attention_mask=[[1] * 5] * 2)
+    assert mt.generate(model, IDS, 3, attention_mask=torch.ones(2, 5, dtype=torch.bool)).shape == (2, 8)  # bool is fine
+    import numpy as np
+    assert mt.generate(model, IDS, np.int64(3), top_k=np.int64(5), temperature=1.0).shape == (2, 8)  # numpy ints too
+
+
+def test_top_k_or_top_p_without_a_temperature_warns_that_decoding_is_greedy():
+    model = _tiny_mistral()
+    with pytest.warns(UserWarning, match=r"top_k=5 and top_p=None are ignored at temperature 0 \(greedy"):
+        out = mt.generate(model, IDS, 3, top_k=5)
+    assert torch.equal(out, mt.generate(model, IDS, 3))
+
+
+def test_gpt2_generation_past_n_positions_is_refused_before_any_work():
+    """The whole sequence must fit GPT-2's learned positions; it used to fail only after decoding some tokens
+    (or, at one token over, to pass silently: the last new token is never fed)."""
+    model = _tiny_gpt2(n_positions=64)
+    calls = _forward_calls(model)
+    ids = torch.randint(3, 101, (2, 60))
+    for new in (5, 10):
+        with pytest.raises(UserError, match=rf"prompt of 60 tokens \+ max_new_tokens {new} = {60 + new} is more than "
+                                            r"GPT2's n_positions 64 \(config.json\)"):
+            mt.generate(model, ids, new)
+    assert calls == []
+    mask = torch.ones_like(ids)
+    mask[:, :2] = 0  # left padding takes no positions: 58 real tokens + 6 new fit in 64
+    assert mt.generate(model, ids, 6, attention_mask=mask).shape == (2, 66)
+
+
+def test_mistral_generation_past_max_position_embeddings_warns_once_before_any_work():
+    """Rotary positions go on past max_position_embeddings: no error, one warning, before the first forward."""
+    model = _tiny_mistral(max_position_embeddings=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seen_at_first_forward = []
+        model.register_forward_pre_hook(lambda module, args: seen_at_first_forward.append(len(caught)))
+        out = mt.generate(model, torch.randint(3, 101, (1, 10)), 10)
+    assert out.shape == (1, 20)
+    assert [str(w.message) for w in caught] == [
+        "Mistral: a sequence of 20 tokens runs past max_position_embeddings 16 in config.json, the length the model "
+        "was trained for; outputs there are unreliable"]
+    assert seen_at_first_forward[0] == 1
+
+
+def test_generate_answers_checks_every_prompt_before_any_work():
+    tok, model = mt.load_tokenizer(ASSETS / "tiny-gpt2"), mt.load_model(ASSETS / "tiny-gpt2").eval()
+    calls = _forward_calls(model)
+    with pytest.raises(TypeError, match="generate_answers expects a list of prompts.*got one str"):
+        mt.evaluate.generate_answers(model, tok, "What is 3 plus 4?")  # would answer each character
+    with pytest.raises(UserError, match=r"prompt 1 \(''\) encodes to no tokens"):
+        mt.evaluate.generate_answers(model, tok, ["What is 3 plus 4?", ""])
+    long = "Who lives in Stonebridge? " * 40
+    n = len(tok.encode(long))
+    assert n + 32 > model.config.n_positions == 256
+    with pytest.raises(UserError, match=rf"prompt 1 of {n} tokens \+ max_new_tokens 32 = {n + 32} is more than "
+                                        r"GPT2's n_positions 256"):
+        mt.evaluate.generate_answers(model, tok, ["One", long], batch_size=1)
+    assert calls == []

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 import minitune as mt
+from minitune.errors import UserError
 from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
 from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
 
@@ -250,8 +252,13 @@ def test_real_mistral_7b_config_builds_exactly_the_index_tensors(fixtures_dir):
 
 def test_bad_inputs_are_refused():
     model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=8)).eval()
-    with pytest.raises(ValueError, match="position 8 is past n_positions 8"):
+    with pytest.raises(UserError, match=r"^position 8 is past n_positions 8 in config.json \(GPT-2 learned no more\): "
+                                        r"feed at most 8 tokens per row, cached ones included; got 0 cached \+ 9 new$"):
         model(torch.zeros(1, 9, dtype=torch.long))
+    cache = model.make_cache(1, 12)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache)
+    with pytest.raises(UserError, match=r"position 9 is past n_positions 8 .* got 6 cached \+ 4 new"):
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
     mask = torch.ones(1, 10, dtype=torch.long)
     mask[0, :2] = 0
     assert model(torch.zeros(1, 10, dtype=torch.long), attention_mask=mask).shape == (1, 10, 50)  # padding takes no position
@@ -259,6 +266,29 @@ def test_bad_inputs_are_refused():
         model(torch.zeros(2, 4, dtype=torch.long), attention_mask=torch.ones(2, 5))
     with pytest.raises(ValueError, match="input_ids must be"):
         model(torch.zeros(4, dtype=torch.long))
+
+
+def test_mistral_past_max_position_embeddings_warns_once_per_model():
+    """Rotary positions run past max_position_embeddings (no error: it may be what the user wants), but never
+    without a word. The check is on the Python length (cache included), so the training forward does not sync."""
+    config = MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    model = Mistral(config).eval()
+    message = (r"^Mistral: a sequence of 20 tokens runs past max_position_embeddings 16 in config.json, the length "
+               r"the model was trained for; outputs there are unreliable$")
+    with pytest.warns(UserWarning, match=message):
+        assert model(torch.zeros(1, 20, dtype=torch.long)).shape == (1, 20, 50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.zeros(1, 24, dtype=torch.long))  # once per model
+        Mistral(config).eval()(torch.zeros(1, 16, dtype=torch.long))  # up to the limit: silent
+    cached = Mistral(config).eval()
+    cache = cached.make_cache(1, 20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cached(torch.zeros(1, 16, dtype=torch.long), cache=cache)
+    with pytest.warns(UserWarning, match="a sequence of 17 tokens runs past max_position_embeddings 16"):
+        cached(torch.zeros(1, 1, dtype=torch.long), cache=cache)  # 16 cached + 1 new
 
 
 def test_random_init_follows_config_initializer_range():

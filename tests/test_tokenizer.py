@@ -7,6 +7,7 @@ transformers is the oracle: for the same folder, ids, decoded text and rendered 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import jinja2
 import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE, ChatTemplateError, load_tokenizer
-from tests.conftest import FIXTURES
+from minitune.errors import UserError
+from minitune.tokenizer import ZEPHYR_CHAT_TEMPLATE, ChatTemplateError, check_fits, load_tokenizer
+from tests.conftest import EXAMPLES, FIXTURES
 
 transformers = pytest.importorskip("transformers")
 
@@ -463,3 +465,104 @@ def test_save_pretrained_real_mistral(mistral, tmp_path):
     assert_same_encode_decode(again, theirs, texts)
     assert [again.encode(t) for t in texts] == [ours.encode(t) for t in texts]
     assert again.vocab_size == 32000
+
+
+# ---------------------------------------------------------------- bad input: refused by name, never dropped silently
+
+def test_decode_refuses_ids_outside_the_vocabulary(tiny):
+    """transformers raises OverflowError for -100 and silently drops ids >= len(tokenizer); both are refused here."""
+    ours, theirs, _ = tiny
+    n = len(ours)
+    assert len(theirs) == n and theirs.decode([n]) == ""  # what transformers does: the id vanishes
+    with pytest.raises(ValueError, match=rf"decode: id -100 at position 1 is the label ignore index, not a token: "
+                                         rf"decode input ids, or drop the -100s; "
+                                         rf"token ids are 0..{n - 1} \(2 such ids\)"):
+        ours.decode([5, -100, 6, -100])
+    with pytest.raises(ValueError, match=rf"decode: id {n} at position 0 is not a token of this tokenizer; "
+                                         rf"token ids are 0..{n - 1}$"):
+        ours.decode([n])
+    with pytest.raises(ValueError, match=rf"decode: id -1 at position 0 is not a token"):
+        ours.decode(-1)
+    import torch
+    labels = torch.tensor([-100, -100, 5, 6])
+    with pytest.raises(ValueError, match="label ignore index"):
+        ours.batch_decode(labels[None])
+    assert ours.decode(labels[labels != -100]) == ours.decode([5, 6])
+
+
+def test_decode_takes_one_sequence_of_int_ids(tiny):
+    import numpy as np
+    import torch
+    ours, _, _ = tiny
+    ids = ours.encode("Hello world")
+    assert ours.decode(np.array(ids)) == ours.decode(torch.tensor(ids)) == ours.decode([np.int64(i) for i in ids]) \
+        == ours.decode(tuple(ids)) == ours.decode(ids)
+    with pytest.raises(TypeError, match="decode expects a sequence of token ids; got str"):
+        ours.decode("Hello world")
+    with pytest.raises(TypeError, match=r"decode: ids\[1\] is 7.5 \(float\), not an int token id$"):
+        ours.decode([5, 7.5])  # was cut to 7 without a word
+    with pytest.raises(TypeError, match=r"decode: ids\[0\] is 5.0 \(float\)"):
+        ours.decode(torch.tensor([5.0, 6.0]))
+    with pytest.raises(TypeError, match=r"decode: ids\[0\] is \[5, 6\] \(list\).*batch_decode takes several"):
+        ours.decode([[5, 6]])
+
+
+def test_encode_and_add_tokens_refuse_a_str_where_a_list_belongs(tiny, tmp_path):
+    ours, _, folder = tiny
+    with pytest.raises(TypeError, match="batch_encode expects a list of strings, got one str; use encode"):
+        ours.batch_encode("Hello")  # would encode each character
+    with pytest.raises(TypeError, match=r"batch_encode: texts\[1\] is a int, expected a str"):
+        ours.batch_encode(["Hello", 5])
+    with pytest.raises(TypeError, match="encode expects a str, got NoneType"):
+        ours.encode(None)
+    tok = load_tokenizer(folder)  # a fresh one: add_tokens changes it
+    with pytest.raises(TypeError, match=r"add_tokens expects a list of strings; got '<\|recipe\|>'"):
+        tok.add_tokens("<|recipe|>")  # would add its characters, or nothing when they exist
+    with pytest.raises(TypeError, match=r"add_tokens expects a list of strings; got \['<a>', 5\]"):
+        tok.add_tokens(["<a>", 5])
+    assert len(tok) == len(ours)
+
+
+ZEPHYR_STYLE = EXAMPLES / "assets" / "tiny-mistral"  # its template skips a message of an unknown role silently
+
+
+@pytest.mark.parametrize("messages, error, message", [
+    ("Hello", TypeError, r"apply_chat_template expects a list of \{'role': ..., 'content': ...\} messages; got a str"),
+    ({"role": "user", "content": "Hi"}, TypeError, r"expects a list of .* messages; got a dict"),
+    ([{"content": "Hi"}], UserError, r"message 0: expected a 'role' string \(system, user, assistant, ...\); "
+                                     r"got None \(keys \['content'\]\)"),
+    ([{"role": "user", "content": "Hi"}, {"role": 1, "content": "Hi"}], UserError,
+     r"message 1: expected a 'role' string"),
+    ([{"role": "user", "content": 5}], UserError,
+     r"message 0: 'content' must be a string \(or a list of parts\); got int 5"),
+    ([], ValueError, "the conversation is empty"),
+])
+def test_apply_chat_template_refuses_bad_messages_by_name(messages, error, message):
+    tok = load_tokenizer(ZEPHYR_STYLE)
+    with pytest.raises(error, match=message):
+        tok.apply_chat_template(messages)
+    assert tok.apply_chat_template(({"role": "user", "content": "Hi"},))  # a tuple is a fine list of messages
+
+
+def test_check_fits_refuses_a_tokenizer_bigger_than_the_model():
+    """Where a tokenizer and a model meet: ids past the embedding would crash inside torch (IndexError on CPU,
+    a device assert on CUDA), so check_fits names both sizes and the fix."""
+    import torch
+
+    import minitune as mt
+    folder = EXAMPLES / "assets" / "tiny-gpt2"
+    tok, model = load_tokenizer(folder), mt.load_model(folder)
+    rows = model.config.vocab_size
+    assert len(tok) < rows
+    check_fits(tok, model)  # a padded embedding (more rows than tokens) is fine
+    tok.add_tokens([f"<extra_{i}>" for i in range(rows - len(tok) + 3)])
+    assert len(tok) == rows + 3
+    with pytest.raises(UserError, match=rf"^the tokenizer \({re.escape(str(folder))}\) has {rows + 3} tokens, "
+                                        rf"added ones included, but the model's embedding has {rows} rows; grow it first: "
+                                        r"model.resize_token_embeddings\(len\(tok\)\)$"):
+        check_fits(tok, model)
+    with pytest.raises(IndexError):  # what check_fits saves a user from
+        model(torch.tensor([[len(tok) - 1]]))
+    model.resize_token_embeddings(len(tok))
+    check_fits(tok, model)
+    assert model(torch.tensor([[len(tok) - 1]])).shape == (1, 1, len(tok))

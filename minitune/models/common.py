@@ -11,6 +11,8 @@ path whenever no explicit mask is needed.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +48,20 @@ def check_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, p
         if tuple(attention_mask.shape) != want:
             raise ValueError(f"attention_mask must be (batch, past + seq_len) = {want}, covering cached "
                              f"tokens too; got {tuple(attention_mask.shape)}")
+
+
+def warn_past_trained_length(model: nn.Module, length: int, limit: int) -> None:
+    """Warn, once per model, when a sequence of `length` tokens (cached ones and padding included) runs
+    past `limit`, config.json's max_position_embeddings.
+
+    Rotary positions go on at any length, so nothing fails; but the model never saw such distances in
+    training, and its outputs there are usually poor. `length` is a Python int: no device sync.
+    """
+    if length > limit and not model.__dict__.get("_warned_past_trained_length"):
+        model._warned_past_trained_length = True
+        warnings.warn(f"{type(model).__name__}: a sequence of {length} tokens runs past max_position_embeddings "
+                      f"{limit} in config.json, the length the model was trained for; outputs there are unreliable",
+                      stacklevel=2)  # points at the asker: the forward, or generate before any work
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor | None, q_len: int, past_len: int,

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
+from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
 from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
@@ -163,10 +164,11 @@ class GPT2(CausalLM):
         T = input_ids.size(1)
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)  # (B or 1, T)
-        # left padding takes no positions, so only a row that may be too long is checked (a sync)
+        # learned positions end at n_positions; left padding takes none, so only a long input is checked (a sync)
         if past + T > self.config.n_positions and int(position_ids.max()) >= self.config.n_positions:
-            raise ValueError(f"position {int(position_ids.max())} is past n_positions "
-                             f"{self.config.n_positions} in config.json")
+            raise UserError(f"position {int(position_ids.max())} is past n_positions {self.config.n_positions} in "
+                            f"config.json (GPT-2 learned no more): feed at most {self.config.n_positions} tokens "
+                            f"per row, cached ones included; got {past} cached + {T} new")
         mask = attention_bias(attention_mask, T, past, None, input_ids.device)  # None: plain causal
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
         x = self.transformer.drop(x)

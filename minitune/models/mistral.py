@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from .. import kernels
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
-from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
+from .common import (ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask,
+                     warn_past_trained_length)
 
 
 @dataclass
@@ -196,6 +197,7 @@ class Mistral(CausalLM):
         past = cache.length if cache is not None else 0
         check_inputs(input_ids, attention_mask, past)
         c, T = self.config, input_ids.size(1)
+        warn_past_trained_length(self, past + T, c.max_position_embeddings)  # RoPE goes on, untrained: a warning
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)  # (B or 1, T)
         mask = attention_bias(attention_mask, T, past, c.sliding_window, input_ids.device)  # None: plain causal
