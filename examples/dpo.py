@@ -309,6 +309,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # the SFT model: policy and reference
+    mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
     model.gradient_checkpointing = args.grad_checkpointing
     disable_dropout(model)  # as the reference: the policy's log-probs must not be noisier than the reference's
     amp = functools.partial(autocast, device, args.dtype)

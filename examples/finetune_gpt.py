@@ -179,6 +179,7 @@ def run(args) -> dict:
         tok.add_tokens(words)
         model.resize_token_embeddings(len(tok), pad_to_multiple_of=64, new_tokens_from=before)
         print(f"added {len(words)} tokens: {' '.join(words)}", file=sys.stderr)
+    mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
     amp = functools.partial(autocast, device, args.dtype)
     train = [{"input_ids": w.tolist(), "labels": w.tolist()} for w in windows(tok, args.data, args.seq_len)]
     target, source = windows(tok, args.val_data, args.seq_len), windows(tok, args.source_data, args.seq_len)

@@ -211,6 +211,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # float32 master weights
+    mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
     base_model = fingerprint(model, [], False)  # a resumed run must start from the same weights
     model.gradient_checkpointing = args.grad_checkpointing
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains

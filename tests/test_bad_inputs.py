@@ -202,6 +202,20 @@ def test_resume_auto_with_another_model_of_the_same_architecture_is_refused(tmp_
 # ---------------------------------------------------------------- checked before any work
 
 
+def test_a_tokenizer_bigger_than_the_model_is_refused_before_training(tmp_path, data):
+    grown = tmp_path / "grown"
+    shutil.copytree(TINY, grown)
+    tok = mt.load_tokenizer(grown)
+    rows = mt.load_model(grown).input_embeddings().num_embeddings
+    tok.add_tokens([f"<extra_{i}>" for i in range(rows - len(tok) + 1)])
+    tok.save_pretrained(grown)
+    message = example_stops("finetune_mistral.py", tmp_path / "out", *SFT, "--model", str(grown), "--data", str(data),
+                            "--val-data", str(data), "--max-steps", "1")
+    assert f"has {rows + 1} tokens, added ones included, but the model's embedding has {rows} rows" in message
+    assert "model.resize_token_embeddings(len(tok))" in message
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
 def test_a_cuda_device_without_cuda_is_one_line_before_any_work(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
