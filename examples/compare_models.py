@@ -199,7 +199,7 @@ def language(model, tok, args) -> dict[str, tuple]:
 
 TASKS = {"instruction": instruction, "knowledge": knowledge, "preference": preference, "language": language}
 LOWER_IS_BETTER = {"language/ppl", "language/bits_per_byte"}
-OUTPUTS = ("results.json", "comparison.md", "comparison.csv", "comparison.png", "pipeline.md", "pipeline.jsonl")
+OUTPUTS = ("results.json", "comparison*.md", "comparison*.csv", "comparison*.png", "pipeline.md", "pipeline.jsonl")
 
 
 def evaluate_model(name: str, args) -> dict[str, tuple]:

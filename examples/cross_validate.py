@@ -165,14 +165,14 @@ def main(argv=None) -> list[dict]:
             return scored[label(config)]
         result = E.cross_validate(records, args.k, lambda train, val, i: fit_fold(args, extra, config, train, val, i),
                                   args.seed, desc=label(config))
-        with open(out / "search.jsonl", "a", encoding="utf-8") as f:  # kept at once: a stopped search loses no fold
+        with open(out / "search.jsonl", "a", encoding="utf-8") as f:  # kept at once: a stopped search keeps it
             f.write(json.dumps({"config": config, "settings": settings, **result}) + "\n")
         return result
 
     try:
         results = E.search(configs, evaluate_config, args.metric, higher_is_better=not lower)
     except KeyboardInterrupt:
-        done = len(D.read_jsonl(out / "search.jsonl")) if (out / "search.jsonl").exists() else 0
+        done = len((out / "search.jsonl").read_text().splitlines()) if (out / "search.jsonl").exists() else 0
         raise Interrupted(f"interrupted with {done} of {len(configs)} configurations scored in {out / 'search.jsonl'}: "
                           "the same command with --resume auto goes on from them") from None
     (out / "search.json").write_text(json.dumps(results, indent=1))

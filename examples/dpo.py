@@ -55,7 +55,6 @@ from minitune.reference import (
     save_logps,
 )
 from minitune.train import (
-    RUN_FILES,
     ArgumentParser,
     MetricsLog,
     add_common_args,
@@ -305,7 +304,7 @@ def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp) 
 def main(argv=None) -> None:
     args = parse_args(argv)
     rank, world, device = init_distributed(args.device)
-    out = check_out(args, (*RUN_FILES, REFERENCE_CACHE))  # a finished run needs --resume auto or --overwrite
+    out = check_out(args)  # a finished run needs --resume auto or --overwrite (the fingerprinted cache may stay)
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # the SFT model: policy and reference
@@ -351,7 +350,7 @@ def main(argv=None) -> None:
             try:
                 result = dpo_step(model, reference, batches, optimizer, scheduler, amp, args)
             except FloatingPointError as e:
-                raise stopped(step, e, out, args.save_every) from None
+                raise stopped(step, e, out) from None
             tokens = result.pop("tokens")
             record = {"step": step, **result, "lr": lr, "tokens_per_s": tokens / (time.perf_counter() - tick)}
             if step % args.eval_every == 0 or step == steps:

@@ -40,6 +40,7 @@ from finetune_mistral import train_step  # the SFT example's step; examples/ is 
 
 import minitune as mt
 from minitune import data as D
+from minitune.errors import UserError
 from minitune.freeze import discriminative_param_groups, freeze, gradual_unfreeze, layer_groups
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
@@ -47,6 +48,7 @@ from minitune.profiling import PeakMemory
 from minitune.train import (
     RUN_FILES,
     ArgumentParser,
+    Interrupted,
     MetricsLog,
     add_common_args,
     add_lora_args,
@@ -114,7 +116,7 @@ def windows(tok, path: str, seq_len: int) -> torch.Tensor:
     """The documents of `path` as one token stream, cut into consecutive windows: (N, seq_len)."""
     stream = D.token_stream(tok, D.read_texts(path))
     if len(stream) < seq_len:
-        raise ValueError(f"{path}: {len(stream)} tokens, fewer than one window of --seq-len {seq_len}")
+        raise UserError(f"{path}: {len(stream)} tokens, fewer than one window of --seq-len {seq_len}")
     return stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)
 
 
@@ -205,7 +207,7 @@ def run(args) -> dict:
                 try:
                     result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
                 except FloatingPointError as e:
-                    raise stopped(step, e, out, args.save_every) from None
+                    raise stopped(step, e, out) from None
                 seconds.append(time.perf_counter() - tick)
                 record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                           "tokens_per_s": result["tokens"] / seconds[-1]}
@@ -253,8 +255,13 @@ def compare(args, argv: list[str]) -> list[dict]:
     results = []
     for technique in TECHNIQUES:
         command = [sys.executable, __file__, *passed, "--technique", technique, "--out", str(out / technique)]
-        if subprocess.run(command).returncode:  # it said why on stderr
-            raise mt.errors.UserError(f"the {technique} run failed: the comparison is not written")
+        try:
+            failed = subprocess.run(command).returncode  # on a failure it said why on stderr
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted in the {technique} run, with {len(results)} of {len(TECHNIQUES)} "
+                              f"techniques finished in {out}: pass --overwrite to run the comparison again") from None
+        if failed:
+            raise UserError(f"the {technique} run failed: the comparison is not written")
         results.append(json.loads((out / technique / "result.json").read_text()))
     write_comparison(results, out)
     print(comparison_table(results))

@@ -32,6 +32,7 @@ from tqdm import tqdm
 import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import save_checkpoint
+from minitune.errors import UserError
 from minitune.losses import IGNORE_INDEX
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
@@ -118,7 +119,7 @@ def question_and_answer(record: dict, where: str) -> tuple[str | list[dict], str
         return record["prompt"], record["completion"]
     *question, last = record["messages"]
     if last["role"] != "assistant":
-        raise ValueError(f"{where}: a held-out chat must end with the assistant's answer, not a {last['role']!r} turn")
+        raise UserError(f"{where}: a held-out chat must end with the assistant's answer, not a {last['role']!r} turn")
     return question, last["content"]
 
 
@@ -242,7 +243,7 @@ def main(argv=None) -> None:
             try:
                 result = train_step(model, batches, optimizer, scheduler, amp, args.max_grad_norm)
             except FloatingPointError as e:
-                raise stopped(step, e, out, args.save_every) from None
+                raise stopped(step, e, out) from None
             record = {"step": step, "loss": result["loss"], "lr": lr, "grad_norm": result["grad_norm"],
                       "tokens_per_s": result["tokens"] / (time.perf_counter() - tick)}
             if step % args.eval_every == 0 or step == steps:

@@ -146,8 +146,8 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
     model = build_model(name, tok)
     train, val = token_stream(tok, train_texts), token_stream(tok, val_texts)
     if min(len(train), len(val)) <= args.seq_len or args.seq_len > context:
-        raise ValueError(f"--seq-len {args.seq_len} must be below the token count of the training ({len(train)}) "
-                         f"and validation ({len(val)}) sets, and at most the model's context ({context})")
+        raise UserError(f"--seq-len {args.seq_len} must be below the token count of the training ({len(train)}) "
+                        f"and validation ({len(val)}) sets, and at most the model's context ({context})")
     print(f"{name}: {model.num_parameters():,} parameters, vocabulary {len(tok)} (rows {model.config.vocab_size}), "
           f"{len(train):,} training tokens", file=sys.stderr)
 
@@ -164,7 +164,7 @@ def pretrain(name: str, args: argparse.Namespace, train_texts: list[str], val_te
         loss = mt.losses.causal_lm_loss(model, batch)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the first warmup step's is 0, as in HF)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -226,10 +226,11 @@ def main(argv=None) -> None:
     if min(args.max_steps, args.eval_every, args.batch_size, args.seq_len) < 1:
         parser.error("--max-steps, --eval-every, --batch-size and --seq-len must be at least 1")
 
-    if existing := [str(Path(args.out) / name) for name in args.models if (Path(args.out) / name).exists()]:
-        if not args.overwrite:
-            raise UserError(f"{', '.join(existing)} already hold a model: pass --overwrite to replace it, "
-                            "or another --out")
+    earlier = [str(path) for name in args.models for path in (Path(args.out) / name, Path(args.log_dir) / name)
+               if path.exists()]
+    if earlier and not args.overwrite:
+        raise UserError(f"{', '.join(earlier)} hold an earlier pre-training: pass --overwrite to replace it, "
+                        "or another --out and --log-dir")
     train_texts = read_texts(Path(args.data) / "train.jsonl")
     val_texts = read_texts(Path(args.data) / "validation.jsonl")
     for name in args.models:

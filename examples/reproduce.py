@@ -219,6 +219,8 @@ def main(argv=None) -> None:
     if earlier and not args.overwrite:
         raise UserError(f"{', '.join(earlier)} hold an earlier main job: pass --overwrite to run it again (deleting "
                         "them), or another --runs")
+    if report.exists() and args.overwrite:
+        shutil.rmtree(report)  # no chart or report of the earlier job left beside the new one
     report.mkdir(parents=True, exist_ok=True)
     sections = [SECTIONS[name](runs, report, extra) for name in args.sections]
     (report / "REPORT.md").write_text("# minitune: the workflows on the bundled tiny models\n\n" + "\n".join(sections))

@@ -333,7 +333,7 @@ def _read_trainer_state(path: Path) -> dict:
         raise UserError(f"{path}: not a minitune trainer state (missing {', '.join(missing)})")
     if trainer_state["format_version"] > FORMAT_VERSION:
         raise UserError(f"{path}: format_version {trainer_state['format_version']} is newer than this "
-                         f"minitune reads ({FORMAT_VERSION}); upgrade minitune")
+                        f"minitune reads ({FORMAT_VERSION}); upgrade minitune")
     return trainer_state
 
 

@@ -62,7 +62,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                                 "expected one JSON object per line") from None
+                                "expected one JSON object per line") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             count += 1
@@ -105,13 +105,13 @@ def encode_sft(record: dict, tok: Tokenizer, max_length: int, train_on_prompt: b
         ids, labels = encode_prompt_completion(prompt, completion, tok)
     else:
         raise UserError(f"{_at(where)}expected an SFT record with 'messages', or 'prompt' and 'completion'; "
-                         f"got keys {sorted(record)}")
+                        f"got keys {sorted(record)}")
     if len(ids) > max_length:
         if truncation == "drop":
             return None
         if truncation == "error":
             raise UserError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length} "
-                             "(raise max_length, or pass truncation='drop' or 'left')")
+                            "(raise max_length, or pass truncation='drop' or 'left')")
         ids, labels = truncate_left(ids, labels, max_length, tok.bos_token_id, where)
     if train_on_prompt:
         labels = list(ids)
@@ -174,8 +174,8 @@ def _assistant_spans(messages: list[dict], tok: Tokenizer, where: str) -> tuple[
         through = _render(tok, messages[: i + 1], False, where)
         if not (through.startswith(before) and text.startswith(through)):
             raise UserError(f"{_at(where)}the chat template does not render prefixes of this chat consistently: "
-                             f"messages[:{i}] with the generation prompt, messages[:{i + 1}] and the whole chat "
-                             "are not prefixes of each other, so the assistant turns cannot be located")
+                            f"messages[:{i}] with the generation prompt, messages[:{i + 1}] and the whole chat "
+                            "are not prefixes of each other, so the assistant turns cannot be located")
         spans.append((len(before), len(through)))
     if not spans:
         raise UserError(f"{_at(where)}no message has role 'assistant', nothing to train on")
@@ -216,8 +216,8 @@ def truncate_left(ids: list[int], labels: list[int], max_length: int, bos_id: in
     first = next(t for t, label in enumerate(labels) if label != IGNORE_INDEX)
     if cut >= first + keep:
         raise UserError(f"{_at(where)}example is {len(ids)} tokens, longer than max_length={max_length}, and its "
-                         f"answer ({len(ids) - first} tokens from the first answer token on) does not fit even "
-                         "after truncating the prompt from the left")
+                        f"answer ({len(ids) - first} tokens from the first answer token on) does not fit even "
+                        "after truncating the prompt from the left")
     return ids[:keep] + ids[cut:], labels[:keep] + labels[cut:]
 
 
@@ -299,7 +299,7 @@ def _messages(record: dict, where: str, key: str = "messages") -> list[dict]:
     messages = record[key]
     if not isinstance(messages, list) or not messages:
         raise UserError(f"{_at(where)}field '{key}': expected a non-empty list of "
-                         f"{{'role': ..., 'content': ...}} objects, got {messages!r:.80}")
+                        f"{{'role': ..., 'content': ...}} objects, got {messages!r:.80}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise UserError(f"{_at(where)}{key}[{i}]: expected an object, got {type(message).__name__}")
@@ -330,7 +330,7 @@ def split_shared_prefix(chosen: str, rejected: str, where: str = "") -> tuple[st
     """
     if chosen == rejected:
         raise UserError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
-                         "different answers")
+                        "different answers")
     n = 0
     while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
         n += 1
@@ -343,12 +343,12 @@ def split_shared_prefix(chosen: str, rejected: str, where: str = "") -> tuple[st
     prompt = chosen[:cut]
     if not prompt.strip():
         raise UserError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) share no prompt: their "
-                         f"common start {shared!r:.60} holds no {HH_ASSISTANT!r} and no whole word; "
-                         "give the prompt in a 'prompt' field")
+                        f"common start {shared!r:.60} holds no {HH_ASSISTANT!r} and no whole word; "
+                        "give the prompt in a 'prompt' field")
     for key, answer in (("chosen", chosen[cut:]), ("rejected", rejected[cut:])):
         if "\n\nHuman:" in answer:
             raise UserError(f"{_at(where)}'{key}': the answer after the shared prompt holds a later Human turn: the "
-                             "two transcripts differ before their last assistant turn, so they are not one pair")
+                            "two transcripts differ before their last assistant turn, so they are not one pair")
     return prompt, chosen[cut:], rejected[cut:]
 
 
@@ -375,7 +375,7 @@ def preference_parts(record: dict, chat: bool = False, where: str = ""
     if len({type(value) for value in values}) > 1:
         got = ", ".join(f"'{key}' a {type(value).__name__}" for key, value in zip(keys, values, strict=True))
         raise UserError(f"{_at(where)}expected {_names(keys)} to be all strings (text) or all message lists "
-                         f"(conversational), got {got}")
+                        f"(conversational), got {got}")
     if isinstance(values[0], str):
         if len(keys) == 2:
             return split_shared_prefix(*values, where=where)
@@ -396,17 +396,17 @@ def preference_parts(record: dict, chat: bool = False, where: str = ""
         if set(roles) != {"assistant"}:
             what = "the answer" if len(keys) == 3 else f"the answer (after the {len(prompt)} shared messages)"
             raise UserError(f"{_at(where)}field '{key}': {what} must be assistant turns only, got roles {roles} "
-                             "(two conversations that differ before their last turn are not one preference pair)")
+                            "(two conversations that differ before their last turn are not one preference pair)")
     return prompt, chosen, rejected
 
 
 def _text_or_messages(record: dict, key: str, where: str) -> str | list:
     if key not in record:
         raise UserError(f"{_at(where)}missing field '{key}' (a preference record has 'chosen' and 'rejected', "
-                         "and 'prompt' unless the two share it as a prefix)")
+                        "and 'prompt' unless the two share it as a prefix)")
     if not isinstance(record[key], (str, list)):
         raise UserError(f"{_at(where)}field '{key}': expected a string or a list of messages, "
-                         f"got {type(record[key]).__name__}")
+                        f"got {type(record[key]).__name__}")
     return record[key]
 
 
@@ -420,18 +420,18 @@ def _split_shared_messages(chosen: list[dict], rejected: list[dict], where: str
         n += 1
     if n == 0:
         raise UserError(f"{_at(where)}'chosen' and 'rejected' (with no 'prompt' field) differ from their first "
-                         "message on, so there is no prompt; give the prompt in a 'prompt' field")
+                        "message on, so there is no prompt; give the prompt in a 'prompt' field")
     for key, messages in (("chosen", chosen), ("rejected", rejected)):
         if len(messages) == n:
             raise UserError(f"{_at(where)}field '{key}': no answer: all its {n} messages are shared with the "
-                             "other side, so they are the prompt")
+                            "other side, so they are the prompt")
     return chosen[:n], chosen[n:], rejected[n:]
 
 
 def _check_different(chosen: str | list, rejected: str | list, where: str) -> None:
     if chosen == rejected:
         raise UserError(f"{_at(where)}'chosen' and 'rejected' are identical; a preference pair needs two "
-                         "different answers")
+                        "different answers")
 
 
 def _names(keys: Sequence[str]) -> str:
@@ -475,7 +475,7 @@ def encode_preference(record: dict, tok: Tokenizer, max_length: int, max_prompt_
             ids, labels = _truncate_prompt(ids, labels, max_prompt_length, tok.bos_token_id)
         if labels[0] != IGNORE_INDEX:  # position 0 predicts nothing: the answer's first token would go unscored
             raise UserError(f"{_at(where)}the prompt is empty and {tok!r} adds no BOS, so the {side} answer's first "
-                             "token has no position to be predicted from; give a non-empty prompt")
+                            "token has no position to be predicted from; give a non-empty prompt")
         pair[side] = {"input_ids": ids, "labels": labels}
     too_long = [side for side, example in pair.items() if len(example["input_ids"]) > max_length]
     if not too_long:
@@ -485,8 +485,8 @@ def encode_preference(record: dict, tok: Tokenizer, max_length: int, max_prompt_
     if truncation == "error":
         side = too_long[0]
         raise UserError(f"{_at(where)}the {side} side is {len(pair[side]['input_ids'])} tokens (prompt + answer), "
-                         f"longer than max_length={max_length} (raise max_length, set max_prompt_length, "
-                         "or pass truncation='drop' or 'right')")
+                        f"longer than max_length={max_length} (raise max_length, set max_prompt_length, "
+                        "or pass truncation='drop' or 'right')")
     for side in too_long:
         pair[side] = _truncate_answer(pair[side], max_length, side, where)
     return pair
@@ -499,8 +499,8 @@ def _encode_conversation(prompt: list[dict], answer: list[dict], tok: Tokenizer,
     prompt_text = _render(tok, prompt, True, where)  # ends with the assistant header
     if not text.startswith(prompt_text):
         raise UserError(f"{_at(where)}the chat template does not render the prompt (with the generation prompt) "
-                         f"as a prefix of the prompt followed by the '{side}' answer, so the answer cannot be "
-                         "located")
+                        f"as a prefix of the prompt followed by the '{side}' answer, so the answer cannot be "
+                        "located")
     ids, offsets = _encode_with_offsets(tok, text)
     start = len(prompt_text)
     labels = [ids[t] if end > start else IGNORE_INDEX for t, (_, end) in enumerate(offsets)]
@@ -529,8 +529,8 @@ def _truncate_answer(example: dict[str, list[int]], max_length: int, side: str, 
     n = _prompt_length(example["labels"])
     if n >= max_length:
         raise UserError(f"{_at(where)}the {side} side's prompt alone is {n} tokens, leaving no room for an answer "
-                         f"token within max_length={max_length} (set max_prompt_length below max_length, "
-                         "or raise max_length)")
+                        f"token within max_length={max_length} (set max_prompt_length below max_length, "
+                        "or raise max_length)")
     return {"input_ids": example["input_ids"][:max_length], "labels": example["labels"][:max_length]}
 
 
@@ -552,7 +552,7 @@ def encode_preferences(records: Iterable[tuple[str, dict]], tok: Tokenizer, max_
         raise UserError(f"{name}: no preference pairs")
     if not pairs:
         raise UserError(f"{name}: all {dropped} preference pairs are longer than max_length={max_length} "
-                         "and were dropped")
+                        "and were dropped")
     if dropped:
         warnings.warn(f"{name}: dropped {dropped} of {dropped + len(pairs)} preference pairs longer than "
                       f"max_length={max_length}", stacklevel=2)
@@ -576,10 +576,10 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
     some examples with and some without is an error, as the batch would need the reference model after all.
     """
     if not examples:
-        raise UserError("collate_preferences: no examples")
+        raise ValueError("collate_preferences: no examples")
     with_reference = sum("reference_logps" in example for example in examples)
     if with_reference not in (0, len(examples)):
-        raise UserError(f"collate_preferences: {with_reference} of {len(examples)} examples have reference_logps; "
+        raise ValueError(f"collate_preferences: {with_reference} of {len(examples)} examples have reference_logps; "
                          "precompute them for every example or for none")
     rows = [{"input_ids": example[side]["input_ids"], "labels": example[side]["labels"]}
             for side in ("chosen", "rejected") for example in examples]
@@ -588,7 +588,7 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
         pairs = [example["reference_logps"] for example in examples]
         for i, pair in enumerate(pairs):
             if len(pair) != 2:
-                raise UserError(f"collate_preferences: example {i}: reference_logps: expected a pair "
+                raise ValueError(f"collate_preferences: example {i}: reference_logps: expected a pair "
                                  f"[chosen, rejected], got {pair!r:.80}")
         batch["reference_logps"] = torch.tensor([float(pair[0]) for pair in pairs] +
                                                 [float(pair[1]) for pair in pairs], dtype=torch.float32)  # (2B,)
@@ -603,7 +603,7 @@ def _check_preference_args(max_length: int, max_prompt_length: int | None, trunc
     if max_prompt_length is not None and (not isinstance(max_prompt_length, int)
                                           or not 0 < max_prompt_length < max_length):
         raise UserError(f"max_prompt_length={max_prompt_length!r}: expected None or a positive int below "
-                         f"max_length={max_length}, so an answer token fits")
+                        f"max_length={max_length}, so an answer token fits")
 
 
 # ---------------------------------------------------------------- batches
@@ -617,12 +617,12 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
     in the batch only when the examples have them (packed rows), padded with 0.
     """
     if not examples:
-        raise UserError("collate: no examples")
+        raise ValueError("collate: no examples")
     if pad_id is None:
-        raise UserError("collate: pad_id is None; for a tokenizer without a pad token pass its eos_token_id")
+        raise ValueError("collate: pad_id is None; for a tokenizer without a pad token pass its eos_token_id")
     with_positions = sum("position_ids" in example for example in examples)
     if with_positions not in (0, len(examples)):
-        raise UserError(f"collate: {with_positions} of {len(examples)} examples have position_ids; "
+        raise ValueError(f"collate: {with_positions} of {len(examples)} examples have position_ids; "
                          "packed rows and plain examples cannot share a batch")
     length = max(len(example["input_ids"]) for example in examples)
     batch = {
@@ -729,7 +729,7 @@ def step_indices(n: int, step: int, per_step: int, seed: int) -> list[int]:
     of the step alone, so a run resumed after step k simply asks for step k + 1.
     """
     if n < 1 or per_step < 1 or step < 0:
-        raise UserError(f"step_indices: need n >= 1, per_step >= 1 and step >= 0, got {n}, {per_step}, {step}")
+        raise ValueError(f"step_indices: need n >= 1, per_step >= 1 and step >= 0, got {n}, {per_step}, {step}")
     out = []
     for i in range(step * per_step, (step + 1) * per_step):
         epoch, offset = divmod(i, n)
@@ -760,6 +760,6 @@ def shard(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     wait forever in the gradient all-reduce.
     """
     if not 0 <= rank < world_size:
-        raise UserError(f"shard: rank={rank} is not in [0, world_size={world_size})")
+        raise ValueError(f"shard: rank={rank} is not in [0, world_size={world_size})")
     usable = len(indices) - len(indices) % world_size
     return list(indices[rank:usable:world_size])

@@ -88,7 +88,7 @@ def rule_score(check: Mapping[str, Any], prediction: str) -> float:
 
 def _validate(check: Mapping[str, Any]) -> None:
     if not isinstance(check, Mapping):
-        raise ValueError(f"check {check!r} is a {type(check).__name__}, expected a JSON object with a \"rule\"")
+        raise UserError(f"check {check!r} is a {type(check).__name__}, expected a JSON object with a \"rule\"")
     rule = check.get("rule")
     if rule not in RULE_KEYS:
         raise ValueError(f"check {dict(check)!r}: rule {rule!r} is not one of {RULES}")

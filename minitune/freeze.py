@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from .errors import UserError
 from .optim import decay_groups
 
 ULMFIT_FACTOR = 2.6  # ULMFiT's ratio between the learning rates of neighbouring layer groups
@@ -61,7 +62,7 @@ def freeze(model: nn.Module, embeddings: bool = False, first_k_blocks: int = 0,
     groups = dict(layer_groups(model))
     n_blocks = len(groups) - 2
     if not 0 <= first_k_blocks <= n_blocks:
-        raise ValueError(f"first_k_blocks={first_k_blocks}: the model has {n_blocks} blocks")
+        raise UserError(f"first_k_blocks={first_k_blocks}: the model has {n_blocks} blocks")
     chosen = [name for name, _ in groups["embeddings"]] if embeddings else []
     for i in range(first_k_blocks):
         chosen += [name for name, _ in groups[f"block.{i}"]]
@@ -69,7 +70,7 @@ def freeze(model: nn.Module, embeddings: bool = False, first_k_blocks: int = 0,
     for pattern in patterns:
         matched = [name for name in named if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise ValueError(f"freeze pattern {pattern!r} matches no parameter; names look like {next(iter(named))}")
+            raise UserError(f"freeze pattern {pattern!r} matches no parameter; names look like {next(iter(named))}")
         chosen += matched
     for name in chosen:
         named[name].requires_grad_(False)

@@ -29,6 +29,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 _SHARD_NAME = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_UMASK = os.umask(0o022)  # read once, at import (the only way to read it is to set it), and put back
+os.umask(_UMASK)
 
 
 # ---------------------------------------------------------------- where the files are
@@ -175,7 +177,7 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
     for key, e in sorted(entries.items(), key=lambda item: item[1].offset):
         if e.offset != end:
             raise UserError(f"{path}: tensor {key!r} starts at byte {e.offset - 8 - n} of the data, expected "
-                             f"{end - 8 - n} (tensors overlap or leave a gap)")
+                            f"{end - 8 - n} (tensors overlap or leave a gap)")
         end += e.nbytes
     if end != size:
         raise UserError(f"{path}: the tensors end at byte {end} but the file has {size} (truncated?)")
@@ -292,7 +294,8 @@ def mismatch(what: str, model, problems: list[str]) -> UserError:
     tensor, an unexpected one...) and how many more of that kind there are."""
     kinds: dict[str, list[str]] = {}
     for problem in problems:
-        kind = next((k for k in ("has shape", "missing", "unexpected") if k in problem), "other")
+        head = problem.split("'")[0]  # the words before the first tensor name
+        kind = next((k for k in ("missing", "unexpected") if k in head), "has shape" if "has shape" in problem else "")
         kinds.setdefault(kind, []).append(problem)
     shown = "; ".join("; ".join(found[:3]) + (f" (and {len(found) - 3} more like it)" if len(found) > 3 else "")
                       for found in kinds.values())
@@ -330,9 +333,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     """safetensors' save_file, with the mode every other file gets from the umask (0644 under the usual 022):
     save_file itself creates its file 0600, readable by its owner only."""
     save_file(tensors, path, metadata=metadata)
-    umask = os.umask(0)  # the only way to read it is to set it
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, 0o666 & ~_UMASK)
 
 
 def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:

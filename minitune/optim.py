@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from .errors import UserError
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -64,7 +66,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, betas
     """
     groups = param_groups(model, weight_decay)
     if not groups:
-        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
+        raise UserError("the model has no trainable parameters (every parameter has requires_grad=False)")
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if on_cuda else None)
 

@@ -90,14 +90,14 @@ class Reference:
         if self.mode == "precomputed":
             if "reference_logps" not in batch:
                 raise UserError("reference 'precomputed': the batch has no reference_logps; compute them with "
-                                 "precompute_logps and attach them to the examples (attach_logps) before collating")
+                                "precompute_logps and attach them to the examples (attach_logps) before collating")
             return batch["reference_logps"].chunk(2)
         if self.mode == "copy":
             return reference_logps(self.model, batch, average)
         from .lora import disable_lora, lora_layers
         if not any(True for _ in lora_layers(self.model)):
             raise UserError("reference 'lora-disabled': the policy has no LoRA layers, so disabling them leaves the "
-                             "policy itself; apply LoRA (--lora-r) or use the 'copy' or 'precomputed' reference")
+                            "policy itself; apply LoRA (--lora-r) or use the 'copy' or 'precomputed' reference")
         with disable_lora(self.model):
             return reference_logps(self.model, batch, average)
 
@@ -125,7 +125,7 @@ def attach_logps(examples: Sequence[dict], logps: torch.Tensor) -> list[dict]:
     """The examples with "reference_logps": [chosen, rejected] each, which collate_preferences batches."""
     if logps.shape != (len(examples), 2):
         raise UserError(f"reference log-probabilities of shape {tuple(logps.shape)} for {len(examples)} examples: "
-                         f"expected ({len(examples)}, 2)")
+                        f"expected ({len(examples)}, 2)")
     return [{**example, "reference_logps": row} for example, row in zip(examples, logps.tolist(), strict=True)]
 
 
@@ -133,14 +133,17 @@ def fingerprint(model: nn.Module, examples: Sequence[dict], average: bool, dtype
     """What cached reference log-probabilities depend on: the examples' tokens, `average`, the compute dtype
     (autocast) and the model: its config and its weights.
 
-    The weights enter through each tensor's name, shape and float64 sum and sum of squares: cheap on a
-    7B model, and any retraining of the weights changes it (it is a check against a stale cache, not a
-    cryptographic hash of the weights)."""
+    The weights enter through each tensor's name, shape and dtype and 64 of its values at fixed strides, bit
+    for bit: cheap on a 7B model, the same on every device (a sum would differ in its last bits between a CPU
+    and a GPU), and any training of the weights changes them. It is a check against a stale cache or the
+    wrong --model, not a cryptographic hash of the weights."""
     digest = hashlib.sha256(f"average={average} dtype={dtype} config={getattr(model, 'config', None)!r}".encode())
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):
-            t = tensor.detach().double()
-            digest.update(f"{name}{tuple(t.shape)}{t.sum().item():.17g}{t.square().sum().item():.17g}".encode())
+            flat = tensor.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // 64)][:64].cpu().contiguous()  # (<= 64,) values over the tensor
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
     for example in examples:
         for side in ("chosen", "rejected"):
             digest.update(str(example[side]["input_ids"]).encode() + str(example[side]["labels"]).encode())
@@ -170,5 +173,5 @@ def load_logps(path: str | os.PathLike, fingerprint: str) -> torch.Tensor | None
         raise UserError(f"{path}: not a readable reference log-probability cache ({e}); delete it to recompute") from e
     if saved != fingerprint:
         raise UserError(f"{path}: reference log-probabilities computed for other examples, another reference "
-                         "model or another compute dtype (the fingerprint differs); delete the file to recompute them")
+                        "model or another compute dtype (the fingerprint differs); delete the file to recompute them")
     return logps

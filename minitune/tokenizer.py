@@ -14,6 +14,7 @@ import json
 import numbers
 import os
 import tempfile
+import warnings
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -219,8 +220,9 @@ class Tokenizer:
         it *and* the model is not BPE, since on BPE it corrupts text (TokenizersBackend._decode in
         transformers/tokenization_utils_tokenizers.py). GPT-2's config asks for it and gets none.
 
-        Unlike transformers, an id outside 0..len(self)-1 is an error, not silently dropped (nor an
-        OverflowError for -100, the label ignore index).
+        A negative id is an error naming it (transformers: an OverflowError, for -100, the label ignore index).
+        An id past the vocabulary, which a model whose embedding has spare rows can generate, is dropped as
+        transformers drops it, with a warning rather than in silence.
         """
         text = self.backend.decode(self._checked_ids(ids), skip_special_tokens=skip_special_tokens)
         is_bpe = type(self.backend.model).__name__ == "BPE"
@@ -244,13 +246,17 @@ class Tokenizer:
                     raise TypeError(f"decode: ids[{k}] is {i!r} ({type(i).__name__}), not an int token id{hint}")
             ids = [int(i) for i in ids]
         n = len(self)
-        if ids and (min(ids) < 0 or max(ids) >= n):  # transformers: OverflowError for -100, silence for >= n
-            bad = [(k, i) for k, i in enumerate(ids) if not 0 <= i < n]
+        if ids and min(ids) < 0:  # transformers: an OverflowError
+            bad = [(k, i) for k, i in enumerate(ids) if i < 0]
             k, i = bad[0]
             what = ("the label ignore index, not a token: decode input ids, or drop the -100s" if i == -100
                     else "not a token of this tokenizer")
             more = f" ({len(bad)} such ids)" if len(bad) > 1 else ""
             raise ValueError(f"decode: id {i} at position {k} is {what}; token ids are 0..{n - 1}{more}")
+        if ids and max(ids) >= n:  # a spare embedding row's id: no text, as in transformers, but said
+            warnings.warn(f"decode: dropped ids past the vocabulary (0..{n - 1}): {sorted({i for i in ids if i >= n})}; "
+                          "the model's embedding has rows no token uses", stacklevel=3)
+            ids = [i for i in ids if i < n]
         return ids
 
     def batch_decode(self, sequences: Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
@@ -272,15 +278,15 @@ class Tokenizer:
                 return templates["tool_use"]
             if "default" in templates:
                 return templates["default"]
-            raise ValueError(f"{self._chat_template_source}: several chat templates "
-                             f"({', '.join(sorted(templates))}) and none is named 'default'; "
-                             "pass chat_template=<name>")
+            raise UserError(f"{self._chat_template_source}: several chat templates "
+                            f"({', '.join(sorted(templates))}) and none is named 'default'; "
+                            "pass chat_template=<name>")
         if chat_template is not None:
             return chat_template
         if templates is None:
-            raise ValueError(f"{self.folder}: this tokenizer has no chat template (no 'chat_template' key in "
-                             f"{CONFIG_FILE} and no {CHAT_TEMPLATE_FILE}); pass chat_template=... or use a "
-                             "chat model's tokenizer")
+            raise UserError(f"{self.folder}: this tokenizer has no chat template (no 'chat_template' key in "
+                            f"{CONFIG_FILE} and no {CHAT_TEMPLATE_FILE}); pass chat_template=... or use a "
+                            "chat model's tokenizer")
         return templates
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
@@ -437,7 +443,7 @@ def _read_backend(folder: Path) -> BackendTokenizer:
         backend = BackendTokenizer.from_file(str(path))
     except Exception as e:
         read_json(path)  # raises with the file, line and column when the JSON itself is broken
-        raise ValueError(f"{path}: not a tokenizer file the tokenizers library can read: {e}") from None
+        raise UserError(f"{path}: not a tokenizer file the tokenizers library can read: {e}") from None
     backend.no_truncation()
     backend.no_padding()
     return backend
@@ -449,7 +455,7 @@ def _read_config(folder: Path) -> dict:
         return {}
     config = read_json(path)
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(config).__name__}")
     return config
 
 
@@ -474,7 +480,7 @@ def _special_tokens(folder: Path, config: dict) -> tuple[dict[str, str], list[st
     if "added_tokens_decoder" not in config and map_path.exists():
         special_map = read_json(map_path)
         if not isinstance(special_map, dict):
-            raise ValueError(f"{map_path}: expected a JSON object, got {type(special_map).__name__}")
+            raise UserError(f"{map_path}: expected a JSON object, got {type(special_map).__name__}")
         sources.append((map_path, special_map))
 
     named: dict[str, str] = {}
@@ -496,7 +502,7 @@ def _special_tokens(folder: Path, config: dict) -> tuple[dict[str, str], list[st
                 elif isinstance(value, list):
                     extra = [_token_string(t, f"{path}, key {key!r}") for t in value]
                 else:
-                    raise ValueError(f"{path}, key {key!r}: expected a list of tokens, got {value!r}")
+                    raise UserError(f"{path}, key {key!r}: expected a list of tokens, got {value!r}")
     return named, extra
 
 
@@ -513,7 +519,7 @@ def _add_missing_tokens(backend: BackendTokenizer, config: dict, special_tokens:
     wanted: list[AddedToken] = []
     for index, entry in sorted(declared.items(), key=lambda item: int(item[0])):
         if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
-            raise ValueError(f"{path}, key 'added_tokens_decoder'.{index}: expected an object with 'content'")
+            raise UserError(f"{path}, key 'added_tokens_decoder'.{index}: expected an object with 'content'")
         fields = {k: v for k, v in entry.items() if k in ("content", "single_word", "lstrip", "rstrip",
                                                             "normalized", "special")}
         wanted.append(AddedToken(**fields))
@@ -553,8 +559,8 @@ def _read_chat_templates(folder: Path, config: dict) -> tuple[str | dict[str, st
         return value, source
     if isinstance(value, list) and all(isinstance(t, dict) and "name" in t and "template" in t for t in value):
         return {t["name"]: t["template"] for t in value}, source
-    raise ValueError(f"{source}, key 'chat_template': expected a string or a list of "
-                     f'{{"name": ..., "template": ...}} objects')
+    raise UserError(f"{source}, key 'chat_template': expected a string or a list of "
+                    f'{{"name": ..., "template": ...}} objects')
 
 
 # ---------------------------------------------------------------- chat template rendering
@@ -607,7 +613,7 @@ def _compile_chat_template(template: str, source: str) -> jinja2.Template:
     try:
         return _template_environment(source).from_string(template)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"{source}: chat template line {e.lineno}: {e.message}") from None
+        raise UserError(f"{source}: chat template line {e.lineno}: {e.message}") from None
 
 
 def _plain(value: Any) -> Any:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import errno
 import hashlib
 import json
 import math
@@ -180,7 +181,7 @@ def device_problem(name: str) -> str | None:
         return f"this torch {torch.__version__} " + ("was built without CUDA" if torch.version.cuda is None else
                                                     "sees no CUDA GPU") + ": pass --device cpu"
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        return f"there are {torch.cuda.device_count()} CUDA devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        return f"this machine's CUDA devices are cuda:0 to cuda:{torch.cuda.device_count() - 1}"
     if device.type == "mps" and not torch.backends.mps.is_available():
         return "MPS is not available on this machine: pass --device cpu"
     return None
@@ -233,12 +234,12 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def stopped(step: int, error: FloatingPointError, out: Path, save_every: int) -> UserError:
+def stopped(step: int, error: FloatingPointError, out: Path) -> UserError:
     """The error of a run stopped by a non-finite step: what happened and where to go on from."""
     last = latest_checkpoint(out)
     return UserError(f"step {step}: {error}; stopped before updating the weights. " + (
         f"The last good checkpoint is {last}: continue from it with --resume auto and a lower --lr."
-        if last else f"No checkpoint was saved yet (--save-every {save_every}): start again with a lower --lr."))
+        if last else "No checkpoint was saved yet: start again with --overwrite and a lower --lr."))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -253,19 +254,28 @@ def interrupted(step: int, steps: int, out: Path) -> Interrupted:
         "no checkpoint was saved yet: start again with --overwrite"))
 
 
+# What run_main reports in one line: files that are missing, not allowed, or in the way, and a full disk
+USER_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run an example's main() as a command. A UserError (bad data, a bad value, a refused --out, a non-finite
-    loss) or an OSError (a missing file, a full disk) ends it with its one-line message on stderr and exit
-    status 2; Ctrl-C with a line saying where the run stopped, and status 130. Anything else is a bug and
-    keeps its traceback."""
+    loss) or a file that is missing or in the way, or a full disk, ends it with its one-line message on stderr
+    (from the first process under torchrun) and exit status 2; Ctrl-C with a line saying where the run stopped,
+    and status 130. Anything else is a bug and keeps its traceback."""
     prog = Path(sys.argv[0]).name
+    first = os.environ.get("RANK", "0") == "0"
     try:
         main(argv)
     except (UserError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if isinstance(e, OSError) and not isinstance(e, USER_OS_ERRORS) and e.errno != errno.ENOSPC:
+            raise  # a socket or a pipe: a bug's, or the machine's, with its traceback
+        if first:
+            print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
-        print(f"{prog}: {e or 'interrupted before the first step; nothing was written'}", file=sys.stderr)
+        if first:
+            print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -291,29 +301,38 @@ def warmup_steps(warmup: int, steps: int) -> int:
 def check_out(args: argparse.Namespace, files: Sequence[str] = RUN_FILES) -> Path:
     """--out, checked before any work, so that nothing an earlier run wrote is lost unasked.
 
-    Refused: a file; a folder that holds the --model this run starts from (its final/ would be replaced);
-    a folder holding an earlier run's `files` (final/, metrics.jsonl, checkpoints/ ...), unless --resume
+    Refused: a file; a folder that holds the --model this run starts from; a folder holding an earlier
+    run's `files` (names or glob patterns: final/, metrics.jsonl, checkpoints/ ...), unless --resume auto
     continues that run (it needs a checkpoint) or --overwrite starts again, deleting those files first
-    (the folder's other files stay)."""
+    (the folder's other files stay). --resume with a checkpoint folder of another run counts as a fresh
+    run here: it would write over this folder's files. Under torchrun every process calls this."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file; pass a folder for the run's files")
     model = Path(args.model or "").expanduser()  # None: the run writes no model
     if args.model and model.exists() and (model.resolve() == out.resolve() or out.resolve() in model.resolve().parents):
-        raise UserError(f"--out {out} holds the --model {args.model} this run starts from, which the run's files "
-                        "would replace: choose another --out")
-    found = [name for name in files if (out / name).exists()
+        raise UserError(f"--out {out} holds the --model {args.model} this run starts from: choose another --out, so "
+                        "that nothing the run writes or --overwrite deletes can touch it")
+    resume = args.resume or None
+    if resume not in (None, "auto") and out.resolve() in Path(resume).resolve().parents:
+        return out  # a checkpoint of this very run
+    found = [name for name in files if any(out.glob(name))
              and (name != "checkpoints" or latest_checkpoint(out) is not None)]  # not just a killed first save
-    if not found or args.resume not in (None, "auto"):
+    if dist.is_initialized():
+        dist.barrier()  # every process has looked before the first deletes anything
+    if not found:
         return out
     if args.overwrite:
         if not dist.is_initialized() or dist.get_rank() == 0:
-            for name in found:
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+            for path in (path for name in found for path in out.glob(name)):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
             note(f"--overwrite: deleted the earlier run's {', '.join(found)} in {out}")
         if dist.is_initialized():
             dist.barrier()
-    elif args.resume is None:
+    elif resume != "auto":
         raise UserError(f"--out {out} holds an earlier run ({', '.join(found)}): pass --resume auto to continue it, "
                         "--overwrite to start again (deleting them), or another --out")
     elif latest_checkpoint(out) is None:

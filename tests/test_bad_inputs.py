@@ -82,6 +82,16 @@ def test_overwrite_starts_again_and_keeps_the_folders_other_files(finished, tmp_
     assert (out / "notes.txt").read_text() == "mine"
 
 
+def test_resuming_another_runs_checkpoint_into_a_finished_run_is_refused(finished, tmp_path, data):
+    other = tmp_path / "other"
+    run_example("finetune_mistral.py", other, *finished[1], "--max-steps", "2", "--save-every", "1")
+    out, flags = finished
+    before = snapshot(out)
+    message = example_stops("finetune_mistral.py", out, *flags, "--resume", str(other / "checkpoints" / "step-1"))
+    assert "holds an earlier run (final, metrics.jsonl" in message
+    assert snapshot(out) == before
+
+
 def test_overwrite_and_resume_together_are_refused(finished, capsys):
     with pytest.raises(SystemExit) as stop:
         example_module("finetune_mistral.py").parse_args(["--overwrite", "--resume", "auto"])
@@ -94,8 +104,8 @@ def test_dpo_refuses_an_out_that_holds_its_own_model(finished):
     out, _ = finished
     before = snapshot(out)
     message = example_stops("dpo.py", out, "--model", str(out / "final"), "--device", "cpu", "--overwrite")
-    assert message == (f"--out {out} holds the --model {out / 'final'} this run starts from, which the run's files "
-                       "would replace: choose another --out")
+    assert message == (f"--out {out} holds the --model {out / 'final'} this run starts from: choose another --out, "
+                       "so that nothing the run writes or --overwrite deletes can touch it")
     assert snapshot(out) == before
 
 
@@ -159,8 +169,9 @@ def test_the_main_job_pretraining_and_comparison_refuse_earlier_results(tmp_path
         example_module("reproduce.py").main(["--runs", str(tmp_path / "runs"), "--sections", "sft"])
     assert (tmp_path / "runs" / "sft" / "metrics.jsonl").exists()
     shutil.copytree(TINY, tmp_path / "assets" / "tiny-mistral")
-    with pytest.raises(UserError, match=r"tiny-mistral already hold a model: pass --overwrite"):
-        example_module("pretrain_tiny.py").main(["--out", str(tmp_path / "assets"), "--models", "tiny-mistral"])
+    with pytest.raises(UserError, match=r"tiny-mistral hold an earlier pre-training: pass --overwrite"):
+        example_module("pretrain_tiny.py").main(["--out", str(tmp_path / "assets"), "--models", "tiny-mistral",
+                                                 "--log-dir", str(tmp_path / "logs")])
     (tmp_path / "compare").mkdir()
     (tmp_path / "compare" / "results.json").write_text("{}")
     with pytest.raises(UserError, match=r"holds an earlier run \(results.json\)"):
@@ -266,6 +277,11 @@ def test_run_main_prints_user_errors_in_one_line_and_keeps_bugs_tracebacks(capsy
     assert stop.value.code == 2 and "No such file or directory: '/nonexistent/x.jsonl'" in stderr_of(capsys)[0]
     with pytest.raises(KeyError):
         run_main(bug)
+    with pytest.raises(ConnectionResetError):  # an OSError, but not one a user can fix by a flag: a traceback
+        run_main(lambda argv: (_ for _ in ()).throw(ConnectionResetError("peer")))
+    with pytest.raises(SystemExit) as stop:  # Ctrl-C outside a training loop
+        run_main(lambda argv: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert stop.value.code == 130 and stderr_of(capsys) == [f"{Path(sys.argv[0]).name}: interrupted"]
 
 
 def test_a_bad_flag_is_one_line(capsys):

@@ -7,6 +7,7 @@ import os
 import torch
 from torch import nn
 
+from ..errors import UserError
 from ..hub import CONFIG_FILE, load_state, parse_dtype, read_header, read_json, resolve_checkpoint, stored_dtype
 from .base import CausalLM, ModelConfig
 from .common import KVCache
@@ -29,8 +30,8 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None 
     raw = read_json(config_path)
     model_type = raw.get("model_type")
     if model_type not in MODEL_CLASSES:
-        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; "
-                         f"expected one of {sorted(MODEL_CLASSES)}")
+        raise UserError(f"{config_path}: model_type {model_type!r} is not supported; "
+                        f"expected one of {sorted(MODEL_CLASSES)}")
     cls = MODEL_CLASSES[model_type]
     config = cls.config_class.from_dict(raw, source=str(config_path))
     headers = {path: read_header(path) for path in files}  # each parsed and checked once

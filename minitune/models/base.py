@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..errors import UserError
+
 
 @dataclass
 class ModelConfig:
@@ -31,14 +33,14 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "ModelConfig":
         raw = dict(raw)
         if raw.get("model_type", cls.model_type) != cls.model_type:
-            raise ValueError(f"{source}: model_type {raw.get('model_type')!r}, expected {cls.model_type!r}")
+            raise UserError(f"{source}: model_type {raw.get('model_type')!r}, expected {cls.model_type!r}")
         raw.pop("model_type", None)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "extra"}
         values = {k: raw.pop(k) for k in list(raw) if k in fields}
         for key, value in values.items():
             default = fields[key].default
             if isinstance(default, (int, float)) and not isinstance(value, (int, float)) and value is not None:
-                raise ValueError(f"{source}: key {key!r} is {value!r}, expected a number like {default!r}")
+                raise UserError(f"{source}: key {key!r} is {value!r}, expected a number like {default!r}")
         cls._read_nested(raw, values, source)
         config = cls(**values, extra=raw)
         config.validate(source)
@@ -78,7 +80,7 @@ class CausalLM(nn.Module):
         from . import load_model
         model = load_model(name_or_path, dtype=dtype, device=device)
         if not isinstance(model, cls):
-            raise ValueError(f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
+            raise UserError(f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
 
     def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB") -> None:

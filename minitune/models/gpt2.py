@@ -50,10 +50,10 @@ class GPT2Config(ModelConfig):
 
     def validate(self, source: str) -> None:
         if self.n_embd % self.n_head:
-            raise ValueError(f"{source}: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+            raise UserError(f"{source}: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"{source}: activation_function {self.activation_function!r} is not one of "
-                             f"{sorted(ACTIVATIONS)}")
+            raise UserError(f"{source}: activation_function {self.activation_function!r} is not one of "
+                            f"{sorted(ACTIVATIONS)}")
 
 
 class LayerNorm(nn.LayerNorm):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from .. import kernels
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
@@ -67,12 +68,12 @@ class MistralConfig(ModelConfig):
 
     def validate(self, source: str) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple "
-                             f"of num_key_value_heads {self.num_key_value_heads}")
+            raise UserError(f"{source}: num_attention_heads {self.num_attention_heads} is not a multiple "
+                            f"of num_key_value_heads {self.num_key_value_heads}")
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"{source}: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+            raise UserError(f"{source}: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         if self.head_dim % 2:
-            raise ValueError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
+            raise UserError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
