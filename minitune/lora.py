@@ -383,9 +383,11 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 def _read_adapter_config(config_path: Path) -> dict:
     """adapter_config.json, checked: a plain LoRA adapter (PEFT's or ours) with usable r, alpha and dropout."""
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{config_path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{config_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path}: expected a JSON object (PEFT's adapter config), got {type(config).__name__}")
     if config.get("peft_type", "LORA") != "LORA":

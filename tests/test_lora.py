@@ -215,6 +215,9 @@ def test_load_adapter_errors_name_the_file(tmp_path, pair):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(UserError, match=r"adapter_config.json: \{'use_dora': True\} are not supported"):
         load_adapter(mt.load_model(tmp_path / "base"), tmp_path / "a")
+    (tmp_path / "a" / "adapter_config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(UserError, match=r"adapter_config.json: not UTF-8 text"):
+        load_adapter(mt.load_model(tmp_path / "base"), tmp_path / "a")
 
 
 @pytest.mark.slow
