@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import UserError
 from .. import kernels
+from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
 from .common import (ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask,
