@@ -210,11 +210,19 @@ def test_mistral_config_reads_both_rope_spellings():
     both = {"model_type": "mistral", "rope_theta": 1.0, "rope_scaling": {"rope_type": "default", "rope_theta": 5e5},
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}
     assert MistralConfig.from_dict(both).rope_theta == 5e5  # HF: rope_scaling or rope_parameters
-    with pytest.raises(NotImplementedError, match="my/config.json: rope_type 'yarn'"):
+    # the scalings: kept with their parameters (the old "type" spelling too), refused when one is missing
+    yarn = MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6}})
+    assert yarn.rope_theta == 1e6
+    assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert yarn.to_dict()["rope_parameters"] == {**yarn.rope_scaling, "rope_theta": 1e6}
+    assert MistralConfig.from_dict({**both, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling == {
+        "rope_type": "linear", "factor": 2.0}
+    with pytest.raises(UserError, match="my/config.json: rope_type 'yarn' needs original_max_position_embeddings"):
         MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
                                 source="my/config.json")
-    with pytest.raises(NotImplementedError, match="linear"):
-        MistralConfig.from_dict({**both, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    with pytest.raises(UserError, match="rope_type 'dynamic' is not supported"):
+        MistralConfig.from_dict({"model_type": "mistral", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
 
 
 def test_config_keeps_unknown_keys_and_reads_values_not_defaults():

@@ -12,9 +12,13 @@ from ..hub import CONFIG_FILE, load_state, parse_dtype, read_header, read_json, 
 from .base import CausalLM, ModelConfig
 from .common import KVCache
 from .gpt2 import GPT2, GPT2Config
+from .llama import Llama, LlamaConfig
 from .mistral import Mistral, MistralConfig
+from .qwen import Qwen2, Qwen2Config, Qwen3, Qwen3Config
 
-MODEL_CLASSES: dict[str, type[CausalLM]] = {"gpt2": GPT2, "mistral": Mistral}
+# model_type in config.json -> the class; Llama and Qwen are the Mistral decoder with switches
+MODEL_CLASSES: dict[str, type[CausalLM]] = {"gpt2": GPT2, "mistral": Mistral, "llama": Llama, "qwen2": Qwen2,
+                                            "qwen3": Qwen3}
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
@@ -55,5 +59,5 @@ def _allocate(model: CausalLM, dtype: torch.dtype, device: torch.device) -> None
             setattr(module, name, fresh[id(p)])
 
 
-__all__ = ["CausalLM", "ModelConfig", "KVCache", "GPT2", "GPT2Config", "Mistral", "MistralConfig",
-           "MODEL_CLASSES", "load_model"]
+__all__ = ["CausalLM", "ModelConfig", "KVCache", "GPT2", "GPT2Config", "Mistral", "MistralConfig", "Llama",
+           "LlamaConfig", "Qwen2", "Qwen2Config", "Qwen3", "Qwen3Config", "MODEL_CLASSES", "load_model"]

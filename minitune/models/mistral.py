@@ -1,13 +1,23 @@
-"""Mistral (7B v0.1/v0.2/v0.3, Zephyr, Nemo-style explicit head_dim), top to bottom.
+"""The decoder of Mistral (7B v0.1/v0.2/v0.3, Zephyr, Nemo-style explicit head_dim), Llama 2/3.x, Qwen2/2.5 and
+Qwen3, top to bottom.
 
 Pre-RMSNorm blocks, rotary positions (rotate-half layout, so the hub's q/k weights load as
 they are), grouped-query attention, a SwiGLU MLP, and an optional sliding window: a query sees
 only the last `sliding_window` keys, itself included. Module names are the hub's
 (`model.layers.N.self_attn.q_proj`, ...), so state-dict keys and LoRA target names match.
+
+The other families are this decoder with a few switches, each read from config.json by the family's
+config class (llama.py, qwen.py) and used here in one place:
+    config.qkv_bias, config.o_bias   biases on q/k/v and on o_proj (Llama's attention_bias, Qwen2's q/k/v)
+    config.mlp_bias                  biases on the MLP's three projections (Llama)
+    config.qk_norm                   an RMSNorm over each head of q and k before RoPE (Qwen3)
+    config.window(layer)             the layer's sliding window or None (Qwen2/3 slide only in some layers)
+    config.rope_scaling              "linear", "llama3" or "yarn" rescaled frequencies (rope_frequencies)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +32,15 @@ from .base import CausalLM, ModelConfig
 from .common import (ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask,
                      warn_past_trained_length)
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
 
 @dataclass
 class MistralConfig(ModelConfig):
     model_type = "mistral"
     architecture = "MistralForCausalLM"
+    # the switches the other families set (see the module docstring): all off for Mistral
+    qkv_bias = o_bias = mlp_bias = qk_norm = False
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -39,6 +53,7 @@ class MistralConfig(ModelConfig):
     max_position_embeddings: int = 4096 * 32
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "llama3" | "linear" | "yarn", its parameters}; None: default
     sliding_window: int | None = 4096
     attention_dropout: float = 0.0
     initializer_range: float = 0.02  # std of the random init (pre-training from scratch)
@@ -53,18 +68,24 @@ class MistralConfig(ModelConfig):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
 
+    def window(self, layer_idx: int) -> int | None:
+        """The sliding window of layer `layer_idx`: Mistral's is the same in every layer."""
+        return self.sliding_window
+
     @classmethod
     def _read_nested(cls, raw: dict[str, Any], values: dict[str, Any], source: str) -> None:
-        # Older config.json files keep rope_theta at the top level; newer transformers write
-        # rope_parameters = {"rope_type": "default", "rope_theta": ...}. As in HF, a legacy
-        # rope_scaling wins over rope_parameters, and either wins over the top-level theta.
-        scaling, parameters = raw.pop("rope_scaling", None), raw.pop("rope_parameters", None)
-        rope = scaling or parameters or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise NotImplementedError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+        # Older config.json files keep rope_theta at the top level and a scaling in rope_scaling; newer
+        # transformers write rope_parameters = {"rope_type": ..., "rope_theta": ..., the scaling's keys}.
+        # As in HF, a legacy rope_scaling wins over rope_parameters, and either wins over the top-level theta.
+        scaling, parameters = values.pop("rope_scaling", None), raw.pop("rope_parameters", None)  # a field: in values
+        rope = dict(scaling or parameters or {})
+        rope_type = rope.pop("rope_type", rope.pop("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            raise UserError(f"{source}: rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
         if "rope_theta" in rope:
-            values["rope_theta"] = rope["rope_theta"]
+            values["rope_theta"] = rope.pop("rope_theta")
+        if rope_type != "default":
+            values["rope_scaling"] = {"rope_type": rope_type, **rope}
 
     def validate(self, source: str) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -74,11 +95,17 @@ class MistralConfig(ModelConfig):
             raise UserError(f"{source}: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         if self.head_dim % 2:
             raise UserError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
+        needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings"),
+                 "yarn": ("factor", "original_max_position_embeddings")}
+        scaling = self.rope_scaling or {"rope_type": "default"}
+        if missing := [k for k in needs.get(scaling["rope_type"], ()) if scaling.get(k) is None]:
+            raise UserError(f"{source}: rope_type {scaling['rope_type']!r} needs {', '.join(missing)}")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        # both spellings, so old and new transformers read the same theta
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        # the parameters as transformers 5 writes them (and the top-level theta older versions read)
+        out["rope_parameters"] = {**(out.pop("rope_scaling") or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         return out
 
 
@@ -94,12 +121,55 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)  # x / sqrt(mean(x²) + eps) * weight; Triton on CUDA
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_frequencies(config: MistralConfig, device) -> tuple[torch.Tensor, float]:
+    """(inv_freq (head_dim/2,), attention factor): each pair of dimensions' angle per position, and the scale
+    yarn puts on cos and sin (1 otherwise); as transformers' modeling_rope_utils computes them."""
+    d, theta = config.head_dim, config.rope_theta
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=device).float() / d)  # theta^(-2i/d)
+    scaling = config.rope_scaling or {"rope_type": "default"}
+    kind, factor = scaling["rope_type"], scaling.get("factor")
+    if kind == "linear":  # positions squeezed by `factor`
+        return inv_freq / factor, 1.0
+    if kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+        context = scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        slowed = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)  # 0 at the long end of the ramp, 1 at the short end
+        ramp = (1 - smooth) * slowed / factor + smooth * slowed
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return torch.where(medium, ramp, slowed), 1.0
+    if kind == "yarn":  # interpolate the slow dimensions, extrapolate the fast ones, scale cos/sin up
+        context = scaling["original_max_position_embeddings"]
+        fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over `context`
+            return d * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = dim_of(fast), dim_of(slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        ramp = ((torch.arange(d // 2, device=device).float() - lo) / (hi - lo if hi > lo else 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        return inv_freq, attention
+    return inv_freq, 1.0
+
+
+def rope_cos_sin(position_ids: torch.Tensor, config: MistralConfig, dtype: torch.dtype):
     """cos and sin (B, T, head_dim) for rotate-half RoPE, computed in float32 then cast."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    inv_freq, scale = rope_frequencies(config, position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hs): both halves rotate by the same angle
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -114,17 +184,22 @@ class Attention(nn.Module):
         super().__init__()
         hs = config.head_dim
         self.n_head, self.n_kv, self.hs = config.num_attention_heads, config.num_key_value_heads, hs
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * hs, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=False)
-        self.o_proj = nn.Linear(self.n_head * hs, config.hidden_size, bias=False)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * hs, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * hs, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
+            self.q_norm, self.k_norm = RMSNorm(hs, config.rms_norm_eps), RMSNorm(hs, config.rms_norm_eps)
         self.attn_dropout = nn.Dropout(config.attention_dropout)  # applied inside attend; a module so it can be found
         self.layer_idx = layer_idx
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, self.hs)  # (B, T, nh, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hs)  # (B, T, n_kv, hs)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
@@ -136,9 +211,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: MistralConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
@@ -152,8 +227,10 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.window = config.window(layer_idx)  # which of the forward's masks this layer takes
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
+    def forward(self, x, cos, sin, masks=None, cache=None):
+        mask = masks[self.window] if masks else None
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -179,6 +256,8 @@ class Mistral(CausalLM):
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     module.weight.normal_(0.0, self.config.initializer_range)
+                    if getattr(module, "bias", None) is not None:
+                        module.bias.zero_()
                 elif isinstance(module, RMSNorm):
                     module.weight.fill_(1.0)
             if self.config.pad_token_id is not None:
@@ -201,14 +280,15 @@ class Mistral(CausalLM):
         warn_past_trained_length(self, past + T, c.max_position_embeddings)  # RoPE goes on, untrained: a warning
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)  # (B or 1, T)
-        mask = attention_bias(attention_mask, T, past, c.sliding_window, input_ids.device)  # None: plain causal
+        masks = {window: attention_bias(attention_mask, T, past, window, input_ids.device)  # None: plain causal
+                 for window in {layer.window for layer in self.model.layers}}  # one per sliding window in use
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(position_ids, c.head_dim, c.rope_theta, x.dtype)  # (B, T, hs), once for all layers
+        cos, sin = rope_cos_sin(position_ids, c, x.dtype)  # (B, T, hs), once for all layers
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, sin, masks, cache)
         if cache is not None:
             cache.advance(T)
         x = self.model.norm(x)  # (B, T, C)
