@@ -304,8 +304,8 @@ def test_shape_mismatch_gives_both_shapes(saved_mistral):
 
 def test_unknown_model_type(saved_mistral):
     config = json.loads((saved_mistral / "config.json").read_text())
-    (saved_mistral / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"config\.json: model_type 'llama' is not supported"):
+    (saved_mistral / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe"}))
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'qwen3_moe' is not supported"):
         mt.load_model(saved_mistral)
 
 
