@@ -292,13 +292,17 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = False,
                             tokenize: bool = False, *, chat_template: str | None = None,
                             tools: list | None = None, documents: list | None = None,
-                            **kwargs) -> str | list[int]:
+                            continue_final_message: bool | str = False, **kwargs) -> str | list[int]:
         """Render a conversation with the model's chat template, exactly as transformers renders it.
 
         messages: [{"role": "user", "content": "..."}, ...]. add_generation_prompt appends the header that
-        starts an assistant turn. Extra keyword arguments become template variables (they override the
-        special tokens of the same name). tokenize=True returns ids encoded without adding special
-        tokens, because the template already writes them (transformers does the same).
+        starts an assistant turn. tools: JSON schemas ({"type": "function", "function": {...}}) for the
+        templates that describe tools (Llama 3.1, Qwen). continue_final_message leaves the last message open
+        (no end of turn after it) so that generation continues it; a field name ("reasoning_content")
+        continues that field instead of the content. Extra keyword arguments become template variables
+        (they override the special tokens of the same name): date_string, enable_thinking, builtin_tools...
+        tokenize=True returns ids encoded without adding special tokens, because the template already
+        writes them (transformers does the same).
         """
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
             raise TypeError("apply_chat_template expects a list of {'role': ..., 'content': ...} messages; "
@@ -306,17 +310,26 @@ class Tokenizer:
         messages = list(messages)
         if not messages:
             raise ValueError("apply_chat_template: the conversation is empty; give at least one message")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("apply_chat_template: continue_final_message and add_generation_prompt exclude each "
+                             "other: the first leaves the last message open, the second starts a new assistant turn")
+        _check_tools(tools)
         source = self._chat_template_source
-        template = _compile_chat_template(self.get_chat_template(chat_template, tools), source)
+        template_text = self.get_chat_template(chat_template, tools)
+        template = _compile_chat_template(template_text, source)
+        messages = _normalize_messages(messages)
+        if continue_final_message:
+            final = _mark_final_message(messages, continue_final_message, template_text)
         variables = {**self.special_tokens_map, **_plain(kwargs)}
         try:
-            text = template.render(messages=_normalize_messages(messages), tools=_plain(tools),
-                                   documents=_plain(documents), add_generation_prompt=add_generation_prompt,
-                                   **variables)
+            text = template.render(messages=messages, tools=_plain(tools), documents=_plain(documents),
+                                   add_generation_prompt=add_generation_prompt, **variables)
         except ChatTemplateError:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{source}: chat template failed: {e}") from e
+        if continue_final_message:
+            text = _cut_at_mark(text, final)
         if tokenize:
             return self.backend.encode(text, add_special_tokens=False).ids
         return text
@@ -653,6 +666,63 @@ def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
             message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
         out.append(message)
     return out
+
+
+def _check_tools(tools: Any) -> None:
+    """Tools must be JSON schemas. transformers also takes Python functions and writes their schema from the
+    type hints and docstring (utils.get_json_schema); minitune asks for the schema instead of guessing it."""
+    if tools is None:
+        return
+    if isinstance(tools, (str, bytes, Mapping)) or not isinstance(tools, Iterable):
+        raise TypeError(f"apply_chat_template: tools must be a list of JSON schemas, got a {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        if callable(tool):
+            raise UserError(f"apply_chat_template: tools[{i}] is a function ({getattr(tool, '__name__', tool)}); "
+                            "pass its JSON schema, {'type': 'function', 'function': {'name': ..., 'description': "
+                            "..., 'parameters': {...}}} (transformers.utils.get_json_schema(fn) writes one)")
+        if not isinstance(tool, Mapping):
+            raise UserError(f"apply_chat_template: tools[{i}] is a {type(tool).__name__}, expected a JSON schema dict")
+
+
+# transformers' marker for continue_final_message (render_jinja_template): it goes at the end of the final
+# message, and the rendered chat is cut where it lands, which drops whatever the template closes the turn with.
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+
+
+def _mark_final_message(messages: list[dict], field: bool | str, template: str) -> str:
+    """Append the marker to the final message's `field` ("content" for True) and return the text it follows.
+
+    As transformers: a reasoning field is marked under every name it was copied to (see _normalize_messages),
+    and in a list of content blocks, the last block with text is marked. `messages` is our own copy.
+    """
+    field = field if isinstance(field, str) else "content"
+    final = messages[-1].get(field)
+    if final is None:
+        raise ValueError(f"continue_final_message: the final message has no {field!r} to continue")
+    fields = [k for k in _REASONING_KEYS if messages[-1].get(k) == final] if field in _REASONING_KEYS else [field]
+    if not any(k in template for k in fields):
+        raise ValueError(f"continue_final_message={field!r}, but the chat template never reads that field")
+    if isinstance(final, (list, tuple)):
+        block = next((b for b in reversed(final) if isinstance(b, Mapping) and "text" in b), None)
+        if block is None:
+            raise ValueError("continue_final_message: the final message has no text block to continue")
+        final, block["text"] = block["text"], block["text"] + _CONTINUE_TAG
+    else:
+        for k in fields:
+            messages[-1][k] = messages[-1][k] + _CONTINUE_TAG
+    return final
+
+
+def _cut_at_mark(text: str, final: str) -> str:
+    """The rendered chat up to the marker: the final message, left open."""
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in text or tag not in text:
+        raise ValueError("continue_final_message: the chat template did not write the final message as given, so "
+                         f"there is no place to continue it from (final message: {final.strip()[:80]!r})")
+    cut = text.rindex(tag)
+    if text[cut:cut + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return text[:cut]
+    return text[:cut].rstrip()  # the template trimmed the message, and the marker's space with it: trim the rest
 
 
 # ---------------------------------------------------------------- saving helpers
