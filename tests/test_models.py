@@ -218,9 +218,12 @@ def test_mistral_config_reads_both_rope_spellings():
     assert yarn.to_dict()["rope_parameters"] == {**yarn.rope_scaling, "rope_theta": 1e6}
     assert MistralConfig.from_dict({**both, "rope_scaling": {"type": "linear", "factor": 2.0}}).rope_scaling == {
         "rope_type": "linear", "factor": 2.0}
-    with pytest.raises(UserError, match="my/config.json: rope_type 'yarn' needs original_max_position_embeddings"):
-        MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+    with pytest.raises(UserError, match="my/config.json: rope_type 'llama3' needs low_freq_factor, high_freq_factor"):
+        MistralConfig.from_dict({"model_type": "mistral", "rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
                                 source="my/config.json")
+    # as transformers: a yarn or llama3 scaling without its original context takes max_position_embeddings
+    assert MistralConfig.from_dict({"model_type": "mistral", "max_position_embeddings": 4096, "rope_parameters": {
+        "rope_type": "yarn", "factor": 4.0}}).rope_scaling["original_max_position_embeddings"] == 4096
     with pytest.raises(UserError, match="rope_type 'dynamic' is not supported"):
         MistralConfig.from_dict({"model_type": "mistral", "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
 

@@ -39,7 +39,9 @@ class ModelConfig:
         values = {k: raw.pop(k) for k in list(raw) if k in fields}
         for key, value in values.items():
             default = fields[key].default
-            if isinstance(default, (int, float)) and not isinstance(value, (int, float)) and value is not None:
+            takes_list = isinstance(value, list) and "list" in str(fields[key].type)  # several EOS ids
+            if isinstance(default, (int, float)) and not isinstance(value, (int, float)) and value is not None \
+                    and not takes_list:
                 raise UserError(f"{source}: key {key!r} is {value!r}, expected a number like {default!r}")
         cls._read_nested(raw, values, source)
         config = cls(**values, extra=raw)

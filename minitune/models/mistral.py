@@ -67,6 +67,8 @@ class MistralConfig(ModelConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.rope_scaling and self.rope_scaling["rope_type"] in ("llama3", "yarn"):  # as transformers fills it
+            self.rope_scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
 
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`: Mistral's is the same in every layer."""
@@ -95,17 +97,19 @@ class MistralConfig(ModelConfig):
             raise UserError(f"{source}: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         if self.head_dim % 2:
             raise UserError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
-        needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                                                    "original_max_position_embeddings"),
-                 "yarn": ("factor", "original_max_position_embeddings")}
+        needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ("factor",)}
         scaling = self.rope_scaling or {"rope_type": "default"}
         if missing := [k for k in needs.get(scaling["rope_type"], ()) if scaling.get(k) is None]:
             raise UserError(f"{source}: rope_type {scaling['rope_type']!r} needs {', '.join(missing)}")
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        # the parameters as transformers 5 writes them (and the top-level theta older versions read)
-        out["rope_parameters"] = {**(out.pop("rope_scaling") or {"rope_type": "default"}), "rope_theta": self.rope_theta}
+        # the parameters as transformers 5 writes them; a scaling also as rope_scaling beside the top-level
+        # theta, the spelling older versions and other tools read (transformers 5 reads it first: the same values)
+        scaling = out.pop("rope_scaling")
+        out["rope_parameters"] = {**(scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
+        if scaling:
+            out["rope_scaling"] = scaling
         return out
 
 
