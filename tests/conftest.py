@@ -125,6 +125,22 @@ def save_hf(config, folder: Path, **save_kwargs):
     return model
 
 
+def tiny_family_folder(family: str, folder: Path) -> Path:
+    """A random tiny Llama, Qwen2 or Qwen3 built with transformers and saved to `folder`, with the bundled
+    tiny-mistral's tokenizer and chat template beside it (its 1088 embedding rows cover that vocabulary), as a
+    user's folder for `--model`."""
+    import transformers
+    config = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+              "qwen3": transformers.Qwen3Config}[family](
+        vocab_size=1088, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
+    save_hf(config, folder)
+    tiny = EXAMPLES / "assets" / "tiny-mistral"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        shutil.copy(tiny / name, folder / name)
+    return folder
+
+
 def with_template(tok, template: str):
     """A shallow copy of a Tokenizer with another chat template."""
     import copy

@@ -169,3 +169,15 @@ def test_the_search_names_the_flags_it_can_set():
         cv.parse_args(["--search", "lr"])
     args, extra = cv.parse_args(["--search", "warmup=0,5", "--epochs", "3"])
     assert args.space == {"warmup": [0, 5]} and "--warmup" not in extra and extra[-2:] == ["--epochs", "3"]
+
+
+@pytest.mark.filterwarnings("ignore:decode. dropped ids")  # a random model may pick an embedding row no token uses
+def test_llama_and_qwen3_models_compare_on_the_same_protocol(tmp_path):
+    from tests.conftest import tiny_family_folder
+
+    compare = example_module("compare_models.py")
+    models = [str(tiny_family_folder(family, tmp_path / family)) for family in ("llama", "qwen3")]
+    result = compare.main(["--models", *models, "--pipeline", "none", "--limit", "3", "--resamples", "50",
+                           "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert result["format"] == "chat" and set(result["results"]) == set(models)
+    assert all(0 <= v[0] <= 1 for m in models for k, v in result["results"][m].items() if "exact_match" in k)

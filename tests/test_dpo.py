@@ -171,3 +171,18 @@ def test_a_missing_sft_model_is_one_line_that_says_how_to_make_it(tmp_path):
     """As a user sees it: the default --model is the SFT example's output."""
     returncode, stderr = run_command([sys.executable, str(SCRIPT), "--out", str(tmp_path / "c")], cwd=tmp_path)
     assert returncode == 2 and "runs/sft/final not found" in stderr and "finetune_mistral.py" in stderr
+
+
+@pytest.mark.filterwarnings("ignore:decode. dropped ids")  # a random model may pick an embedding row no token uses
+def test_a_tiny_qwen2_runs_dpo_through_the_same_example(tmp_path, small):
+    """--model <a tiny saved Qwen2 folder>: DPO trains it (LoRA, the reference with LoRA off) and saves a Qwen2."""
+    import transformers
+
+    from tests.conftest import tiny_family_folder
+
+    folder = tiny_family_folder("qwen2", tmp_path / "qwen2")
+    flags = [*small[2:], "--model", str(folder), "--max-steps", "2", "--lora-r", "4", "--lora-targets", "all-linear"]
+    metrics = run(tmp_path / "out", *flags)
+    assert metrics[-1]["step"] == 2 and all(math.isfinite(m["loss"]) for m in metrics[1:])
+    final = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    assert type(final).__name__ == "Qwen2ForCausalLM"

@@ -201,21 +201,11 @@ def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_pa
 def test_a_tiny_llama_or_qwen_fine_tunes_through_the_same_example(family, tmp_path, small_data):
     """--model <a tiny saved Llama or Qwen3 folder> (tiny-mistral's tokenizer beside it): the run trains and its final
     model loads in transformers as the same family."""
-    import shutil
-
     import transformers
 
-    from tests.conftest import save_hf
+    from tests.conftest import tiny_family_folder
 
-    tiny = ROOT / "examples" / "assets" / "tiny-mistral"
-    folder = tmp_path / family
-    config = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[family](
-        vocab_size=1088, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
-    save_hf(config, folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
-        if (tiny / name).exists():
-            shutil.copy(tiny / name, folder / name)
+    folder = tiny_family_folder(family, tmp_path / family)
     metrics = run(tmp_path / "out", "--model", str(folder), "--data", str(small_data), "--val-data", str(small_data),
                   "--max-steps", "2")
     assert metrics[-1]["step"] == 2 and metrics[-1]["loss"] < metrics[1]["loss"] + 1.0
