@@ -125,6 +125,15 @@ def save_hf(config, folder: Path, **save_kwargs):
     return model
 
 
+def left_padded_prompts(vocab: int = 101, T: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three random prompts of T ids, left-padded by 3, 1 and 0 (ids, mask), as generate takes a batch."""
+    ids = torch.randint(3, vocab, (3, T))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
 def tiny_family_folder(family: str, folder: Path) -> Path:
     """A random tiny Llama, Qwen2 or Qwen3 built with transformers and saved to `folder`, with the bundled
     tiny-mistral's tokenizer and chat template beside it (its 1088 embedding rows cover that vocabulary), as a

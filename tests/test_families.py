@@ -13,6 +13,7 @@ import torch
 
 import minitune as mt
 from minitune.lora import apply_lora, load_adapter, save_adapter
+from tests.conftest import left_padded_prompts
 
 TOL = 1e-4  # float32 logits against transformers
 VOCAB = 101
@@ -133,14 +134,6 @@ def padded_batch(T: int = 16):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     mask[2, -4:] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def left_padded_prompts(T: int = 7):
-    ids = torch.randint(3, VOCAB, (3, T))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[1, :1] = 0
     return ids.masked_fill(mask == 0, 0), mask
 
 

@@ -12,7 +12,7 @@ import minitune as mt
 from minitune.errors import UserError
 from minitune.generate import sample_next
 from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
-from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
+from tests.conftest import left_padded_prompts, save_hf, tiny_gpt2_config, tiny_mistral_config
 
 ASSETS = Path(__file__).resolve().parents[1] / "examples" / "assets"
 
@@ -23,19 +23,11 @@ CONFIGS = {
 }
 
 
-def _left_padded_prompts(vocab=101, T=7):
-    ids = torch.randint(3, vocab, (3, T))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    mask[1, :1] = 0
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_equals_transformers(name, tmp_path):
     hf = save_hf(CONFIGS[name](), tmp_path)
     model = mt.load_model(tmp_path)
-    ids, mask = _left_padded_prompts()
+    ids, mask = left_padded_prompts()
     want = hf.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(mt.generate(model, ids, 20, attention_mask=mask), want)
 
@@ -44,7 +36,7 @@ def test_greedy_equals_transformers(name, tmp_path):
 def test_per_row_eos_stopping_equals_transformers(name, tmp_path):
     hf = save_hf(CONFIGS[name](), tmp_path)
     model = mt.load_model(tmp_path)
-    ids, mask = _left_padded_prompts()
+    ids, mask = left_padded_prompts()
     free = mt.generate(model, ids, 12, attention_mask=mask)
     eos = int(free[0, ids.size(1) + 2])  # row 0 meets it after 3 tokens; other rows may not
     want = hf.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=eos)
@@ -71,7 +63,7 @@ def test_kv_cache_equals_full_recomputation(family, tmp_path):
     """Prefill, a chunk of 3, then single tokens through the cache: the logits of one full pass."""
     save_hf(tiny_gpt2_config() if family == "gpt2" else tiny_mistral_config(sliding_window=5), tmp_path)
     model = mt.load_model(tmp_path)
-    ids, mask = _left_padded_prompts(T=16)
+    ids, mask = left_padded_prompts(T=16)
     with torch.no_grad():
         full = model(ids, attention_mask=mask)  # (B, 16, V), no cache
         cache = model.make_cache(3, 16)
