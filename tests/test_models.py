@@ -333,3 +333,23 @@ def test_meta_then_to_empty_then_init_weights_leaves_nothing_uninitialised(famil
     model.init_weights()
     assert model.head_is_tied
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_family_configs_refuse_what_transformers_refuses_and_ignore_what_it_ignores():
+    """A Llama file's sliding_window is kept on save but never slides; Qwen's layer_types must fit; a scaling of an
+    unknown kind is refused even when the config is built in code; EOS ids must be ints."""
+    from minitune.models import LlamaConfig, Qwen2Config
+
+    llama = LlamaConfig.from_dict({"model_type": "llama", "sliding_window": 4096, "num_hidden_layers": 2})
+    assert llama.window(0) is None and llama.to_dict()["sliding_window"] == 4096
+    assert "sliding_window" not in LlamaConfig().to_dict()
+    for layer_types, says in ((["full_attention"], "must name 2 layers"), (["full_attention", "chunked"], "each one of"),
+                              (["sliding_attention", "full_attention"], "but no window")):
+        with pytest.raises(UserError, match=says):
+            Qwen2Config.from_dict({"model_type": "qwen2", "num_hidden_layers": 2, "layer_types": layer_types})
+    with pytest.raises(UserError, match="rope_type 'dynamic' is not supported"):
+        LlamaConfig(rope_scaling={"type": "dynamic", "factor": 2.0})
+    assert LlamaConfig(rope_scaling={"type": "linear", "factor": 2.0}).rope_scaling == {"rope_type": "linear",
+                                                                                       "factor": 2.0}
+    with pytest.raises(UserError, match="key 'eos_token_id' is \\['</s>'\\]"):
+        MistralConfig.from_dict({"model_type": "mistral", "eos_token_id": ["</s>"]})

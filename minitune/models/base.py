@@ -39,9 +39,9 @@ class ModelConfig:
         values = {k: raw.pop(k) for k in list(raw) if k in fields}
         for key, value in values.items():
             default = fields[key].default
-            takes_list = isinstance(value, list) and "list" in str(fields[key].type)  # several EOS ids
-            if isinstance(default, (int, float)) and not isinstance(value, (int, float)) and value is not None \
-                    and not takes_list:
+            ids = isinstance(value, list) and all(type(v) is int for v in value)  # several EOS ids, where allowed
+            number = isinstance(value, (int, float)) or value is None or (ids and "list" in str(fields[key].type))
+            if isinstance(default, (int, float)) and not number:
                 raise UserError(f"{source}: key {key!r} is {value!r}, expected a number like {default!r}")
         cls._read_nested(raw, values, source)
         config = cls(**values, extra=raw)
@@ -50,7 +50,8 @@ class ModelConfig:
 
     @classmethod
     def _read_nested(cls, raw: dict[str, Any], values: dict[str, Any], source: str) -> None:
-        """Hook for values stored under another name or nested: pops them from `raw` into `values`."""
+        """Hook for values stored under another name or nested: pops them from `raw` (or a field's raw value
+        already in `values`) into `values`."""
 
     def validate(self, source: str) -> None:
         """Hook: raise ValueError naming `source` and the key when a value cannot work."""

@@ -19,7 +19,7 @@ class LlamaConfig(MistralConfig):
     intermediate_size: int = 11008
     num_key_value_heads: int | None = None  # None = num_attention_heads
     max_position_embeddings: int = 2048
-    sliding_window: int | None = None  # Llama never slides
+    sliding_window: int | None = None  # kept if a file has it, but Llama never slides (window() below)
     attention_bias: bool = False  # biases on q, k, v and o
     mlp_bias: bool = False  # biases on gate, up and down
 
@@ -29,9 +29,13 @@ class LlamaConfig(MistralConfig):
 
     o_bias = qkv_bias
 
+    def window(self, layer_idx: int) -> int | None:
+        return None  # as transformers' Llama, whatever config.json says
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
-        del out["sliding_window"]  # not a Llama key
+        if out["sliding_window"] is None:
+            del out["sliding_window"]  # not a Llama key, unless the file had it
         return out
 
 

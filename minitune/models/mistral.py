@@ -67,8 +67,14 @@ class MistralConfig(ModelConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.rope_scaling and self.rope_scaling["rope_type"] in ("llama3", "yarn"):  # as transformers fills it
-            self.rope_scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+        if self.rope_scaling:  # a copy, spelled rope_type, of a known kind
+            scaling = dict(self.rope_scaling)
+            scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type"))
+            if scaling["rope_type"] not in ROPE_TYPES:
+                raise UserError(f"rope_type {scaling['rope_type']!r} is not supported; expected one of {ROPE_TYPES}")
+            if scaling["rope_type"] in ("llama3", "yarn"):  # as transformers fills it
+                scaling.setdefault("original_max_position_embeddings", self.max_position_embeddings)
+            self.rope_scaling = scaling
 
     def window(self, layer_idx: int) -> int | None:
         """The sliding window of layer `layer_idx`: Mistral's is the same in every layer."""
@@ -79,7 +85,8 @@ class MistralConfig(ModelConfig):
         # Older config.json files keep rope_theta at the top level and a scaling in rope_scaling; newer
         # transformers write rope_parameters = {"rope_type": ..., "rope_theta": ..., the scaling's keys}.
         # As in HF, a legacy rope_scaling wins over rope_parameters, and either wins over the top-level theta.
-        scaling, parameters = values.pop("rope_scaling", None), raw.pop("rope_parameters", None)  # a field: in values
+        # rope_scaling is a field, so from_dict has already moved it into values
+        scaling, parameters = values.pop("rope_scaling", None), raw.pop("rope_parameters", None)
         rope = dict(scaling or parameters or {})
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type not in ROPE_TYPES:
@@ -97,7 +104,8 @@ class MistralConfig(ModelConfig):
             raise UserError(f"{source}: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
         if self.head_dim % 2:
             raise UserError(f"{source}: head_dim {self.head_dim} must be even for rotary embeddings")
-        needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "yarn": ("factor",)}
+        needs = {"linear": ("factor",), "yarn": ("factor",),
+                 "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
         scaling = self.rope_scaling or {"rope_type": "default"}
         if missing := [k for k in needs.get(scaling["rope_type"], ()) if scaling.get(k) is None]:
             raise UserError(f"{source}: rope_type {scaling['rope_type']!r} needs {', '.join(missing)}")
@@ -109,7 +117,7 @@ class MistralConfig(ModelConfig):
         scaling = out.pop("rope_scaling")
         out["rope_parameters"] = {**(scaling or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         if scaling:
-            out["rope_scaling"] = scaling
+            out["rope_scaling"] = dict(scaling)  # a copy: transformers adds keys to the dict it is given
         return out
 
 
@@ -154,7 +162,8 @@ def rope_frequencies(config: MistralConfig, device) -> tuple[torch.Tensor, float
         if scaling.get("truncate", True):
             lo, hi = math.floor(lo), math.ceil(hi)
         lo, hi = max(lo, 0), min(hi, d - 1)
-        ramp = ((torch.arange(d // 2, device=device).float() - lo) / (hi - lo if hi > lo else 0.001)).clamp(0, 1)
+        hi = hi + 0.001 if hi == lo else hi  # as transformers: no division by zero
+        ramp = ((torch.arange(d // 2, device=device).float() - lo) / (hi - lo)).clamp(0, 1)
         inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
 
         def mscale(scale: float, m: float = 1.0) -> float:
@@ -165,6 +174,7 @@ def rope_frequencies(config: MistralConfig, device) -> tuple[torch.Tensor, float
             m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
             attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
         return inv_freq, attention
+    assert kind == "default", kind  # __post_init__ refuses other kinds
     return inv_freq, 1.0
 
 
@@ -192,7 +202,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=config.qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * hs, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * hs, config.hidden_size, bias=config.o_bias)
-        if config.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3: each head of q and k normalised before RoPE
             self.q_norm, self.k_norm = RMSNorm(hs, config.rms_norm_eps), RMSNorm(hs, config.rms_norm_eps)
         self.attn_dropout = nn.Dropout(config.attention_dropout)  # applied inside attend; a module so it can be found
         self.layer_idx = layer_idx
@@ -201,7 +212,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.hs)  # (B, T, nh, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hs)  # (B, T, n_kv, hs)
-        if hasattr(self, "q_norm"):
+        if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
@@ -231,7 +242,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.window = config.window(layer_idx)  # which of the forward's masks this layer takes
+        self.window = config.window(layer_idx)  # which of the forward's masks this layer takes (fixed when built)
 
     def forward(self, x, cos, sin, masks=None, cache=None):
         mask = masks[self.window] if masks else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
 from .mistral import Mistral, MistralConfig
 
 
@@ -40,6 +41,16 @@ class Qwen2Config(MistralConfig):
     def window(self, layer_idx: int) -> int | None:
         return self.sliding_window if self.layer_types[layer_idx] == "sliding_attention" else None
 
+    def validate(self, source: str) -> None:
+        super().validate(source)
+        kinds = ("full_attention", "sliding_attention")
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(kinds):
+            raise UserError(f"{source}: layer_types must name {self.num_hidden_layers} layers, each one of {kinds}; "
+                            f"got {self.layer_types}")
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise UserError(f"{source}: layer_types has sliding_attention layers but no window (sliding_window, "
+                            "with use_sliding_window true)")
+
 
 @dataclass
 class Qwen3Config(Qwen2Config):
@@ -51,7 +62,7 @@ class Qwen3Config(Qwen2Config):
     attention_bias: bool = False  # biases on q, k, v and o
 
     @property
-    def qkv_bias(self) -> bool:
+    def qkv_bias(self) -> bool:  # Qwen3: attention_bias, on o_proj too, where Qwen2 always biases q/k/v only
         return self.attention_bias
 
     o_bias = qkv_bias
