@@ -312,7 +312,7 @@ def main(argv=None) -> None:
     model.gradient_checkpointing = args.grad_checkpointing
     disable_dropout(model)  # as the reference: the policy's log-probs must not be noisier than the reference's
     amp = functools.partial(autocast, device, args.dtype)
-    sft_model = fingerprint(model, [], False)  # a resumed run must start from the same reference
+    start_weights = fingerprint(model, [], False)  # a resumed run must start from the same reference
 
     train, val, judged = load_pairs(args, tok)
     new_tokens = answer_length(train)
@@ -331,7 +331,7 @@ def main(argv=None) -> None:
     raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    run = {**run_settings(args, train, world, steps, RESUMABLE), "sft_model": sft_model}
+    run = run_settings(args, train, world, steps, RESUMABLE, start_weights)
     start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
     evaluate = functools.partial(validate, raw_model, tok, val, val_reference, judged, sft_answers, args, new_tokens,

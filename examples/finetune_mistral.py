@@ -213,7 +213,7 @@ def main(argv=None) -> None:
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # float32 master weights
     mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
-    base_model = fingerprint(model, [], False)  # a resumed run must start from the same weights
+    start_weights = fingerprint(model, [], False)  # a resumed run must start from the same weights
     model.gradient_checkpointing = args.grad_checkpointing
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
     amp = functools.partial(autocast, device, args.dtype)
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
 
-    run = {**run_settings(args, train, world, steps, RESUMABLE), "base_model": base_model}
+    run = run_settings(args, train, world, steps, RESUMABLE, start_weights)
     start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
 

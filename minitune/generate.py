@@ -9,12 +9,11 @@ positions count only real tokens. Every argument is checked before the first for
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, is_int, is_number
 from .models.base import CausalLM
 from .models.common import warn_past_trained_length
 
@@ -38,16 +37,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy ints too; True is no count
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_int(name: str, value, minimum: int) -> None:
-    if not _is_int(value):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise UserError(f"{name} must be >= {minimum}; got {value}")
@@ -63,14 +54,14 @@ def _check_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_
         raise ValueError(f"input_ids must be (batch, prompt_len) with prompt_len > 0; "
                          f"got {tuple(input_ids.shape)}{hint}")
     _check_int("max_new_tokens", max_new_tokens, 0)
-    if not _is_number(temperature):
+    if not is_number(temperature):
         raise TypeError(f"temperature must be a number (0 = greedy); "
                         f"got {temperature!r} ({type(temperature).__name__})")
     if not (math.isfinite(temperature) and temperature >= 0):
         raise UserError(f"temperature must be a finite number >= 0 (0 = greedy); got {temperature}")
     if top_k is not None:
         _check_int("top_k", top_k, 1)
-    if top_p is not None and not _is_number(top_p):
+    if top_p is not None and not is_number(top_p):
         raise TypeError(f"top_p must be a number in (0, 1] or None; got {top_p!r} ({type(top_p).__name__})")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1]; got {top_p}")
@@ -81,10 +72,10 @@ def _check_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_
         eos_ok = not (eos_token_id.is_floating_point() or eos_token_id.dtype == torch.bool)
     else:
         ids = eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
-        eos_ok = eos_token_id is None or all(map(_is_int, ids))
+        eos_ok = eos_token_id is None or all(map(is_int, ids))
     if not eos_ok:
         raise TypeError(f"eos_token_id must be an int, a list of ints, a tensor of ids or None; got {eos_token_id!r}")
-    if pad_token_id is not None and not _is_int(pad_token_id):
+    if pad_token_id is not None and not is_int(pad_token_id):
         raise TypeError(f"pad_token_id must be an int or None; got {pad_token_id!r}")
 
 

@@ -32,7 +32,6 @@ import contextlib
 import fnmatch
 import json
 import math
-import numbers
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -43,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, is_int, is_number
 from .hub import save_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -169,11 +168,11 @@ def _check_settings(where: str, **settings) -> None:
     """A UserError naming `where` unless the rank, alpha and dropout fit. `settings` holds the three in that
     order, named as the user wrote them: apply_lora's r, alpha, dropout or the config's r, lora_alpha, lora_dropout."""
     (r_name, r), (alpha_name, alpha), (dropout_name, dropout) = settings.items()
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
+    if not is_int(r) or r < 1:
         raise UserError(f"{where}: {r_name}={r!r}; the LoRA rank must be a whole number >= 1")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha) or alpha <= 0:
+    if not is_number(alpha) or not math.isfinite(alpha) or alpha <= 0:
         raise UserError(f"{where}: {alpha_name}={alpha!r}; LoRA's scale numerator must be a positive number")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
+    if not is_number(dropout) or not 0 <= dropout < 1:
         raise UserError(f"{where}: {dropout_name}={dropout!r}; the LoRA dropout must be in [0, 1)")
 
 

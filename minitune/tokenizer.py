@@ -11,7 +11,6 @@ surprising, the code says so and names the place in transformers it follows.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import tempfile
 import warnings
@@ -27,7 +26,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as BackendTokenizer
 
-from .errors import UserError
+from .errors import UserError, is_int
 from .hub import read_json, resolve
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -234,14 +233,14 @@ class Tokenizer:
         """`ids` (a list, a tensor, an array or one id) as a list of ints, each a token of this tokenizer."""
         if hasattr(ids, "tolist"):  # a tensor or an array
             ids = ids.tolist()
-        if _is_int(ids):
+        if is_int(ids):
             ids = [ids]
         if isinstance(ids, (str, bytes, Mapping)) or not isinstance(ids, Iterable):
             raise TypeError(f"decode expects a sequence of token ids; got {type(ids).__name__}")
         ids = list(ids)
         if not all(type(i) is int for i in ids):  # the slow path: numpy ints are fine, floats and lists are not
             for k, i in enumerate(ids):
-                if not _is_int(i):
+                if not is_int(i):
                     hint = "; batch_decode takes several sequences" if isinstance(i, (list, tuple)) else ""
                     raise TypeError(f"decode: ids[{k}] is {i!r} ({type(i).__name__}), not an int token id{hint}")
             ids = [int(i) for i in ids]
@@ -401,10 +400,6 @@ def check_fits(tok: Tokenizer, model) -> None:
         where = f" ({tok.folder})" if tok.folder else ""
         raise UserError(f"the tokenizer{where} has {len(tok)} tokens, added ones included, but the model's embedding "
                         f"has {rows} rows; grow it first: model.resize_token_embeddings(len(tok))")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def clean_up_tokenization(text: str) -> str:

@@ -345,15 +345,17 @@ def check_out(args: argparse.Namespace, files: Sequence[str] = RUN_FILES) -> Pat
 
 
 def run_settings(args: argparse.Namespace, train: Sequence[dict], world: int, steps: int,
-                 resumable: Iterable[str]) -> dict:
+                 resumable: Iterable[str], start_weights: str) -> dict:
     """What a resumed run must share with the saved one: every flag but the `resumable` ones, the world
-    size, the number of steps, and a sha256 of the encoded training examples (so changed data under the
-    same path is caught)."""
+    size, the number of steps, a sha256 of the encoded training examples (so changed data under the
+    same path is caught) and `start_weights`, the fingerprint of the weights the run started from (so
+    another --model of the same architecture is caught; minitune.reference.fingerprint)."""
     digest = hashlib.sha256()
     for example in train:
         _digest_example(digest, example)
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in set(resumable)}
-    return {**flags, "world_size": world, "steps": steps, "train_sha256": digest.hexdigest()}
+    return {**flags, "world_size": world, "steps": steps, "train_sha256": digest.hexdigest(),
+            "start_weights": start_weights}
 
 
 def _digest_example(digest, example: dict) -> None:
@@ -385,7 +387,7 @@ def resume(args: argparse.Namespace, out: Path, model, optimizer, scheduler, run
     saved = load_checkpoint(ckpt, model, optimizer, scheduler)
     before = saved["state"]["run"]
     changed = {k: (before.get(k), run.get(k)) for k in before.keys() | run.keys() if before.get(k) != run.get(k)}
-    if changed.keys() & {"base_model", "sft_model"}:
+    if "start_weights" in changed:
         raise UserError(f"{ckpt}: the run started from other weights than --model {args.model}: resume with the "
                         "--model it started from, or start a new run in another --out")
     if changed:
