@@ -22,7 +22,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5", "peft", "matplotlib"],
+        "dev": ["pytest", "transformers>=5", "peft", "bitsandbytes>=0.50", "matplotlib"],
         "plot": ["matplotlib"],
     },
 )

@@ -5,6 +5,8 @@
     cross_entropy(logits, targets, ...)         loss over the vocabulary
     fused_linear_cross_entropy(hidden, weight, targets, ...)
                                                 the loss of hidden @ weight.T without the full logits
+    nf4_dequantize(codes, absmax, code, n, blocksize, dtype, ...)
+                                                a 4-bit NormalFloat weight back to dtype (minitune.quant)
 
 MINITUNE_KERNELS=triton|torch|auto (read at each call; default auto) forces a backend. With
 TRITON_INTERPRET=1 set before minitune is imported, MINITUNE_KERNELS=triton runs the very same
@@ -28,11 +30,13 @@ from ._common import HAVE_TRITON
 from .cross_entropy import REDUCTIONS, cross_entropy_reference, cross_entropy_triton
 from .cross_entropy import fused_linear_cross_entropy as _fused_linear_ce
 from .layer_norm import layer_norm_triton
+from .nf4 import nf4_dequantize_reference, nf4_dequantize_triton
 from .rms_norm import rms_norm_reference, rms_norm_triton
 
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["backend", "rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy", "BACKENDS",
+__all__ = ["backend", "rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize",
+           "BACKENDS",
            "REDUCTIONS", "HAVE_TRITON"]
 
 
@@ -90,3 +94,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     """
     return _fused_linear_ce(hidden, weight, targets, ignore_index, reduction, label_smoothing, chunk_rows,
                             use_triton=backend(hidden) == "triton")
+
+
+def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
+                   dtype: torch.dtype, nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
+                   offset: torch.Tensor | None = None, nested_blocksize: int = 256) -> torch.Tensor:
+    """n values, flat, in `dtype`, from NF4 codes and their block maxima (double-quantized when nested_absmax is
+    given): bitsandbytes' dequantize_4bit, bit for bit. See minitune/kernels/nf4.py for the layout."""
+    fn = nf4_dequantize_triton if backend(codes) == "triton" else nf4_dequantize_reference
+    return fn(codes, absmax, code, n, blocksize, dtype, nested_absmax, nested_code, offset, nested_blocksize)

@@ -1,0 +1,112 @@
+"""NF4 dequantization in Triton, beside the PyTorch reference it must match bit for bit.
+
+A weight of n values is stored as bitsandbytes stores it (minitune/quant.py makes it):
+
+    codes    (ceil(n / 2),) uint8       two 4-bit indices into NF4_CODE per byte, the first in the high nibble
+    absmax   (ceil(n / bs),)            each block of bs (64) values' absolute maximum: float32, or with
+                                        double quantization uint8 indices into the 8-bit dynamic code,
+    nested_absmax (ceil(blocks / 256),) float32: one scale per 256 block maxima,
+    offset   ()                         float32: the mean of the block maxima, taken out before their quantization
+
+    absmax[b] = nested_code[absmax_q[b]] * nested_absmax[b // 256] + offset     (float32, double quantization)
+    w[i]      = (nf4_code[code[i]] * absmax[i // bs]).to(dtype)                 (the product in float32)
+
+Every operation is a float32 multiply or add, rounded once, in bitsandbytes' order; the kernel is
+launched with floating-point contraction off, so the compiler cannot fuse the multiply and add of
+the first line into an FMA (one rounding instead of two). The float32 -> bfloat16 rounding (to
+nearest, ties to even, as torch's .to) is done on the bits: Triton's interpreter, which the CPU
+tests run, truncates in its own cast. Each program reads BLOCK_BYTES bytes and writes their
+2 * BLOCK_BYTES values, interleaved so the stores are contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import call_op, launch_device, tl, triton
+
+
+def nf4_dequantize_reference(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
+                             dtype: torch.dtype, nested_absmax: torch.Tensor | None = None,
+                             nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                             nested_blocksize: int = 256) -> torch.Tensor:
+    """The n values, flat, in `dtype`: bitsandbytes' dequantize_4bit in PyTorch."""
+    if nested_absmax is not None:  # undo the double quantization: the block maxima in float32
+        blocks = absmax.numel()
+        scale = nested_absmax.repeat_interleave(nested_blocksize)[:blocks]  # (blocks,)
+        absmax = nested_code[absmax.long()] * scale + offset
+    high, low = codes.reshape(-1) >> 4, codes.reshape(-1) & 0xF  # (bytes,) each
+    index = torch.stack([high, low], dim=1).reshape(-1)[:n].long()  # (n,): first element in the high nibble
+    values = code[index]
+    full = n - n % blocksize
+    out = torch.empty(n, dtype=torch.float32, device=codes.device)
+    out[:full] = (values[:full].view(-1, blocksize) * absmax[:full // blocksize, None]).view(-1)
+    out[full:] = values[full:] * absmax[full // blocksize:full // blocksize + 1]  # a last, shorter block
+    return out.to(dtype)
+
+
+@triton.jit
+def _nf4_dequantize_kernel(CODES, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, n,
+                           BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                           BF16_BITS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    start = tl.program_id(0).to(tl.int64) * BLOCK_BYTES  # 64-bit: a 7B model's layers pass 2^31 values
+    byte = start + tl.arange(0, BLOCK_BYTES)
+    first = 2 * byte  # the index of the value in each byte's high nibble
+    packed = tl.load(CODES + byte, mask=first < n, other=0).to(tl.int32)
+    block = first // BLOCKSIZE  # both values of a byte share a block: the block size is even
+    if DOUBLE_QUANT:
+        q = tl.load(ABSMAX + block, mask=first < n, other=0).to(tl.int32)
+        nested = tl.load(NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=first < n, other=0.0)
+        scale = tl.load(NESTED_CODE + q) * nested + tl.load(OFFSET)  # two roundings: no FMA (see the launch)
+    else:
+        scale = tl.load(ABSMAX + block, mask=first < n, other=0.0)
+    high = tl.load(CODE + (packed >> 4)) * scale
+    low = tl.load(CODE + (packed & 0xF)) * scale
+    values = tl.interleave(high, low)  # (2 * BLOCK_BYTES,): high0, low0, high1, low1, ...
+    index = 2 * start + tl.arange(0, 2 * BLOCK_BYTES)
+    if BF16_BITS:  # OUT is the bfloat16 output viewed as int16: round to nearest even on the bits
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        tl.store(OUT + index, bits.to(tl.int16), mask=index < n)
+    else:
+        tl.store(OUT + index, values.to(OUT.dtype.element_ty), mask=index < n)
+
+
+BLOCK_BYTES = 1024  # bytes a program reads: 2048 values it writes
+
+
+def _nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
+                    dtype: torch.dtype, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                    offset: torch.Tensor | None, nested_blocksize: int) -> torch.Tensor:
+    """The n values, flat, in `dtype`, from one kernel launch (nf4_dequantize_reference's maths)."""
+    if blocksize % 2:
+        raise ValueError(f"NF4 block size {blocksize}: the kernel needs an even block size")
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    double_quant = nested_absmax is not None
+    if not double_quant:  # unused pointers: any float32 tensor will do
+        nested_absmax = nested_code = offset = absmax
+    bf16_bits = dtype == torch.bfloat16
+    grid = (triton.cdiv(codes.numel(), BLOCK_BYTES),)
+    with launch_device(codes):
+        _nf4_dequantize_kernel[grid](codes, absmax, code, nested_absmax, nested_code, offset,
+                                     out.view(torch.int16) if bf16_bits else out, n, BLOCKSIZE=blocksize,
+                                     NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
+                                     BF16_BITS=bf16_bits, BLOCK_BYTES=BLOCK_BYTES, enable_fp_fusion=False)
+    return out
+
+
+nf4_dequantize_op = torch.library.custom_op("minitune::nf4_dequantize", _nf4_dequantize, mutates_args=())
+
+
+@nf4_dequantize_op.register_fake
+def _(codes, absmax, code, n, blocksize, dtype, nested_absmax, nested_code, offset, nested_blocksize):
+    return codes.new_empty(n, dtype=dtype)
+
+
+def nf4_dequantize_triton(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
+                          dtype: torch.dtype, nested_absmax: torch.Tensor | None = None,
+                          nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                          nested_blocksize: int = 256) -> torch.Tensor:
+    """The n values, flat, in `dtype`, from one kernel launch (nf4_dequantize_reference's maths)."""
+    return call_op(nf4_dequantize_op, _nf4_dequantize, codes, absmax, code, n, blocksize, dtype, nested_absmax,
+                   nested_code, offset, nested_blocksize)
