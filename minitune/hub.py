@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from .errors import UserError
+from .quant import NF4Weight, from_bnb, nf4_weights, quantize_nf4
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -241,15 +242,29 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
                 problems.append(f"tensor {key!r} is stored twice: in {jobs[ours][0].name} and {path.name}")
             jobs[ours] = (path, entry, key)
 
+    quantized = nf4_weights(model)  # NF4 layers: filled from a bitsandbytes 4-bit checkpoint, or quantized here
+    quantized_parts: dict[str, dict[str, tuple[Path, TensorEntry, str]]] = {name: {} for name in quantized}
+    for ours in list(jobs):
+        if (found := quantized_part(ours, quantized)) is not None:
+            name, part = found
+            quantized_parts[name][part] = jobs.pop(ours)
+
     embed_key = next(k for k, p in model.named_parameters() if p is model.input_embeddings().weight)
     untie_to_compare = model.head_is_tied and "lm_head.weight" in jobs and embed_key in jobs
     if untie_to_compare:
         model.lm_head.weight = torch.nn.Parameter(torch.empty_like(model.lm_head.weight))
     elif model.head_is_tied and "lm_head.weight" in jobs:
         jobs[embed_key] = jobs.pop("lm_head.weight")  # only the head stored: it is the shared matrix
-    targets = model.state_dict()
+    targets = {k: v for k, v in model.state_dict().items() if quantized_part(k, quantized) is None}
     if model.head_is_tied:
         del targets["lm_head.weight"]
+    for name, parts in quantized_parts.items():
+        if "" not in parts:
+            problems.append(f"missing tensor {name!r} (in none of {', '.join(p.name for p in files)})")
+        elif parts[""][1].dtype.is_floating_point and parts[""][1].shape != list(quantized[name].shape):
+            path, entry, key = parts[""]
+            problems.append(f"{path.name}: tensor {key!r} has shape {entry.shape}, the model expects "
+                            f"{list(quantized[name].shape)}")
 
     for ours, (path, entry, key) in list(jobs.items()):
         if ours not in targets:
@@ -277,8 +292,28 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
         with torch.no_grad():
             target.copy_(model.tensor_from_checkpoint(ours, buffer))
 
+    device, dtype = model.input_embeddings().weight.device, model.input_embeddings().weight.dtype
+
+    def load_quantized(name: str) -> None:
+        """One NF4 layer: its bitsandbytes tensors read as they are, or its dense weight read, cast to the
+        model's dtype on its device, and quantized there (one weight-sized buffer at a time)."""
+        parts = {}
+        for part, (path, entry, _) in quantized_parts[name].items():
+            parts[part] = torch.empty(entry.shape, dtype=entry.dtype)
+            read_into(path, entry, parts[part])
+        path, _, key = quantized_parts[name][""]
+        weight = quantized[name]
+        if parts[""].is_floating_point():
+            dense = model.tensor_from_checkpoint(name, parts.pop("")).to(device=device, dtype=dtype)
+            loaded = quantize_nf4(dense, weight.blocksize, weight.double_quant)
+        else:
+            loaded = from_bnb({part: t.to(device) for part, t in parts.items()}, where=f"{path.name}: {key}")
+        weight.set_(loaded)
+        weight.dtype = dtype  # what dequantize() gives by default, and what a merged save writes
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(load_one, jobs))  # list() re-raises a worker's error here
+        list(pool.map(load_quantized, quantized))
 
     if untie_to_compare:
         if torch.equal(model.lm_head.weight, model.input_embeddings().weight):
@@ -287,6 +322,26 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
             warnings.warn(f"{files[0].parent}: config.json ties lm_head to the embedding, but the checkpoint "
                           "stores a different lm_head.weight; using it untied, as transformers does", stacklevel=3)
             model.config.tie_word_embeddings = False
+
+
+QUANTIZED_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4",
+                   "quant_state.bitsandbytes__fp4")  # bitsandbytes' entries beside a 4-bit weight
+
+
+def quantized_part(key: str, quantized: dict[str, NF4Weight]) -> tuple[str, str] | None:
+    """(weight key, part) when `key` is an NF4 weight ("" part) or one of its bitsandbytes entries; else None."""
+    if key in quantized:
+        return key, ""
+    for part in QUANTIZED_PARTS:
+        if key.endswith("." + part) and key[:-len(part) - 1] in quantized:
+            return key[:-len(part) - 1], part
+    return None
+
+
+def stored_4bit(headers: dict[Path, dict[str, TensorEntry]]) -> list[str]:
+    """The keys of the weights a checkpoint stores in bitsandbytes' 4-bit format (those with a quant state)."""
+    marks = (".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+    return [key.rsplit(".quant_state.", 1)[0] for header in headers.values() for key in header if key.endswith(marks)]
 
 
 def mismatch(what: str, model, problems: list[str]) -> UserError:
@@ -336,15 +391,23 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     os.chmod(path, 0o666 & ~_UMASK)
 
 
-def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """config.json + safetensors in the Hugging Face layout, loadable by transformers."""
+def save_model(model, out_dir: str | os.PathLike, max_shard_size: int | str = "5GB",
+               state: dict[str, torch.Tensor] | None = None) -> None:
+    """config.json + safetensors in the Hugging Face layout, loadable by transformers.
+
+    A model with NF4 layers is written as transformers writes a bitsandbytes 4-bit model (its config
+    says so). `state`, when given, is written instead of the model's own tensors: a plain checkpoint
+    (mt.quant.dequantized_state), so its config says nothing of quantization."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach() for k, v in model.checkpoint_state().items()}  # views: no copies yet
+    own = state is None
+    state = {k: v.detach() for k, v in (model.checkpoint_state() if own else state).items()}  # views: no copies yet
     shards = shard_state(state, parse_size(max_shard_size))
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     config = model.config.to_dict()
+    if not own:
+        config.pop("quantization_config", None)
     config["dtype"] = str(model.dtype).removeprefix("torch.")
     config["tie_word_embeddings"] = model.head_is_tied  # what the files hold, even if a user (un)tied it
 

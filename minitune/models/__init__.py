@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..hub import CONFIG_FILE, load_state, parse_dtype, read_header, read_json, resolve_checkpoint, stored_dtype
+from ..hub import (CONFIG_FILE, load_state, parse_dtype, read_header, read_json, resolve_checkpoint, stored_4bit,
+                   stored_dtype)
+from ..quant import NF4Weight, quantizable_layers, quantize_model
 from .base import CausalLM, ModelConfig
 from .common import KVCache
 from .gpt2 import GPT2, GPT2Config
@@ -22,13 +24,20 @@ MODEL_CLASSES: dict[str, type[CausalLM]] = {"gpt2": GPT2, "mistral": Mistral, "l
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None = None,
-               device: torch.device | str | None = None) -> CausalLM:
+               device: torch.device | str | None = None, quantize: str | None = None) -> CausalLM:
     """A model with the checkpoint's weights, in eval mode, from a local folder or a hub id.
 
     dtype None keeps the dtype the checkpoint was saved in; device None is the CPU. The model is
     built on the meta device (no memory, no random init), allocated once in `dtype` on `device`,
     and the checkpoint's tensors are streamed into it, so loading never holds two copies.
+
+    quantize="nf4" holds every linear layer of the decoder blocks in 4-bit NF4 (mt.quant: QLoRA's
+    format, bitsandbytes' bytes), each weight quantized on `device` as it is read; the embeddings,
+    norms and head stay in `dtype`. A checkpoint saved by transformers with bitsandbytes 4-bit (NF4)
+    loads as it is stored, with or without quantize=.
     """
+    if quantize not in (None, "nf4"):
+        raise UserError(f"quantize={quantize!r}: expected None or 'nf4'")
     folder, files = resolve_checkpoint(name_or_path)
     config_path = folder / CONFIG_FILE
     raw = read_json(config_path)
@@ -43,6 +52,10 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None 
 
     with torch.device("meta"):
         model = cls(config)  # shapes only: no memory, no random init
+    stored = [model.key_from_checkpoint(key).removesuffix(".weight") for key in stored_4bit(headers)]
+    if quantize or stored:  # empty NF4 layers, filled as the checkpoint streams in
+        names = quantizable_layers(model) if quantize else []
+        quantize_model(model, names=names + [name for name in stored if name not in names], dtype=dtype)
     _allocate(model, dtype, torch.device(device or "cpu"))
     load_state(model, headers)
     return model.eval()
@@ -52,6 +65,8 @@ def _allocate(model: CausalLM, dtype: torch.dtype, device: torch.device) -> None
     """Give every parameter of a meta-device model real, uninitialised storage; tied ones stay tied."""
     fresh: dict[int, nn.Parameter] = {}
     for module in model.modules():
+        if isinstance(module, NF4Weight):  # filled as the checkpoint streams in (hub.load_state)
+            continue
         for name, p in list(module.named_parameters(recurse=False)):
             if id(p) not in fresh:
                 fresh[id(p)] = nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device),

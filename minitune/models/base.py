@@ -86,9 +86,10 @@ class CausalLM(nn.Module):
             raise UserError(f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
 
-    def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB") -> None:
+    def save_pretrained(self, out_dir: str, max_shard_size: int | str = "5GB",
+                        state: dict[str, torch.Tensor] | None = None) -> None:
         from ..hub import save_model
-        save_model(self, out_dir, max_shard_size=max_shard_size)
+        save_model(self, out_dir, max_shard_size=max_shard_size, state=state)
 
     # ---- checkpoint hooks: hub key/layout <-> our key/layout ----
 
@@ -190,5 +191,5 @@ class CausalLM(nn.Module):
         return next(self.parameters()).dtype
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
-        return sum(p.numel() for p in params.values())
+        from ..quant import parameter_numel  # a 4-bit weight counts its values, not its bytes
+        return parameter_numel(self, trainable_only)
