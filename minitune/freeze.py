@@ -26,6 +26,7 @@ from torch import nn
 
 from .errors import UserError
 from .optim import decay_groups
+from .quant import is_quantized
 
 ULMFIT_FACTOR = 2.6  # ULMFiT's ratio between the learning rates of neighbouring layer groups
 
@@ -41,6 +42,9 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 def layer_groups(model: nn.Module) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
     """[(group name, [(parameter name, parameter), ...]), ...] bottom to top: "embeddings", "block.0" ...
     "block.{N-1}", "head". Every parameter is in exactly one group (a tied one once, in the embeddings)."""
+    if is_quantized(model):
+        raise UserError("freezing and unfreezing schedules need a full-precision model: a 4-bit base (QLoRA) "
+                        "trains only through LoRA adapters")
     stack = blocks(model)
     prefix = next(name for name, m in model.named_modules() if m is stack)
     groups = {"embeddings": []} | {f"block.{i}": [] for i in range(len(stack))} | {"head": []}

@@ -44,6 +44,7 @@ from torch import nn
 
 from .errors import UserError, is_int, is_number
 from .hub import save_safetensors
+from .quant import NF4Linear, NF4Weight, dequantized_state, linear, parameter_numel, pass_bytes_down
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -51,9 +52,14 @@ PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update; the base weight and bias keep their names and are frozen."""
+    """nn.Linear plus a low-rank update; the base weight and bias keep their names and are frozen.
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    The base may be an NF4Linear (QLoRA): its 4-bit weight is adopted the same way. The adapters are
+    float32 over a bfloat16, float16 or 4-bit base (PEFT's default too): their updates are small next to
+    the weights, and the optimizer steps them in full precision."""
+
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the base's parameters are adopted, not re-made
         if r < 1:
             raise UserError(f"LoRA rank r must be at least 1, got {r}")
@@ -64,7 +70,8 @@ class LoRALinear(nn.Linear):
             self.bias.requires_grad_(False)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        dtype = base.weight.dtype if base.weight.dtype == torch.float64 else torch.float32
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)   # (r, in)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)  # (out, r)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -76,10 +83,15 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # F.linear, or the 4-bit matmul over an NF4Weight
         if self.merged or self.disabled:
             return y
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+        x = x.to(self.lora_A.weight.dtype)  # a no-op under autocast, which picks the matmul dtype itself
+        return y + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(y.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        pass_bytes_down(self, state_dict, prefix)  # a 4-bit base's bytes, stored at "<layer>.weight"
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, (out, in), in float32 for the merge arithmetic."""
@@ -89,6 +101,9 @@ class LoRALinear(nn.Linear):
     def merge(self) -> None:
         if self.disabled:
             raise RuntimeError("merge inside disable_lora: the block would stop being the base model")
+        if isinstance(self.weight, NF4Weight):
+            raise UserError("merge_lora on a 4-bit base: the sum would be rounded back to 4 bits; save_merged "
+                            "dequantizes, merges and writes a full-precision checkpoint instead")
         if not self.merged:
             self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
             self.merged = True
@@ -151,11 +166,11 @@ def target_names(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     return found
 
 
-def _linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+def _linear_layers(model: nn.Module) -> dict[str, nn.Linear | NF4Linear]:
     """The model's linear layers by path, the ones with LoRA (LoRALinear) included, the adapters' own never."""
     adapters = tuple(f"{name}." for name, _ in lora_layers(model))  # lora_A, lora_B and anything else inside
     return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not (adapters and name.startswith(adapters))}
+            if isinstance(m, (nn.Linear, NF4Linear)) and not (adapters and name.startswith(adapters))}
 
 
 def _few(names: list[str], shown: int = 6) -> str:
@@ -221,9 +236,9 @@ def _add_lora(model: nn.Module, names: list[str], r: int, alpha: float, dropout:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, a tied weight counted once."""
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    """(trainable, total) parameter counts, a tied weight counted once and a 4-bit weight by its values (not
+    its bytes)."""
+    return parameter_numel(model, trainable_only=True), parameter_numel(model)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -274,7 +289,11 @@ def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
 
 def save_merged(model: nn.Module, out_dir: str | os.PathLike, **kwargs) -> None:
     """The model with its adapters folded into the base weights, in the Hugging Face layout: a plain
-    checkpoint that loads without PEFT. The model is left as it was, merged or not."""
+    checkpoint that loads without PEFT. The model is left as it was, merged or not.
+
+    Over a 4-bit base, each weight is dequantized (to the dtype the model was loaded in), the adapter's
+    update added in float32 and the sum rounded once to that dtype: a plain checkpoint, one layer at a time
+    on the layer's device, the whole of it on the CPU before it is written."""
     _save_full(model, out_dir, merged=True, **kwargs)
 
 
@@ -285,6 +304,11 @@ def save_model(model: nn.Module, out_dir: str | os.PathLike, merged: bool = True
 
 def _save_full(model: nn.Module, out_dir: str | os.PathLike, merged: bool, **kwargs) -> None:
     """save_pretrained with the adapters merged in, or left out; never LoRA tensors in the file."""
+    if any(isinstance(layer.weight, NF4Weight) for _, layer in _layers(model)):
+        layers = {f"{name}.weight": layer for name, layer in _layers(model)}
+        delta = (lambda key: layers[key].delta_weight() if key in layers else None) if merged else None  # noqa: E731
+        model.save_pretrained(out_dir, state=dequantized_state(model, delta), **kwargs)
+        return
     was_merged = all(layer.merged for _, layer in _layers(model))
     (merge_lora if merged else unmerge_lora)(model)
     try:

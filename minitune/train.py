@@ -106,9 +106,10 @@ def _within(value: float, low: float, strict: bool = False) -> float:
     return value
 
 
-def add_lora_args(parser: argparse.ArgumentParser, targets: Sequence[str] = ("q_proj", "v_proj")
-                  ) -> argparse.ArgumentParser:
-    """--lora-r (0: full fine-tuning), --lora-alpha, --lora-dropout, --lora-targets, --rslora, --lora-final."""
+def add_lora_args(parser: argparse.ArgumentParser, targets: Sequence[str] = ("q_proj", "v_proj"),
+                  quantize: bool = False) -> argparse.ArgumentParser:
+    """--lora-r (0: full fine-tuning), --lora-alpha, --lora-dropout, --lora-targets, --rslora, --lora-final; with
+    `quantize`, --quantize nf4 (QLoRA, for the Mistral-family decoders)."""
     p = parser.add_argument
     p("--lora-r", type=int, default=0, help="LoRA rank; 0 trains every weight")
     p("--lora-alpha", type=float, default=16.0, help="LoRA scale numerator: the update is alpha / r * B A")
@@ -118,12 +119,28 @@ def add_lora_args(parser: argparse.ArgumentParser, targets: Sequence[str] = ("q_
     p("--rslora", action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)")
     p("--lora-final", default="merged", choices=("merged", "none"),
       help="besides <out>/adapter: the merged model in <out>/final, or no full model")
+    if quantize:
+        p("--quantize", default=None, choices=("nf4",),
+          help="hold the frozen base's linear layers in 4-bit NF4 under the adapters (QLoRA); needs --lora-r")
     return parser
 
 
+def weights_dtype(args: argparse.Namespace) -> torch.dtype:
+    """The dtype to load the model in: float32 master weights when every weight trains (bf16 compute runs under
+    autocast); under LoRA the frozen base in the compute dtype (bf16 on a GPU: half the memory, and the matmuls
+    are bf16 anyway), the float32 adapters being all that trains (with --quantize nf4, the linear layers of the
+    base are 4-bit on top)."""
+    return torch.bfloat16 if getattr(args, "lora_r", 0) and args.dtype == "bfloat16" else torch.float32
+
+
 def apply_lora_args(model: torch.nn.Module, args: argparse.Namespace) -> bool:
-    """apply_lora from the --lora-* flags when --lora-r > 0; whether it did."""
+    """apply_lora from the --lora-* flags when --lora-r > 0; whether it did. A model with 4-bit layers (--quantize
+    nf4, or a bitsandbytes 4-bit --model) cannot train without LoRA: a UserError says so."""
+    from . import quant
     if not getattr(args, "lora_r", 0):
+        if quant.is_quantized(model):
+            raise UserError(f"{args.model} is stored in 4 bits (bitsandbytes NF4), which cannot be trained itself: "
+                            "add LoRA (e.g. --lora-r 16 --lora-targets all-linear)")
         return False
     from . import lora
     lora.apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
@@ -167,6 +184,9 @@ def parse_common_args(parser: argparse.ArgumentParser, argv: Iterable[str] | Non
             parser.error(f"--{flag.replace('_', '-')} {path}: {what}")
     if args.overwrite and args.resume:
         parser.error("--overwrite starts the run again and --resume continues it: pass one of them")
+    if getattr(args, "quantize", None) and not getattr(args, "lora_r", 0):
+        parser.error(f"--quantize {args.quantize} holds the base in 4 bits, which cannot be trained itself: add LoRA "
+                     "(e.g. --lora-r 16 --lora-targets all-linear)")
     args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
     return args
 
