@@ -80,6 +80,7 @@ from minitune.train import (
     to_device,
     total_steps,
     warmup_steps,
+    weights_dtype,
     world_size,
 )
 
@@ -101,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
     p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm; 0: never")
-    add_lora_args(p)  # --lora-r 0 (the default): full fine-tuning
+    add_lora_args(p, quantize=True)  # --lora-r 0 (the default): full fine-tuning; --quantize nf4: QLoRA
     # the DPO loss and its reference
     p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the pull towards the reference")
     p.add_argument("--loss-type", default="sigmoid", choices=DPO_LOSS_TYPES)
@@ -307,7 +308,9 @@ def main(argv=None) -> None:
     out = check_out(args)  # a finished run needs --resume auto or --overwrite (the fingerprinted cache may stay)
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)
-    model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # the SFT model: policy and reference
+    # the SFT model, policy and reference: float32 master weights, or under LoRA a frozen base in the compute
+    # dtype (4-bit with --quantize nf4)
+    model = mt.load_model(args.model, dtype=weights_dtype(args), device=device, quantize=args.quantize).train()
     mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
     model.gradient_checkpointing = args.grad_checkpointing
     disable_dropout(model)  # as the reference: the policy's log-probs must not be noisier than the reference's

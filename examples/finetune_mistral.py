@@ -63,6 +63,7 @@ from minitune.train import (
     to_device,
     total_steps,
     warmup_steps,
+    weights_dtype,
     world_size,
 )
 
@@ -83,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="decay after warmup")
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
     p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm; 0: never")
-    add_lora_args(p)  # --lora-r 0 (the default): full fine-tuning
+    add_lora_args(p, quantize=True)  # --lora-r 0 (the default): full fine-tuning; --quantize nf4: QLoRA
     # the data and validation
     p.add_argument("--val-data", default=str(HERE / "data" / "sft" / "validation.jsonl"),
                    help="held-out chats; empty: split --val-fraction off --data")
@@ -211,7 +212,8 @@ def main(argv=None) -> None:
     out = check_out(args)  # a folder holding a finished run needs --resume auto or --overwrite
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)
-    model = mt.load_model(args.model, dtype=torch.float32, device=device).train()  # float32 master weights
+    # float32 master weights; under LoRA the frozen base in the compute dtype, or 4-bit with --quantize nf4
+    model = mt.load_model(args.model, dtype=weights_dtype(args), device=device, quantize=args.quantize).train()
     mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
     start_weights = fingerprint(model, [], False)  # a resumed run must start from the same weights
     model.gradient_checkpointing = args.grad_checkpointing

@@ -155,7 +155,8 @@ def test_flags_resolve_and_refuse_what_dpo_cannot_do(capsys):
     for flags, message in ((["--reference", "lora-disabled"], "needs LoRA"),
                            (["--packing"], "--packing is not supported"),
                            (["--lora-r", "4", "--lora-dropout", "0.1"], "DPO trains without dropout"),
-                           (["--loss-type", "hinge", "--label-smoothing", "0.1"], "not to hinge")):
+                           (["--loss-type", "hinge", "--label-smoothing", "0.1"], "not to hinge"),
+                           (["--quantize", "nf4"], "--quantize nf4 holds the base in 4 bits, which cannot be trained")):
         with pytest.raises(SystemExit):
             dpo.parse_args(["--model", str(TINY), *flags])
         assert message in capsys.readouterr().err
@@ -174,6 +175,17 @@ def test_a_missing_sft_model_is_one_line_that_says_how_to_make_it(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:decode. dropped ids")  # a random model may pick an embedding row no token uses
+def test_qlora_dpo_starts_at_the_reference_and_trains_the_adapters_over_a_4_bit_base(tmp_path, small):
+    """--quantize nf4 with LoRA: the reference is the same 4-bit model with the adapters off (no second copy of the
+    weights), so the first step's DPO loss is ln 2; the adapters train."""
+    flags = [*small, "--max-steps", "2", "--lora-r", "4", "--lora-targets", "all-linear", "--quantize", "nf4",
+             "--rpo-alpha", "0", "--lr", "1e-2"]
+    metrics = run(tmp_path / "out", *flags)
+    assert metrics[1]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert metrics[-1]["step"] == 2 and metrics[-1]["rewards/margins"] != 0
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
 def test_a_tiny_qwen2_runs_dpo_through_the_same_example(tmp_path, small):
     """--model <a tiny saved Qwen2 folder>: DPO trains it (LoRA, the reference with LoRA off) and saves a Qwen2."""
     import transformers

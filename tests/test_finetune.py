@@ -196,6 +196,55 @@ def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_pa
         torch.testing.assert_close(adapted(x), merged(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_qlora_run_trains_only_the_adapters_resumes_exactly_and_saves_a_plain_merged_model(tmp_path, small_data):
+    """--quantize nf4: the decoder's linear layers are 4-bit, only the adapters train; the run resumes bit for bit;
+    adapter/ over the 4-bit base and the merged final/ (dequantized + the adapter, a plain checkpoint transformers
+    loads without bitsandbytes) give the same logits."""
+    import transformers
+
+    import minitune as mt
+
+    flags = ["--data", str(small_data), "--max-steps", "4", "--save-every", "2", "--lora-r", "4", "--lora-targets",
+             "all-linear", "--quantize", "nf4", "--grad-checkpointing", "--lr", "3e-3", "--warmup", "1"]
+    straight = run(tmp_path / "straight", *flags)
+    resumed = run(resumable_copy(tmp_path / "straight", tmp_path / "cut"), *flags, "--resume", "auto")
+    assert without_timing(resumed) == without_timing(straight)
+    assert straight[-1]["loss"] < straight[1]["loss"]
+    base = ROOT / "examples" / "assets" / "tiny-mistral"
+    final = tmp_path / "straight" / "final"
+    assert "quantization_config" not in json.loads((final / "config.json").read_text())
+    assert not [k for k in weights(tmp_path / "straight") if "lora" in k or "absmax" in k]
+    adapted = mt.lora.load_adapter(mt.load_model(base, dtype=torch.float32, quantize="nf4").eval(),
+                                   tmp_path / "straight" / "adapter")
+    assert isinstance(adapted.model.layers[0].mlp.down_proj.weight, mt.quant.NF4Weight)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(final).eval()
+    x = torch.tensor([mt.load_tokenizer(base).encode("What is 3 plus 4?")])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_without_lora_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(tmp_path / "q", "--quantize", "nf4")
+    assert "--quantize nf4 holds the base in 4 bits, which cannot be trained itself: add LoRA" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_4_bit_checkpoint_as_model_needs_lora(tmp_path, small_data):
+    """A checkpoint saved in bitsandbytes' 4-bit layout loads as it is stored; without --lora-r nothing in it could
+    train, so the run stops in one line before the first step."""
+    import minitune as mt
+
+    base = ROOT / "examples" / "assets" / "tiny-mistral"
+    mt.load_model(base, quantize="nf4").save_pretrained(tmp_path / "bnb")
+    mt.load_tokenizer(base).save_pretrained(tmp_path / "bnb")
+    message = fails(tmp_path / "out", "--model", str(tmp_path / "bnb"), "--data", str(small_data))
+    assert "is stored in 4 bits (bitsandbytes NF4), which cannot be trained itself: add LoRA" in message
+    metrics = run(tmp_path / "lora", "--model", str(tmp_path / "bnb"), "--data", str(small_data), "--max-steps", "1",
+                  "--lora-r", "4")
+    assert metrics[-1]["step"] == 1
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.filterwarnings("ignore:decode. dropped ids")  # a random model may pick an embedding row no token uses
 def test_a_tiny_llama_or_qwen_fine_tunes_through_the_same_example(family, tmp_path, small_data):
@@ -228,3 +277,17 @@ def test_two_gloo_processes_follow_one_process_with_the_same_global_batch(tmp_pa
     for a, b in [(one[0], two[0]), (one[-1], two[-1])]:
         for key in ("val_loss", "val_token_acc", "val_exact_match"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), (key, a, b)
+
+
+@pytest.mark.slow
+def test_qlora_under_two_gloo_processes_follows_one_process(tmp_path):
+    """DDP over a 4-bit base: its frozen 4-bit parameters are sent once at the start (never reduced), the
+    adapters' gradients are averaged: the same losses as one process with the same global batch."""
+    qlora = ["--max-steps", "4", "--grad-accum", "2", "--lora-r", "4", "--lora-targets", "all-linear", "--quantize",
+             "nf4", "--lr", "3e-3"]
+    one = run(tmp_path / "one", "--batch-size", "8", *qlora)
+    returncode, stderr = run_command([*TORCHRUN, str(SCRIPT), "--out", str(tmp_path / "two"), *SMALL, *qlora])
+    assert returncode == 0, stderr[-3000:]
+    two = read_metrics(tmp_path / "two")
+    for a, b in zip(one[1:], two[1:], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
