@@ -168,10 +168,12 @@ class NF4Weight(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(device) moves the state; a dtype cast (model.to(torch.bfloat16), .half()) must not round the
         # float32 block maxima and levels: it changes only the dtype dequantize() gives
-        probe = fn(torch.zeros(1, device=self.device))
-        if probe.dtype != torch.float32:
-            self.dtype = probe.dtype
-            fn = lambda t: t.to(probe.device)  # noqa: E731
+        device = fn(torch.zeros(1, device=self.device)).device
+        for dtype in (torch.float32, torch.float16):  # .float() leaves float32 alone, .half() float16
+            if (cast := fn(torch.zeros(1, dtype=dtype, device=self.device)).dtype) != dtype:
+                self.dtype = cast
+                fn = lambda t: t.to(device)  # noqa: E731
+                break
         for name, value in self._parameters.items():
             if value is not None:
                 self._set(name, fn(value.detach()))
@@ -295,17 +297,20 @@ def from_bnb(parts: dict[str, torch.Tensor], where: str) -> NF4Weight:
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """x @ W^T with W dequantized in the forward and again in the backward: nothing but x's gradient, and no
-    full-precision W kept between them."""
+    """x @ W^T + b with W dequantized in the forward and again in the backward: no full-precision W kept between
+    them. W never trains; the bias (frozen in NF4Linear) gets its gradient only if it asks for one."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight
-        return x @ weight.dequantize(x.dtype).t()  # (..., in) @ (in, out)
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, weight.dequantize(x.dtype), bias)  # (..., in) -> (..., out), one rounding as nn.Linear
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.weight.dequantize(grad.dtype), None  # (..., out) @ (out, in)
+        grad_x = grad @ ctx.weight.dequantize(grad.dtype)  # (..., out) @ (out, in)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -315,8 +320,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | NF4Weight, bias: torch.Tensor
         return F.linear(x, weight, bias)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    y = _NF4Matmul.apply(x, weight)
-    return y if bias is None else y + bias.to(y.dtype)
+    return _NF4Matmul.apply(x, weight, bias)
 
 
 class NF4Linear(nn.Module):
