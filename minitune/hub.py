@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -216,6 +217,13 @@ def read_into(path: Path, entry: TensorEntry, out: torch.Tensor) -> None:
             done += got
 
 
+def mapped(path: Path, entry: TensorEntry) -> torch.Tensor:
+    """One tensor of a safetensors file as a CPU tensor over the file's pages (copy-on-write, never written
+    back): no heap copy, and its pages leave the process when the tensor does."""
+    pages = np.memmap(path, dtype=np.uint8, mode="c", offset=entry.offset, shape=(entry.nbytes,))
+    return torch.from_numpy(pages).view(entry.dtype).view(entry.shape)
+
+
 def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int = 4) -> None:
     """Fill the model's parameters from checkpoint files (their `read_header`s), each tensor read
     straight into place.
@@ -295,25 +303,28 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
     device, dtype = model.input_embeddings().weight.device, model.input_embeddings().weight.dtype
 
     def load_quantized(name: str) -> None:
-        """One NF4 layer: its bitsandbytes tensors read as they are, or its dense weight read, cast to the
-        model's dtype on its device, and quantized there (one weight-sized buffer at a time)."""
-        parts = {}
-        for part, (path, entry, _) in quantized_parts[name].items():
-            parts[part] = torch.empty(entry.shape, dtype=entry.dtype)
-            read_into(path, entry, parts[part])
-        path, _, key = quantized_parts[name][""]
+        """One NF4 layer: its bitsandbytes tensors read as they are, or its dense weight cast to the model's
+        dtype on its device and quantized there, a chunk at a time, from the file's pages: no weight-sized
+        buffer on the heap, whose freed blocks the allocator would keep."""
+        path, entry, key = quantized_parts[name][""]
         weight = quantized[name]
-        if parts[""].is_floating_point():
-            dense = model.tensor_from_checkpoint(name, parts.pop("")).to(device=device, dtype=dtype)
+        if entry.dtype.is_floating_point:
+            dense = model.tensor_from_checkpoint(name, mapped(path, entry)).to(device=device, dtype=dtype)
             loaded = quantize_nf4(dense, weight.blocksize, weight.double_quant)
+            del dense  # unmaps the pages
         else:
+            parts = {}
+            for part, (part_path, part_entry, _) in quantized_parts[name].items():
+                parts[part] = torch.empty(part_entry.shape, dtype=part_entry.dtype)
+                read_into(part_path, part_entry, parts[part])
             loaded = from_bnb({part: t.to(device) for part, t in parts.items()}, where=f"{path.name}: {key}")
         weight.set_(loaded)
         weight.dtype = dtype  # what dequantize() gives by default, and what a merged save writes
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(load_one, jobs))  # list() re-raises a worker's error here
-        list(pool.map(load_quantized, quantized))
+    for name in quantized:  # one at a time: the peak is the 4-bit model plus one weight's pages and chunks
+        load_quantized(name)
 
     if untie_to_compare:
         if torch.equal(model.lm_head.weight, model.input_embeddings().weight):

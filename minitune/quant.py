@@ -44,7 +44,7 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               0.7229568362236023, 1.0)
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # bitsandbytes' choices
 NESTED_BLOCKSIZE = 256  # block maxima per scale in the double quantization
-CHUNK = 1 << 22  # values quantized at once: bounds the float32 temporaries to a few times 16 MB
+CHUNK = 1 << 18  # values quantized at once on the CPU: float32 temporaries of 1 MB (64x that on a GPU)
 QUANT_METHOD = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                 "bnb_4bit_quant_type": "nf4", "bnb_4bit_quant_storage": "uint8"}  # config.json's quantization_config
 
@@ -67,25 +67,24 @@ def dynamic_code(device: torch.device | str | None = None) -> torch.Tensor:
     return torch.tensor(sorted(levels + [0.0, 1.0]), dtype=torch.float32, device=device)
 
 
-def _blockwise(values: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(absmax (blocks,) float32, indices (n,) int32): each block scaled into [-1, 1] by its absolute maximum and
-    every value rounded to the nearest level of the sorted `code`, ties to the lower one (bitsandbytes' order of
-    operations: a multiply by the reciprocal of the maximum, a division in a last, shorter block)."""
-    flat = values.reshape(-1).float()
+def _blockwise(values: torch.Tensor, blocksize: int, code: torch.Tensor):
+    """Yields (first value's index, absmax (blocks,) float32, indices (values,) int32), CHUNK values at a time:
+    each block scaled into [-1, 1] by its absolute maximum and every value rounded to the nearest level of the
+    sorted `code`, ties to the lower one (bitsandbytes' order of operations: a multiply by the reciprocal of the
+    maximum, a division in a last, shorter block). Only one chunk's float32 temporaries exist at a time."""
+    flat = values.reshape(-1)
     edges = (code[:-1] + code[1:]) / 2  # (levels - 1,): a value above edge i is nearer level i + 1
     full = flat.numel() - flat.numel() % blocksize
-    absmax, indices = [], []
-    for start in range(0, full, CHUNK):  # whole blocks at a time: every block size divides CHUNK
-        chunk = flat[start:min(start + CHUNK, full)].view(-1, blocksize)  # (blocks, bs)
+    step = CHUNK if flat.device.type == "cpu" else 64 * CHUNK  # on a GPU, fewer launches
+    for start in range(0, full, step):  # whole blocks at a time: every block size divides CHUNK
+        chunk = flat[start:min(start + step, full)].float().view(-1, blocksize)  # (blocks, bs)
         chunk_max = chunk.abs().amax(dim=1)  # (blocks,)
-        scaled = torch.clamp(chunk * (1.0 / chunk_max.clamp(min=1e-38))[:, None], -1, 1)
-        absmax.append(chunk_max)
-        indices.append(torch.bucketize(scaled.view(-1), edges, out_int32=True))
+        scaled = (chunk * (1.0 / chunk_max.clamp(min=1e-38))[:, None]).clamp_(-1, 1)  # not in place: may be the weight
+        yield start, chunk_max, torch.bucketize(scaled.view(-1), edges, out_int32=True)
     if full < flat.numel():
-        tail_max = flat[full:].abs().amax().clamp(min=1e-38)
-        absmax.append(tail_max[None])
-        indices.append(torch.bucketize(torch.clamp(flat[full:] / tail_max, -1, 1), edges, out_int32=True))
-    return torch.cat(absmax), torch.cat(indices)
+        tail = flat[full:].float()
+        tail_max = tail.abs().amax().clamp(min=1e-38)
+        yield full, tail_max[None], torch.bucketize(torch.clamp(tail / tail_max, -1, 1), edges, out_int32=True)
 
 
 class NF4Weight(nn.Module):
@@ -232,15 +231,21 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise UserError(f"quantize_nf4: a {weight.dtype} weight; expected float32, bfloat16 or float16")
     if weight.numel() == 0:
         raise UserError("quantize_nf4: an empty weight")
-    absmax, index = _blockwise(weight, blocksize, nf4_code(weight.device))
-    if index.numel() % 2:
-        index = F.pad(index, (0, 1), value=NF4_LEVELS.index(0.0))  # an odd count: a last value of 0 pads the byte
-    pairs = index.to(torch.uint8).view(-1, 2)
-    codes = (pairs[:, 0] << 4) | pairs[:, 1]  # (ceil(n / 2),): the first value in the high nibble
+    n, device = weight.numel(), weight.device
+    codes = torch.empty(-(-n // 2), dtype=torch.uint8, device=device)  # (ceil(n / 2),)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)  # (blocks,)
+    for start, chunk_max, index in _blockwise(weight, blocksize, nf4_code(device)):
+        absmax[start // blocksize:start // blocksize + chunk_max.numel()] = chunk_max
+        if index.numel() % 2:
+            index = F.pad(index, (0, 1), value=NF4_LEVELS.index(0.0))  # an odd count: a last value of 0 pads the byte
+        pairs = index.to(torch.uint8).view(-1, 2)
+        codes[start // 2:start // 2 + pairs.shape[0]] = (pairs[:, 0] << 4) | pairs[:, 1]  # first value: high nibble
     if not double_quant:
         return NF4Weight(codes, absmax, weight.shape, weight.dtype, blocksize)
     offset = absmax.mean()
-    nested_absmax, nested_index = _blockwise(absmax - offset, NESTED_BLOCKSIZE, dynamic_code(weight.device))
+    nested_absmax, nested_index = (torch.cat(parts) for parts in
+                                   zip(*[(m, i) for _, m, i in _blockwise(absmax - offset, NESTED_BLOCKSIZE,
+                                                                          dynamic_code(device))]))
     return NF4Weight(codes, nested_index.to(torch.uint8), weight.shape, weight.dtype, blocksize, nested_absmax,
                      offset)
 
