@@ -35,14 +35,13 @@ def nf4_dequantize_reference(codes: torch.Tensor, absmax: torch.Tensor, code: to
         blocks = absmax.numel()
         scale = nested_absmax.repeat_interleave(nested_blocksize)[:blocks]  # (blocks,)
         absmax = nested_code[absmax.long()] * scale + offset
-    high, low = codes.reshape(-1) >> 4, codes.reshape(-1) & 0xF  # (bytes,) each
-    index = torch.stack([high, low], dim=1).reshape(-1)[:n].long()  # (n,): first element in the high nibble
-    values = code[index]
+    byte = torch.arange(256, device=codes.device)
+    byte_values = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)  # (256, 2): a byte's two values
+    values = byte_values.index_select(0, codes.reshape(-1).int()).view(-1)[:n]  # (n,) float32, high nibble first
     full = n - n % blocksize
-    out = torch.empty(n, dtype=torch.float32, device=codes.device)
-    out[:full] = (values[:full].view(-1, blocksize) * absmax[:full // blocksize, None]).view(-1)
-    out[full:] = values[full:] * absmax[full // blocksize:full // blocksize + 1]  # a last, shorter block
-    return out.to(dtype)
+    values[:full].view(-1, blocksize).mul_(absmax[:full // blocksize, None])  # each block times its maximum
+    values[full:].mul_(absmax[full // blocksize:full // blocksize + 1])  # a last, shorter block
+    return values.to(dtype)
 
 
 @triton.jit
