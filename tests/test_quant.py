@@ -232,6 +232,23 @@ def test_edge_values_equal_bitsandbytes(bnb, case):
                 assert torch.equal(ours.dequantize(out_dtype), bnb_dequantize(packed, state, out_dtype)), out_dtype
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bitsandbytes' CUDA kernels as the oracle")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_on_cuda_bytes_and_values_are_bitsandbytes_cuda_kernels(bnb_cpu, dtype):
+    """On a GPU, nothing patched: bitsandbytes' own CUDA quantize_4bit and dequantize_4bit against ours (the Triton
+    kernel), at a Mistral-7B k_proj shape with outliers."""
+    import bitsandbytes.functional as bf
+    w = torch.randn(1024, 4096, device="cuda") * 0.02
+    w[::97] *= 40
+    w = w.to(dtype)
+    packed, state = bf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = quantize_nf4(w)
+    assert torch.equal(ours.codes.view(-1), packed.view(torch.uint8).view(-1))
+    assert torch.equal(ours.absmax, state.absmax) and torch.equal(ours.nested_absmax, state.state2.absmax)
+    assert ours.offset.item() == state.offset.item()
+    assert torch.equal(ours.dequantize(dtype), bf.dequantize_4bit(packed, state))
+
+
 def test_bnb_cpu_lookup_table_misrounds_and_ours_is_the_nearest(bnb_cpu):
     """bitsandbytes' CPU double quantization (a C++ lookup table) differs from ours on a few block maxima; at
     each of them ours is the nearer 8-bit level to the exact scaled value (the lower one on a tie). The 4-bit
