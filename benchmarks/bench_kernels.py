@@ -1,7 +1,9 @@
-"""Kernels: minitune's rms_norm, layer_norm, cross_entropy and fused_linear_cross_entropy, forward + backward.
+"""Kernels: minitune's rms_norm, layer_norm, cross_entropy and fused_linear_cross_entropy, forward + backward;
+and its NF4 dequantization (QLoRA's weights), forward only.
 
     python benchmarks/bench_kernels.py --out benchmarks/out            # CPU: about 1.5 minutes on 2 cores
     python benchmarks/bench_kernels.py --sweep --out benchmarks/out    # GPU, plus the cross-entropy constants
+    python benchmarks/bench_kernels.py --kernels nf4_dequantize --out benchmarks/out/nf4   # the NF4 part alone
 
 One measured call is the forward and its backward (`out.backward(dy)` with a fixed upstream gradient
 for the norms, `loss.backward()` for the losses). For each kernel and size, every variant is timed
@@ -32,6 +34,21 @@ copy before each timed call, outside the timed region (through do_bench's grad_t
 --sweep (GPU): cross_entropy forward + backward at M=8192 for V=32000 and 128256 over
 MAX_BLOCK_V x NUM_WARPS (module constants of minitune.kernels.cross_entropy, restored afterwards).
 
+nf4_dequantize (no backward: a frozen weight) at the shapes of Mistral-7B's linear layers (M x N = out x in
+features: q/o 4096 x 4096, k/v 1024 x 4096, gate/up 14336 x 4096, down 4096 x 14336; on the CPU the first
+two), output bf16 unless --dtype is given. The weight (random normal, in the output dtype) is quantized by
+bitsandbytes' quantize_4bit(quant_type="nf4", compress_statistics=True, blocksize 64) where bitsandbytes is
+installed, else by minitune.quant.quantize_nf4; every variant dequantizes that same state:
+minitune (kernels.nf4_dequantize: Triton on CUDA tensors), eager (its PyTorch reference), compile (GPU),
+bitsandbytes (bitsandbytes.functional.dequantize_4bit; on the CPU too, through its CPU backend) and copy
+(dst.copy_(src) of an output-sized tensor: what merely moving the output costs). Bandwidth from the bytes a
+dequantization must move: read the packed codes (n/2), the 8-bit block maxima (n/64) and their float32
+scales (n/64/256 * 4), write the output (n * b); the copy's from its own 2 * n * b. minitune's output must
+equal bitsandbytes' exactly (torch.equal), and so must the reference's; the note column says. Also
+recorded: whether quantize_nf4 gives bitsandbytes' bytes (codes, block maxima, scales, offset) for the
+same weight: on a GPU it must; bitsandbytes' CPU backend rounds about 0.15% of the 8-bit block maxima to
+the second-nearest level (see minitune/quant.py), so on the CPU the count of those that differ is shown.
+
 Writes <out>/bench_kernels.json and <out>/bench_kernels.md (rewritten after each size, so a run
 cut short keeps what it measured), ending with the goals and whether the numbers meet them.
 MB is 10**6 bytes, GB/s 10**9 bytes per second.
@@ -40,6 +57,7 @@ MB is 10**6 bytes, GB/s 10**9 bytes per second.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib
 import json
@@ -51,7 +69,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -66,6 +84,7 @@ from bench_load import child_env, proc_status, reset_peak  # benchmarks/ is on s
 from minitune import kernels
 from minitune.kernels.cross_entropy import cross_entropy_reference
 from minitune.kernels.layer_norm import layer_norm_reference
+from minitune.kernels.nf4 import nf4_dequantize_reference
 from minitune.kernels.rms_norm import rms_norm_reference
 
 try:
@@ -76,8 +95,15 @@ except ImportError:  # optional: the GPU machine gets it from benchmarks/vendor 
 TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 EPS = 1e-5
-KERNELS = ("rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy")
+KERNELS = ("rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize")
 COPY_BYTES = 1 << 30
+
+# Mistral-7B's linear layers (hidden 4096, intermediate 14336, 8 kv heads x 128), M x N = out x in features
+NF4_LAYERS = {(4096, 4096): ("q_proj", "o_proj"), (1024, 4096): ("k_proj", "v_proj"),
+              (14336, 4096): ("gate_proj", "up_proj"), (4096, 14336): ("down_proj",)}
+NF4_SIZES = [{"M": m, "N": n} for m, n in NF4_LAYERS]
+NF4_MODEL_LAYERS = 32  # Mistral-7B's decoder blocks: one dequantization pass over the model is 32 x 7 layers
+NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE = 64, 256  # QLoRA's (bitsandbytes' defaults with double quantization)
 
 # Default sizes: the GPU set holds every goal point and fits gpu_run.sh's time budget.
 GPU_SIZES = {
@@ -86,6 +112,7 @@ GPU_SIZES = {
     "cross_entropy": [{"M": 8192, "V": 32000}, {"M": 8192, "V": 128256}],
     "fused_linear_cross_entropy": [{"M": 8192, "H": 4096, "V": 32000}, {"M": 16384, "H": 4096, "V": 32000},
                                    {"M": 32768, "H": 4096, "V": 32000}],
+    "nf4_dequantize": NF4_SIZES,
 }
 NORM_GRID = [{"M": m, "N": n} for m in (4096, 16384, 32768) for n in (1024, 2048, 4096, 8192)]
 GPU_SIZES_ALL = {  # --all-sizes: the whole grid (a few minutes more, mostly torch.compile)
@@ -94,12 +121,14 @@ GPU_SIZES_ALL = {  # --all-sizes: the whole grid (a few minutes more, mostly tor
     "cross_entropy": [{"M": m, "V": v} for m in (4096, 8192, 16384, 32768) for v in (32000, 50257, 128256)],
     "fused_linear_cross_entropy": [{"M": m, "H": 4096, "V": v} for m in (4096, 8192, 16384)
                                    for v in (32000, 50257, 128256)],
+    "nf4_dequantize": NF4_SIZES,
 }
 CPU_SIZES = {
     "rms_norm": [{"M": 4096, "N": 1024}, {"M": 4096, "N": 4096}],
     "layer_norm": [{"M": 4096, "N": 1024}, {"M": 4096, "N": 4096}],
     "cross_entropy": [{"M": 2048, "V": 32000}, {"M": 2048, "V": 50257}],
     "fused_linear_cross_entropy": [{"M": 1024, "H": 256, "V": 32000}],
+    "nf4_dequantize": NF4_SIZES[:2],  # q/o and k/v; the reference's int64 temporaries make the big ones slow here
 }
 
 # The goals (from the issue). GPU ones at these sizes in the run's dtype (bf16 by default).
@@ -135,6 +164,8 @@ class Case:
     leaves: list
     grad_out: torch.Tensor | None = None  # None: the output is a scalar loss
     bytes_moved: int | None = None
+    forward_only: bool = False  # nf4_dequantize: a frozen weight has no backward
+    extra: dict = field(default_factory=dict)  # nf4_dequantize: bitsandbytes' state, the copy's tensors, checks
 
 
 @dataclass
@@ -142,6 +173,7 @@ class Variant:
     name: str
     fn: Callable
     overwrites_input: bool = False  # Liger's cross-entropy writes its gradient into the logits
+    bytes_moved: int | None = None  # this variant's own bytes, where they are not the case's (the copy)
 
 
 def size_label(size: dict) -> str:
@@ -165,6 +197,8 @@ def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device)
         logits = leaf(M, V, scale=2.0)
         targets = torch.randint(0, V, (M,), device=device)
         return Case(kernel, size, (logits, targets), [logits], None, 2 * M * V * b)
+    if kernel == "nf4_dequantize":
+        return nf4_case(size, dtype, device)
     M, H, V = size["M"], size["H"], size["V"]
     hidden, weight = leaf(M, H), leaf(V, H, scale=H ** -0.5)
     targets = torch.randint(0, V, (M,), device=device)
@@ -214,7 +248,116 @@ def liger_variant(kernel: str) -> Variant | None:
     }[kernel]
 
 
-def variants(kernel: str, device: torch.device, use_compile: bool) -> list[Variant]:
+# ---------------------------------------------------------------- NF4 dequantization (forward only)
+
+@functools.cache
+def bitsandbytes_functional():
+    """bitsandbytes.functional, or None where bitsandbytes is not installed (imported once, when first needed:
+    the import takes seconds)."""
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError:  # optional: the GPU machine gets it from benchmarks/vendor (see gpu_run.sh)
+        return None
+    return bnb_functional
+
+
+def nf4_case(size: dict, dtype: torch.dtype, device: torch.device) -> Case:
+    """A random M x N weight in `dtype`, quantized once (bitsandbytes' quantize_4bit where installed, else
+    minitune's quantize_nf4: the same bytes); args are nf4_dequantize's. Also an output-sized source and
+    destination for the copy variant, and whether quantize_nf4 gives bitsandbytes' bytes."""
+    from minitune.quant import quantize_nf4
+    M, N = size["M"], size["N"]
+    n, b = M * N, torch.empty((), dtype=dtype).element_size()
+    torch.manual_seed(0)
+    weight = torch.randn(M, N, device=device).to(dtype)
+    ours = quantize_nf4(weight, NF4_BLOCKSIZE, double_quant=True)
+    extra = {}
+    bnb_functional = bitsandbytes_functional()
+    if bnb_functional is not None:
+        codes, state = bnb_functional.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=True,
+                                                    quant_type="nf4")
+        extra.update(quant_state=state, quantize_nf4=quantize_comparison(ours, codes, state))
+        args = (codes, state.absmax, state.code, n, NF4_BLOCKSIZE, dtype, state.state2.absmax, state.state2.code,
+                state.offset, NF4_NESTED_BLOCKSIZE)
+    else:
+        args = (ours.codes, ours.absmax, ours.quant_map, n, NF4_BLOCKSIZE, dtype, ours.nested_absmax,
+                ours.nested_quant_map, ours.offset, NF4_NESTED_BLOCKSIZE)
+    del weight, ours
+    extra["copy"] = (torch.ones(n, dtype=dtype, device=device), torch.empty(n, dtype=dtype, device=device))
+    blocks = n // NF4_BLOCKSIZE  # every size here is a whole number of blocks
+    bytes_moved = n // 2 + blocks + 4 * -(-blocks // NF4_NESTED_BLOCKSIZE) + n * b  # read codes and state, write
+    return Case("nf4_dequantize", size, args, [], None, bytes_moved, forward_only=True, extra=extra)
+
+
+def quantize_comparison(ours, codes: torch.Tensor, state) -> dict:
+    """quantize_nf4's result against bitsandbytes' quantize_4bit's for the same weight, part by part."""
+    differ = int((ours.absmax.reshape(-1) != state.absmax.reshape(-1)).sum())
+    return {"codes_equal": torch.equal(ours.codes.reshape(-1), codes.reshape(-1)),
+            "absmax_codes_differ": differ, "absmax_blocks": state.absmax.numel(),
+            "nested_absmax_equal": torch.equal(ours.nested_absmax.reshape(-1), state.state2.absmax.reshape(-1)),
+            "offset_equal": torch.equal(ours.offset.reshape(()).float(), state.offset.reshape(()).float())}
+
+
+def nf4_variants(case: Case, device: torch.device, use_compile: bool) -> list[Variant]:
+    out = [Variant("minitune", kernels.nf4_dequantize), Variant("eager", nf4_dequantize_reference)]
+    if device.type == "cuda" and use_compile:
+        torch._dynamo.reset()
+        out.append(Variant("compile", torch.compile(nf4_dequantize_reference, dynamic=False)))
+    if (state := case.extra.get("quant_state")) is not None:
+        bnb_functional = bitsandbytes_functional()
+        out.append(Variant("bitsandbytes", lambda codes, *_: bnb_functional.dequantize_4bit(codes, state)))
+    src, dst = case.extra["copy"]
+    out.append(Variant("copy", lambda *_: dst.copy_(src), bytes_moved=2 * src.numel() * src.element_size()))
+    return out
+
+
+def nf4_checks(case: Case, rows: list[dict], vs: list[Variant]) -> None:
+    """Each dequantizing variant's output against bitsandbytes' (exact), or, without bitsandbytes, against the
+    PyTorch reference's; recorded in the rows. quantize_nf4's comparison goes into minitune's row."""
+    by_name = {v.name: v for v in vs}
+    oracle = "bitsandbytes" if "bitsandbytes" in by_name else "eager"
+    try:
+        expected = by_name[oracle].fn(*case.args).reshape(-1)
+    except Exception as e:  # noqa: BLE001  recorded; the timing rows stand
+        rows[0]["checks_error"] = error_text(e)
+        return
+    for v, r in zip(vs, rows, strict=True):
+        if v.name in ("copy", oracle) or "error" in r:
+            continue
+        try:
+            got = v.fn(*case.args).reshape(-1)
+            r[f"equals_{oracle}"] = eq = bool(got.dtype == expected.dtype and torch.equal(got, expected))
+            if not eq and got.shape == expected.shape:
+                r["values_differ"] = int((got.float() != expected.float()).sum())
+            del got
+        except Exception as e:  # noqa: BLE001
+            r["checks_error"] = error_text(e)
+    if "quantize_nf4" in case.extra:
+        rows[0]["quantize_nf4"] = case.extra["quantize_nf4"]
+
+
+def nf4_note(r: dict) -> list[str]:
+    """The note-column text of an NF4 row: its exactness check and, for minitune, quantize_nf4's."""
+    out = []
+    for oracle, name in (("bitsandbytes", "bitsandbytes' dequantize_4bit"), ("eager", "the reference")):
+        if f"equals_{oracle}" in r:
+            out.append(f"= {name}, exactly" if r[f"equals_{oracle}"] else
+                       f"**differs** from {name} ({r.get('values_differ', '?')} values)")
+    if q := r.get("quantize_nf4"):
+        same = q["codes_equal"] and q["nested_absmax_equal"] and q["offset_equal"]
+        out.append("quantize_nf4 = bitsandbytes' quantize_4bit" + (
+            "" if same and not q["absmax_codes_differ"] else
+            f": codes {'equal' if q['codes_equal'] else 'DIFFER'}, 8-bit block maxima differ in "
+            f"{q['absmax_codes_differ']} of {q['absmax_blocks']}, scales "
+            f"{'equal' if q['nested_absmax_equal'] else 'DIFFER'}, offset {'equal' if q['offset_equal'] else 'DIFFERS'}"))
+    if "checks_error" in r:
+        out.append(f"check failed: {r['checks_error']}")
+    return out
+
+
+def variants(kernel: str, device: torch.device, use_compile: bool, case: Case | None = None) -> list[Variant]:
+    if kernel == "nf4_dequantize":
+        return nf4_variants(case, device, use_compile)
     out = [Variant("minitune", MINITUNE[kernel]), Variant("eager", EAGER[kernel])]
     if device.type == "cuda":
         if use_compile:
@@ -235,6 +378,8 @@ class Step:
 
     def __call__(self) -> None:
         out = self.fn(*self.case.args)
+        if self.case.forward_only:
+            return
         out.backward(self.case.grad_out)
         self.value = out.detach() if out.numel() == 1 else None
 
@@ -366,21 +511,28 @@ def bench_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device
         free_memory(device)
         return [{"kernel": kernel, "size": size, "variant": "inputs", "error": error_text(e), "warnings": []}]
     rows = []
-    for v in variants(kernel, device, use_compile):
+    vs = variants(kernel, device, use_compile, case)
+    for v in vs:
         rows.append(measure(case, v, device))
         r = rows[-1]
-        print(f"  {kernel:27s} {size_label(size):22s} {v.name:10s} "
+        print(f"  {kernel:27s} {size_label(size):22s} {v.name:12s} "
               + (f"{r['ms']:9.3f} ms" if "ms" in r else r["error"]), flush=True)
     ours = rows[0].get("ms")
-    for r in rows:
-        if "ms" in r and case.bytes_moved:
-            r["gbps"] = case.bytes_moved / (r["ms"] * 1e-3) / 1e9
+    for v, r in zip(vs, rows, strict=True):
+        moved = v.bytes_moved or case.bytes_moved
+        if "ms" in r and moved:
+            r["gbps"] = moved / (r["ms"] * 1e-3) / 1e9
             r["of_copy"] = r["gbps"] / copy_gbps
-        if r.get("kernel_ms") and case.bytes_moved:
-            r["kernel_of_copy"] = case.bytes_moved / (r["kernel_ms"] * 1e-3) / 1e9 / copy_gbps
+        if r.get("kernel_ms") and moved:
+            r["kernel_of_copy"] = moved / (r["kernel_ms"] * 1e-3) / 1e9 / copy_gbps
         if "ms" in r and ours:
             r["minitune_speedup"] = r["ms"] / ours
-    del case
+    if kernel == "nf4_dequantize":
+        nf4_checks(case, rows, vs)
+        for r in rows:
+            if notes := nf4_note(r):
+                print(f"  {'':27s} {size_label(size):22s} {r['variant']:12s} " + "; ".join(notes), flush=True)
+    del case, vs
     free_memory(device)
     return rows
 
@@ -513,10 +665,52 @@ def bandwidth_goals(rows: list[dict], kernel: str, size: dict, name: str) -> lis
     return out
 
 
-def gpu_goals(rows: list[dict]) -> list[dict]:
-    out = bandwidth_goals(rows, *GOAL_RMS, "RMSNorm") + bandwidth_goals(rows, *GOAL_CE, "cross-entropy")
-    for kernel, size in GOAL_FLCE:
-        out += flce_goals(rows, kernel, size)
+def gpu_goals(rows: list[dict], chosen: tuple | list = KERNELS) -> list[dict]:
+    """The GPU goals of the kernels this run measured."""
+    out = []
+    if "rms_norm" in chosen:
+        out += bandwidth_goals(rows, *GOAL_RMS, "RMSNorm")
+    if "cross_entropy" in chosen:
+        out += bandwidth_goals(rows, *GOAL_CE, "cross-entropy")
+    if "fused_linear_cross_entropy" in chosen:
+        for kernel, size in GOAL_FLCE:
+            out += flce_goals(rows, kernel, size)
+    if "nf4_dequantize" in chosen:
+        out += nf4_goals(rows, on_gpu=True)
+    return out
+
+
+def nf4_goals(rows: list[dict], on_gpu: bool) -> list[dict]:
+    """At every Mistral-7B layer shape measured: minitune's output equal to bitsandbytes' dequantize_4bit's; on a
+    GPU also no slower than it, and faster than the PyTorch reference (else the kernel has no reason to exist)."""
+    sizes = [r["size"] for r in rows if r["kernel"] == "nf4_dequantize" and r["variant"] == "minitune"]
+    where = "NF4 dequantization at Mistral-7B's layer shapes"
+    ours = {size_label(s): find(rows, "nf4_dequantize", s, "minitune") for s in sizes}
+    if not sizes or any(r is None for r in ours.values()):
+        return [goal(f"{where}: measured", None, "not measured" if not sizes else
+                     "failed at " + ", ".join(k for k, r in ours.items() if r is None))]
+    bnb = {k: find(rows, "nf4_dequantize", s, "bitsandbytes") for k, s in zip(ours, sizes, strict=True)}
+    eager = {k: find(rows, "nf4_dequantize", s, "eager") for k, s in zip(ours, sizes, strict=True)}
+    checked = {k: r.get("equals_bitsandbytes") for k, r in ours.items()}
+    out = [goal(f"{where}: output equal to bitsandbytes' dequantize_4bit, bit for bit",
+                None if None in checked.values() else all(checked.values()),
+                "bitsandbytes not installed or its dequantization failed" if None in checked.values() else
+                ", ".join(f"{k} {'equal' if v else 'DIFFERENT'}" for k, v in checked.items()))]
+    if not on_gpu:
+        return out
+    if any(r is None for r in bnb.values()):
+        out.append(goal(f"{where}: at least as fast as bitsandbytes' dequantize_4bit", None,
+                        "bitsandbytes not installed" if bitsandbytes_functional() is None else "not measured"))
+    else:
+        out.append(goal(f"{where}: at least as fast as bitsandbytes' dequantize_4bit",
+                        all(ours[k]["ms"] <= bnb[k]["ms"] for k in ours),
+                        "; ".join(f"{k}: minitune {ours[k]['ms']:.3f} ms ({ours[k]['of_copy']:.0%} of the copy "
+                                  f"bandwidth), bitsandbytes {bnb[k]['ms']:.3f} ms" for k in ours)))
+    if any(r is None for r in eager.values()):
+        out.append(goal(f"{where}: faster than the PyTorch reference", None, "not measured"))
+    else:
+        out.append(goal(f"{where}: faster than the PyTorch reference", all(ours[k]["ms"] < eager[k]["ms"] for k in ours),
+                        "; ".join(f"{k}: {eager[k]['ms'] / ours[k]['ms']:.1f}x" for k in ours)))
     return out
 
 
@@ -541,7 +735,13 @@ def flce_goals(rows: list[dict], kernel: str, size: dict) -> list[dict]:
     return out
 
 
-def cpu_goals(memory: list[dict]) -> list[dict]:
+def cpu_goals(memory: list[dict], rows: list[dict] | None = None, chosen: tuple | list = KERNELS) -> list[dict]:
+    """The CPU goals of the kernels this run measured: the fused linear CE's memory, NF4's exactness."""
+    out = flce_cpu_goal(memory) if "fused_linear_cross_entropy" in chosen else []
+    return out + (nf4_goals(rows or [], on_gpu=False) if "nf4_dequantize" in chosen else [])
+
+
+def flce_cpu_goal(memory: list[dict]) -> list[dict]:
     by = {r["variant"]: r for r in memory if "error" not in r}
     text = (f"CPU fused linear CE at {size_label(CPU_MEMORY_SIZE)} float32: peak at most 1/10 of "
             "F.cross_entropy(hidden @ weight.T, targets)'s")
@@ -578,12 +778,14 @@ def environment(device: torch.device, dtype: torch.dtype | None) -> dict:
     return {"device": name, "device_type": device.type, "dtype": str(dtype).removeprefix("torch.") if dtype else None,
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": version("triton"),
             "transformers": version("transformers"), "liger_kernel": version("liger_kernel"),
+            "peft": version("peft"), "bitsandbytes": version("bitsandbytes"),
             "python": platform.python_version(), "MINITUNE_KERNELS": os.environ.get("MINITUNE_KERNELS", "auto")}
 
 
 def environment_line(env: dict) -> str:
     return (f"Device: **{env['device']}**; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, "
-            f"transformers {env['transformers']}, liger-kernel {env['liger_kernel']}; Python {env['python']}; "
+            f"transformers {env['transformers']}, liger-kernel {env['liger_kernel']}, peft {env.get('peft', '?')}, "
+            f"bitsandbytes {env.get('bitsandbytes', '?')}; Python {env['python']}; "
             f"dtype **{env['dtype']}**; MINITUNE_KERNELS={env['MINITUNE_KERNELS']}.")
 
 
@@ -598,16 +800,19 @@ def goal_lines(goals: list[dict]) -> list[str]:
 
 def markdown(result: dict) -> str:
     how = (f"Copy bandwidth (dst.copy_(src), 1 GiB): **{result['copy_gbps']:.0f} GB/s**. One call = forward + "
-           "backward. ms: median; GB/s from the minimum bytes moved (norms 5·M·N·b, cross-entropy 2·M·V·b); "
+           "backward (nf4_dequantize: forward only, M x N = a weight's out x in features, output in "
+           f"{result.get('nf4_dtype', 'bfloat16')}). ms: median; GB/s from the minimum bytes moved (norms 5·M·N·b, "
+           "cross-entropy 2·M·V·b, NF4 n/2 + n/64 + 4·n/16384 + n·b for n = M·N; its copy variant 2·n·b); "
            "speed-up: the variant's time / minitune's; peak: memory allocated above the inputs (GPU).")
-    lines = ["# Kernels: minitune against PyTorch eager, torch.compile, Liger Kernel and torch's linear_cross_entropy",
+    lines = ["# Kernels: minitune against PyTorch eager, torch.compile, Liger Kernel, torch's linear_cross_entropy "
+             "and bitsandbytes",
              "", environment_line(result["environment"]), "", how, "",
              "| kernel | size | variant | backend | ms | GB/s | % of copy | minitune speed-up | peak MB "
              "| GPU kernels ms | kernels % of copy | note |",
              "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         note = r.get("error") or "; ".join(r.get("warnings", []) + ([f"profiler: {r['profiler_error']}"]
-                                                                     if "profiler_error" in r else []))
+                                                                     if "profiler_error" in r else []) + nf4_note(r))
         peak = f"{r['peak_bytes'] / 1e6:.0f}" if r.get("peak_bytes") is not None else "—"
         pct = f"{100 * r['of_copy']:.1f}%" if r.get("of_copy") is not None else "—"
         speedup = f"{r['minitune_speedup']:.2f}x" if r.get("minitune_speedup") is not None else "—"
@@ -615,6 +820,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['kernel']} | {size_label(r['size'])} | {r['variant']} | {r.get('backend') or '—'} | "
                      f"{cell(r, 'ms', '.3f')} | {cell(r, 'gbps', '.1f')} | {pct} | {speedup} | {peak} | "
                      f"{cell(r, 'kernel_ms', '.3f')} | {kpct} | {note} |")
+    lines += nf4_markdown(result["rows"])
     if result.get("cpu_memory"):
         lines += ["", f"## CPU peak memory: fused linear CE at {size_label(CPU_MEMORY_SIZE)}, float32", "",
                   "One forward + backward in a fresh process per variant; peak RSS increase over the RSS before it.",
@@ -656,6 +862,38 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def nf4_markdown(rows: list[dict]) -> list[str]:
+    """NF4 dequantization per Mistral-7B layer shape, and the time of one pass over the model's 224 layers."""
+    nf4 = [r for r in rows if r["kernel"] == "nf4_dequantize"]
+    if not nf4:
+        return []
+    names = ("minitune", "bitsandbytes", "eager", "compile", "copy")
+    present = [v for v in names if any(r["variant"] == v for r in nf4)]
+    sizes = list({size_label(r["size"]): r["size"] for r in nf4}.values())
+    lines = ["", "## NF4 dequantization at Mistral-7B's layer shapes", "",
+             "ms per variant (GB/s, % of the copy bandwidth); copy = dst.copy_(src) of an output-sized tensor, which "
+             "moves 2·n·b bytes where the dequantization moves about n·(b + 0.52). The last row: one dequantization of "
+             f"every linear layer of Mistral-7B ({NF4_MODEL_LAYERS} blocks x 7 layers; a QLoRA step does about three: "
+             "forward, recomputation, backward), from the rows above.", "",
+             "| layers | M x N | " + " | ".join(present) + " |", "|---|---|" + "---:|" * len(present)]
+    total = dict.fromkeys(present, 0.0)
+    for size in sizes:
+        layers = NF4_LAYERS.get((size["M"], size["N"]), ())
+        cells = []
+        for v in present:
+            r = find(rows, "nf4_dequantize", size, v)
+            cells.append("—" if r is None or "ms" not in r else
+                         f"{r['ms']:.3f} ({r['gbps']:.{0 if r['gbps'] >= 10 else 2}f}, {100 * r['of_copy']:.0f}%)")
+            if total[v] is not None:
+                total[v] = None if r is None or "ms" not in r or not layers else \
+                    total[v] + NF4_MODEL_LAYERS * len(layers) * r["ms"]
+        lines.append(f"| {', '.join(layers) or '—'} | {size['M']} x {size['N']} | " + " | ".join(cells) + " |")
+    if {(s["M"], s["N"]) for s in sizes} == set(NF4_LAYERS):
+        lines.append(f"| all {NF4_MODEL_LAYERS * 7} layers of Mistral-7B | | "
+                     + " | ".join("—" if t is None else f"{t:.1f}" for t in total.values()) + " |")
+    return lines
+
+
 def write(result: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kernels.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -669,7 +907,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/out", help="where bench_kernels.json and bench_kernels.md go")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
-                    help="default: bfloat16 on a GPU, float32 on the CPU")
+                    help="default: bfloat16 on a GPU, float32 on the CPU (nf4_dequantize's output: bfloat16 on both)")
     ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
     ap.add_argument("--all-sizes", action="store_true", help="GPU: the whole size grid, not the default set")
     ap.add_argument("--no-compile", action="store_true", help="GPU: leave out torch.compile")
@@ -685,6 +923,7 @@ def main() -> None:
     device = torch.device(args.device)
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    nf4_dtype = getattr(torch, args.dtype or "bfloat16")  # QLoRA's compute dtype, on the CPU too
     chosen = [k for k in args.kernels.split(",") if k]
     if bad := [k for k in chosen if k not in KERNELS]:
         ap.error(f"--kernels: unknown {bad}; choose from {KERNELS}")
@@ -695,7 +934,8 @@ def main() -> None:
     constants = {"MAX_BLOCK_V": ce.MAX_BLOCK_V, "NUM_WARPS": ce.NUM_WARPS, "PROGRAMS_PER_SM": common.PROGRAMS_PER_SM}
     result = {"command": ("python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])).strip(),
               "environment": environment(device, dtype), "constants": constants,
-              "torch_linear_cross_entropy": TORCH_LCE, "rows": [], "cpu_memory": [], "sweep": [], "goals": []}
+              "torch_linear_cross_entropy": TORCH_LCE, "nf4_dtype": str(nf4_dtype).removeprefix("torch."),
+              "rows": [], "cpu_memory": [], "sweep": [], "goals": []}
     print(environment_line(result["environment"]), flush=True)
 
     t_start = time.perf_counter()
@@ -704,9 +944,9 @@ def main() -> None:
     print(f"copy bandwidth: {result['copy_gbps']:.0f} GB/s", flush=True)
     for kernel in chosen:
         for size in sizes[kernel]:
-            result["rows"] += bench_case(kernel, size, dtype, device, on_gpu and not args.no_compile,
-                                         result["copy_gbps"])
-            result["goals"] = gpu_goals(result["rows"]) if on_gpu else []
+            result["rows"] += bench_case(kernel, size, nf4_dtype if kernel == "nf4_dequantize" else dtype, device,
+                                         on_gpu and not args.no_compile, result["copy_gbps"])
+            result["goals"] = gpu_goals(result["rows"], chosen) if on_gpu else []
             write(result, out)  # after each size: a run cut short keeps what it measured
     if not on_gpu and "fused_linear_cross_entropy" in chosen:
         result["cpu_memory"] = cpu_memory_goal(args.timeout)
@@ -716,7 +956,8 @@ def main() -> None:
             result["sweep_norm"] = sweep_norm_programs(dtype, device, result["copy_gbps"])
         else:
             print("--sweep needs a GPU: skipped", flush=True)
-    result["goals"] = gpu_goals(result["rows"]) if on_gpu else cpu_goals(result["cpu_memory"])
+    result["goals"] = gpu_goals(result["rows"], chosen) if on_gpu else \
+        cpu_goals(result["cpu_memory"], result["rows"], chosen)
     result["seconds"] = time.perf_counter() - t_start
     md = write(result, out)
     print()

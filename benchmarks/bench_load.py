@@ -1,6 +1,7 @@
 """Checkpoint loading: minitune.load_model against transformers' from_pretrained, time and memory.
 
     python benchmarks/bench_load.py --out benchmarks/out
+    python benchmarks/bench_load.py --loaders minitune-nf4,transformers-nf4 --modes cold --out benchmarks/out/nf4
 
 Writes (once, then reuses) a synthetic sharded Mistral-architecture checkpoint of about 1.5 GB in
 bf16 with random weights under --work, then loads it with dtype=bfloat16 on the CPU in fresh
@@ -27,6 +28,16 @@ load, which then measures the reading of the weights.
 The page cache matters: a file's first read comes from the disk, later ones from memory. Every
 file is read once to nowhere before the timed runs and before each run, so all loaders read
 from a warm page cache; the runs alternate between the loaders.
+
+Loaders with "-nf4" load the same bf16 checkpoint with the decoder blocks' linear layers quantized to
+4-bit NF4 as they stream in (QLoRA's base model): minitune-nf4 is minitune.load_model(dir,
+dtype=bfloat16, quantize="nf4"), transformers-nf4 from_pretrained(dir, dtype=bfloat16,
+device_map="cpu", quantization_config=BitsAndBytesConfig(load_in_4bit=True, nf4, double quantization,
+bf16 compute)) on bitsandbytes' CPU backend. Their check dequantizes the loaded k_proj weight and compares
+it with the same library's quantization of the file's tensor (bit for bit); the touch reads the 4-bit
+tensors too. Goal: minitune-nf4's peak at most 0.45x the checkpoint's size. On this checkpoint the
+embeddings and head (262 MB in bf16, never quantized) are 17% of the bytes; the quantized layers keep
+4.127 of their 16 bits, so a loaded model is 0.39x the checkpoint (Mistral-7B's would be 0.28x).
 
 Writes <out>/bench_load.json and <out>/bench_load.md. GB is 10**9 bytes.
 """
@@ -67,6 +78,8 @@ SHARD_SIZE = "500MB"
 SEED = 0
 CHECK_KEY = "model.layers.0.self_attn.k_proj.weight"  # small, so reading it back costs nothing
 GOAL_PEAK_RATIO = 1.3
+GOAL_NF4_PEAK_RATIO = 0.45  # loading with quantize="nf4"
+NF4_BLOCKSIZE = 64
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MODES = ("cold", "primed")
 
@@ -182,11 +195,12 @@ def make_loader(loader: str):
     """(load function, seconds its imports took)."""
     t0 = time.perf_counter()
     import torch
-    if loader == "minitune":
+    if loader in ("minitune", "minitune-nf4"):
         import minitune
+        quantize = "nf4" if loader.endswith("-nf4") else None
 
         def load(path):
-            return minitune.load_model(path, dtype=torch.bfloat16)
+            return minitune.load_model(path, dtype=torch.bfloat16, quantize=quantize)
     elif loader == "transformers":
         import transformers
         transformers.logging.set_verbosity_error()
@@ -194,6 +208,17 @@ def make_loader(loader: str):
 
         def load(path):
             return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    elif loader == "transformers-nf4":
+        import bitsandbytes  # noqa: F401  imported here, so that its import is in the import time
+        import transformers
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+
+        def load(path):
+            return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cpu",
+                                                                     quantization_config=config)
     else:  # an experiment: a .py file with load(path, dtype)
         import importlib.util
         spec = importlib.util.spec_from_file_location("bench_extra_loader", loader)
@@ -232,11 +257,12 @@ def child_measure(loader: str, folder: Path, prime: Path | None) -> dict:
     maxrss_load = maxrss_bytes()
     anon_load, file_load = rss_split()
 
-    # touch every weight once: for a lazily mapped model this is where the bytes are read
+    # touch every weight once: for a lazily mapped model this is where the bytes are read (4-bit ones included;
+    # amax, not sum, which would copy packed uint8 bytes into int64 first: 8x their size, torch's, not the loader's)
     t2 = time.perf_counter()
     with torch.no_grad():
-        for p in model.parameters():
-            p.sum()
+        for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values():
+            t.amax()
     touch_s = time.perf_counter() - t2
     after_touch = proc_status()
     anon_touch, file_touch = rss_split()
@@ -247,7 +273,10 @@ def child_measure(loader: str, folder: Path, prime: Path | None) -> dict:
         if index_file.exists() else folder / "model.safetensors"
     with safe_open(file, framework="pt") as f:
         ref = f.get_tensor(CHECK_KEY)
-    got = model.state_dict()[CHECK_KEY]
+    if loader.endswith("-nf4"):  # the loaded 4-bit weight, dequantized, against the same library's quantization
+        got, ref = nf4_check_tensors(loader, model, ref)
+    else:
+        got = model.state_dict()[CHECK_KEY]
     ok = bool(got.dtype == ref.dtype and torch.equal(got, ref))
 
     if peak_reset:
@@ -268,8 +297,36 @@ def child_measure(loader: str, folder: Path, prime: Path | None) -> dict:
         "after_touch_anon_increase": anon_touch - base_anon, "after_touch_file_increase": file_touch - base_file,
         "check_key": CHECK_KEY, "check_sum_model": float(got.double().sum()),
         "check_sum_file": float(ref.double().sum()), "check_ok": ok,
-        "n_params": sum(p.numel() for p in model.parameters()), "param_dtype": str(got.dtype),
+        "n_params": count_values(model), "param_dtype": str(got.dtype),
     }
+
+
+def nf4_check_tensors(loader: str, model, ref):
+    """(the loaded CHECK_KEY weight dequantized, the file's tensor quantized and dequantized by the same library)."""
+    import torch
+    layer = model.get_submodule(CHECK_KEY.removesuffix(".weight"))
+    if loader == "minitune-nf4":
+        from minitune.quant import quantize_nf4
+        return layer.weight.dequantize(torch.bfloat16), quantize_nf4(ref, NF4_BLOCKSIZE).dequantize(torch.bfloat16)
+    import bitsandbytes.functional as bnb_functional
+    packed, state = bnb_functional.quantize_4bit(ref, blocksize=NF4_BLOCKSIZE, compress_statistics=True,
+                                                 quant_type="nf4")
+    got = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    return got, bnb_functional.dequantize_4bit(packed, state)
+
+
+def count_values(model) -> int:
+    """Parameters, a 4-bit weight counted by its values (minitune's NF4Weight: a module of codes and state;
+    bitsandbytes' Params4bit: packed bytes whose quant_state has the shape)."""
+    import math
+    nf4 = [m for m in model.modules() if type(m).__name__ == "NF4Weight"]
+    inside = {id(t) for m in nf4 for t in (*m.parameters(), *m.buffers())}
+    total = sum(m.numel() for m in nf4)
+    for p in {id(p): p for p in model.parameters()}.values():
+        if id(p) not in inside:
+            state = getattr(p, "quant_state", None)
+            total += math.prod(state.shape) if state is not None else p.numel()
+    return total
 
 
 def child_env() -> dict:
@@ -337,6 +394,10 @@ def summarize(runs: list[dict], ckpt: int) -> dict:
 def goals(summary: dict) -> dict:
     m, t = summary.get("minitune", {}), summary.get("transformers", {})
     out = {}
+    if q := summary.get("minitune-nf4"):
+        ratio = max(q[mode]["peak_ratio_touch"] for mode in q)
+        out["nf4_peak_ratio"] = ratio
+        out["nf4_peak_within_0.45x"] = ratio <= GOAL_NF4_PEAK_RATIO
     if "cold" in m:
         ratio = max(m[mode]["peak_ratio_touch"] for mode in m)
         out["peak_ratio"] = ratio
@@ -384,6 +445,10 @@ def markdown(result: dict) -> str:
         "",
         "- load s: the load call alone (median). + touch s: load, then one read of every weight "
         "(transformers keeps the weights as views of the mmap'd files, read on first use).",
+        "- loaders ending in -nf4: the decoder blocks' linear layers quantized to NF4 as they load (minitune: "
+        "`quantize=\"nf4\"`; transformers: bitsandbytes' BitsAndBytesConfig, nf4, double quantization, on its CPU "
+        "backend); their check compares the loaded weight, dequantized, with the library's own quantization of "
+        "the file's tensor.",
         "- cold: first load in a fresh process. primed: a tiny checkpoint of the same architecture was "
         "loaded first in the same process, so one-time lazy imports are not in the timed load.",
         f"- peak +GB: the peak RSS ({next(iter(next(iter(s.values())).values()))['peak_source']}) minus the "
@@ -407,6 +472,12 @@ def markdown(result: dict) -> str:
         lines.append("- for reference, minitune / transformers time ratios: " + ", ".join(
             f"{k.removeprefix('time_ratio_').replace('_', ' ')} {v:.2f}x"
             for k, v in g.items() if k.startswith("time_ratio_")))
+    if "nf4_peak_within_0.45x" in g:
+        if "## Goals" not in lines:
+            lines += ["## Goals", ""]
+        lines.append(f"- loading with quantize=\"nf4\": peak memory within {GOAL_NF4_PEAK_RATIO}x the (bf16) checkpoint "
+                     f"size: minitune-nf4 {g['nf4_peak_ratio']:.2f}x (worst run, load + touch) -> "
+                     f"**{'met' if g['nf4_peak_within_0.45x'] else 'NOT met'}**")
     lines += ["", f"Reproduce: `{result['command']}`", ""]
     return "\n".join(lines)
 

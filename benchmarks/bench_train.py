@@ -2,7 +2,8 @@
 and the DPO example's LoRA step with each of its three reference models, against each other.
 
     python benchmarks/bench_train.py --out benchmarks/out      # CPU: about 5 minutes on 2 cores
-    python benchmarks/bench_train.py --out benchmarks/out      # on a GPU: the ~1B Mistral configs
+    python benchmarks/bench_train.py --out benchmarks/out      # on a GPU: the ~1B Mistral configs and the 7B LoRA/QLoRA ones
+    python benchmarks/bench_train.py --configs qlora-mistral-small --out /tmp/bench_qlora   # QLoRA against bitsandbytes, CPU
     python benchmarks/bench_train.py --configs sft-tiny-mistral --out /tmp/bench_sft    # the SFT step alone
     python benchmarks/bench_train.py --configs dpo-lora-mistral-small --out /tmp/bench_dpo  # the DPO references
 
@@ -16,11 +17,40 @@ Four kinds of config, all full optimizer steps of each library on the same weigh
     transformers:  loss = model(input_ids=ids, labels=ids).loss
     both:          loss.backward(); AdamW.step() (lr LR); zero_grad()
 
-- LoRA (lora-mistral-small; lora-mistral-1b on a GPU): the random-token step of the named base config
-  with LoRA r=16, alpha 32 on every linear layer but the head, AdamW over the adapters only:
+- LoRA (lora-mistral-small; lora-mistral-1b and lora-mistral-7b on a GPU): the random-token step of the named
+  base config with LoRA r=16, alpha 32 on every linear layer but the head, AdamW over the adapters only:
 
     minitune:      minitune.lora.apply_lora(model, ...); causal_lm_loss(model, ids, labels=ids)
     transformers:  peft.get_peft_model(model, LoraConfig(...)); model(input_ids=ids, labels=ids).loss
+
+  QLoRA (qlora-mistral-small on the CPU, qlora-mistral-7b on a GPU): the same over a base whose decoder-block
+  linear layers are 4-bit NF4 (block size 64, double quantization), quantized from the same checkpoint as it
+  loads; embeddings, norms and head in --dtype, the adapters float32 in both (peft's autocast_adapter_dtype):
+
+    minitune:      minitune.load_model(folder, dtype, device, quantize="nf4"), then as LoRA
+    transformers:  from_pretrained(folder, dtype=dtype, device_map=device, quantization_config=BitsAndBytesConfig(
+                       load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                       bnb_4bit_compute_dtype=dtype)), then as LoRA (bitsandbytes' CPU backend on the CPU)
+
+  peft.prepare_model_for_kbit_training is not called: it casts every parameter that is not 4-bit (embeddings,
+  norms, head) to float32, which minitune keeps in --dtype; both hold the same tensors in the same dtypes
+  (the JSON records them per library). The 7B configs and qlora-mistral-small train with activation
+  checkpointing, one decoder layer per checkpoint, non-reentrant, in both (`model.gradient_checkpointing =
+  True`; transformers' activation_checkpointing_enable / gradient_checkpointing_enable(use_reentrant=False));
+  --grad-checkpointing on|off overrides a config's choice (lora-mistral-small with `on` is qlora-mistral-small
+  without the quantization, but for its MLP width). qlora-mistral-small's base, mistral-small-704, is
+  mistral-small with intermediate size 704 instead of 688: bitsandbytes 0.50.2's CPU dequantize_4bit gets the
+  values of a weight wrong when its rows are not a whole number of 64-value blocks (down_proj's 688), which
+  would make transformers' CPU QLoRA train another model than the checkpoint's.
+  Mistral-7B's shape (mistral-7b: vocab 32000, hidden 4096, intermediate 14336, 32 layers, 32/8 heads,
+  rope_theta 10000, max positions 32768) with random weights: a seeded transformers model built on the
+  device itself in --dtype (seconds, where the CPU would take minutes), saved once (14.5 GB in bf16) and loaded
+  by both libraries; --work keeps it for the next run (gpu_run.sh's qlora and lora steps share it).
+  sliding_window is None rather than Mistral-7B-v0.1's 4096: at 2048 tokens the window never bites, so the
+  maths is the same, and without it neither library builds an attention mask, whatever its rules for
+  skipping one: both call SDPA with is_causal=True (the flash kernel on a GPU). 2 x 2048 tokens a step; the
+  7B configs time transformers against minitune only (no minitune-torch model: the time budget of one GPU
+  run; bench_kernels.py's nf4_dequantize rows show the Triton kernel against the PyTorch reference).
 
 - the SFT step of examples/finetune_mistral.py (sft-tiny-mistral: the bundled tiny-mistral folder
   itself; sft-mistral-1b on a GPU: mistral-1b's random checkpoint, written in float32): the first
@@ -134,12 +164,31 @@ CONFIGS = {
                                         "max_position_embeddings": 1024, "sliding_window": None,
                                         "tie_word_embeddings": False},
                       4, 256, "cpu"),
+    # mistral-small with rows of a whole number of NF4 blocks (704 = 11 x 64): bitsandbytes 0.50.2's CPU
+    # dequantize_4bit is wrong for a weight whose last dimension is not a multiple of the block size (688 is not:
+    # down_proj's values come out wrong), so qlora-mistral-small trains this base
+    "mistral-small-704": ("MistralConfig", {"vocab_size": 32000, "hidden_size": 256, "intermediate_size": 704,
+                                            "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
+                                            "max_position_embeddings": 1024, "sliding_window": None,
+                                            "tie_word_embeddings": False},
+                          4, 256, "cpu"),
     "mistral-1b": ("MistralConfig", {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
                                      "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
                                      "max_position_embeddings": 4096, "sliding_window": None, "rms_norm_eps": 1e-5,
                                      "tie_word_embeddings": False},
                    8, 1024, "cuda"),
+    # Mistral-7B(-v0.1)'s shape; sliding_window None: see the docstring (at 2048 tokens a 4096 window never bites)
+    "mistral-7b": ("MistralConfig", {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+                                     "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                     "max_position_embeddings": 32768, "rope_theta": 10000.0, "sliding_window": None,
+                                     "rms_norm_eps": 1e-5, "tie_word_embeddings": False},
+                   2, 2048, "cuda"),
 }
+# Bases too big to run alone (full fine-tuning of 7B with AdamW, two models in one process) or to write on the CPU:
+# only LoRA/QLoRA configs train them; their random checkpoint is built on the device; only transformers and
+# minitune are timed (no minitune-torch), so that a config fits one GPU run.
+BIG_BASES = {"mistral-7b"}
+BASES_ONLY = BIG_BASES | {"mistral-small-704"}  # not in the default runs: bases of LoRA configs
 # SFT configs, name: (weights: None for the bundled tiny-mistral folder, else the CONFIGS entry whose random
 # checkpoint is written in float32; examples per micro-batch, micro-batches per optimizer step, device type).
 # Two micro-batches (the example's default is one) so that the step exercises gradient accumulation and its
@@ -151,13 +200,18 @@ SFT_CONFIGS = {
 SFT_STEPS = 4  # distinct optimizer steps of the example's data, trained on in turn
 EXAMPLE = ROOT / "examples" / "finetune_mistral.py"
 TINY_MISTRAL = ROOT / "examples" / "assets" / "tiny-mistral"  # the example's default --model and tokenizer
-# LoRA configs, name: (the CONFIGS entry whose random checkpoint and token batch it trains, rank, device type).
-# Adapters on every linear layer but the head, alpha = 2r: minitune's apply_lora against peft's get_peft_model
-# on transformers' model; B starts at zero in both, so the first-step losses are the base model's.
+# LoRA configs, name: (the CONFIGS entry whose random checkpoint and token batch it trains, rank, quantize (None or
+# "nf4": QLoRA), activation checkpointing, device type). Adapters on every linear layer but the head, alpha = 2r:
+# minitune's apply_lora against peft's get_peft_model on transformers' model; B starts at zero in both, so the
+# first-step losses are the base model's (for QLoRA, the quantized base's).
 LORA_CONFIGS = {
-    "lora-mistral-small": ("mistral-small", 16, "cpu"),
-    "lora-mistral-1b": ("mistral-1b", 16, "cuda"),
+    "lora-mistral-small": ("mistral-small", 16, None, False, "cpu"),
+    "qlora-mistral-small": ("mistral-small-704", 16, "nf4", True, "cpu"),
+    "lora-mistral-1b": ("mistral-1b", 16, None, False, "cuda"),
+    "lora-mistral-7b": ("mistral-7b", 16, None, True, "cuda"),
+    "qlora-mistral-7b": ("mistral-7b", 16, "nf4", True, "cuda"),
 }
+NF4_BLOCKSIZE = 64  # QLoRA's: bitsandbytes' default, and minitune's
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # DPO configs, name: (the CONFIGS entry whose random checkpoint, written in float32, is the SFT model; LoRA rank
 # (alpha 2r, every linear layer but the head); pairs per micro-batch, micro-batches per optimizer step, device).
@@ -210,13 +264,16 @@ class Data:
     SFT_STEPS optimizer steps (lists of collated micro-batches), float32 weights, its autocast and args.
     DPO configs: the same for the DPO example's preference pairs (DPO_STEPS steps)."""
 
-    def __init__(self, name: str, dtype_name: str, device, folder: str | None = None):
+    def __init__(self, name: str, dtype_name: str, device, folder: str | None = None, grad_ckpt: str = "config"):
         import torch
         self.sft, self.dpo = name in SFT_CONFIGS, name in DPO_CONFIGS
         if self.dpo:
             self.init_dpo(name, dtype_name, device, folder)
             return
-        self.lora_r = LORA_CONFIGS[name][1] if name in LORA_CONFIGS else 0
+        self.lora_r, self.quantize, self.grad_ckpt = (LORA_CONFIGS[name][1:4] if name in LORA_CONFIGS else
+                                                      (0, None, False))
+        self.grad_ckpt = {"config": self.grad_ckpt, "on": True, "off": False}[grad_ckpt]
+        self.big = name in LORA_CONFIGS and LORA_CONFIGS[name][0] in BIG_BASES  # loaded straight onto the device
         if not self.sft:
             _, config_args, batch, seq, _ = CONFIGS[LORA_CONFIGS[name][0] if self.lora_r else name]
             gen = torch.Generator().manual_seed(SEED)
@@ -300,6 +357,37 @@ def transformers_sft_step(model, batches: list[dict], optimizer, scheduler, auto
     return {"loss": loss_sum.item()}
 
 
+def transformers_4bit(folder: str, dtype, device):
+    """transformers' model with bitsandbytes' NF4 (double quantization, compute in `dtype`), quantized on `device` as
+    it loads; the embeddings, norms and head stay in `dtype` (bitsandbytes skips the head)."""
+    import transformers
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=config,
+                                                             device_map={"": device_index(device)})
+
+
+def device_index(device):
+    """A device_map entry for transformers: "cpu", or the CUDA device's index."""
+    import torch
+    if device.type == "cpu":
+        return "cpu"
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def checkpoint_layers(library: str, model) -> None:
+    """Activation checkpointing, one decoder layer per checkpoint, non-reentrant, in either library."""
+    if library != "transformers":
+        model.gradient_checkpointing = True
+        return
+    model.config.use_cache = False  # as transformers would under checkpointing (with a warning)
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def with_lora(library: str, model, r: int):
     """LoRA r (alpha 2r) on LORA_TARGETS, the rest frozen: peft on transformers' model, mt.lora on ours."""
     if library == "transformers":
@@ -317,17 +405,26 @@ class Trainer:
         import torch
         self.library, self.data, self.on_gpu, self.done = library, data, device.type == "cuda", 0
         self.steps = data.steps
+        quantize = getattr(data, "quantize", None)
         if library == "transformers":
             import transformers
             transformers.logging.set_verbosity_error()
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=data.weights_dtype).to(device)
+            if quantize:
+                self.model = transformers_4bit(folder, data.weights_dtype, device)
+            elif getattr(data, "big", False) and device.type == "cuda":  # not through 14.5 GB of host memory
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    folder, dtype=data.weights_dtype, device_map={"": device_index(device)})
+            else:
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=data.weights_dtype).to(device)
             self.compute_loss = lambda model, ids: model(input_ids=ids, labels=ids).loss
         else:
             import minitune
             from minitune.losses import causal_lm_loss
-            self.model = minitune.load_model(folder, dtype=data.weights_dtype, device=device)
+            self.model = minitune.load_model(folder, dtype=data.weights_dtype, device=device, quantize=quantize)
             self.compute_loss = lambda model, ids: causal_lm_loss(model, ids, labels=ids)
         self.model.train()
+        if getattr(data, "grad_ckpt", False):
+            checkpoint_layers(library, self.model)
         if data.sft:
             from minitune.optim import make_optimizer, make_scheduler
             a = data.args
@@ -370,7 +467,8 @@ class Trainer:
 
     def info(self) -> dict:
         params = {id(p): p for p in self.model.parameters()}.values()
-        out = {"params": sum(p.numel() for p in params)}
+        out = {"params": count_params(self.model), "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+               "dtypes": tensor_dtypes(self.model)}
         with kernels_env(self.library):
             out["MINITUNE_KERNELS"] = os.environ.get("MINITUNE_KERNELS", "auto")
             if self.library == "transformers":
@@ -379,6 +477,41 @@ class Trainer:
                 from minitune import kernels
                 out["backend"] = kernels.backend(next(self.model.parameters()))  # triton or torch
         return out
+
+
+def count_params(model) -> int:
+    """The model's parameters, a 4-bit weight counted by the values it holds (minitune's NF4Weight is a module of
+    frozen tensors: codes and state; bitsandbytes' Params4bit a parameter of packed bytes whose quant_state knows
+    the shape)."""
+    import math
+    nf4 = [m for m in model.modules() if type(m).__name__ == "NF4Weight"]  # its tensors: codes and state
+    inside = {id(t) for m in nf4 for t in (*m.parameters(), *m.buffers())}
+    total = sum(m.numel() for m in nf4)
+    for p in {id(p): p for p in model.parameters()}.values():
+        state = getattr(p, "quant_state", None)
+        if id(p) not in inside:
+            total += math.prod(state.shape) if state is not None else p.numel()
+    return total
+
+
+def tensor_dtypes(model) -> dict:
+    """The dtypes of the model's tensors by role, to show that both libraries hold the same things in the same
+    dtypes: the decoder-block linear weights (uint8: packed 4-bit), LoRA's adapters, norms, embeddings, head."""
+    def role(name: str) -> str:
+        if "lora_" in name:
+            return "lora"
+        if "norm" in name:
+            return "norm"
+        if "embed_tokens" in name or ".wte." in name or ".wpe." in name:
+            return "embedding"
+        if "lm_head" in name:
+            return "head"
+        return "linear" if ".layers." in name or ".h." in name else "other"
+    out: dict[str, set] = {}
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if name.endswith(("weight", "codes")) and not name.endswith(("quant_map", "absmax")):
+            out.setdefault(role(name), set()).add(str(t.dtype).removeprefix("torch."))
+    return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 def tensor_bytes(module) -> int:
@@ -453,11 +586,11 @@ def make_trainer(library: str, folder: str, data: Data, device) -> Trainer:
 
 
 def child_paired(libraries: list[str], folder: str, name: str, steps: int, warmup: int, dtype_name: str,
-                 device_name: str) -> dict:
+                 device_name: str, grad_ckpt: str = "config") -> dict:
     """Speed: every library in this one process, one step of each per round, the order rotated each round."""
     import torch
     device = torch.device(device_name)
-    data = Data(name, dtype_name, device, folder)
+    data = Data(name, dtype_name, device, folder, grad_ckpt)
     trainers = [make_trainer(library, folder, data, device) for library in libraries]
     for t in trainers:
         t.prepare()
@@ -483,12 +616,12 @@ def child_paired(libraries: list[str], folder: str, name: str, steps: int, warmu
 
 
 def child_memory(library: str, folder: str, name: str, steps: int, warmup: int, dtype_name: str,
-                 device_name: str) -> dict:
+                 device_name: str, grad_ckpt: str = "config") -> dict:
     """Memory: this library alone in a fresh process; the peak over its steps."""
     import torch
     device = torch.device(device_name)
     on_gpu = device.type == "cuda"
-    trainer = make_trainer(library, folder, Data(name, dtype_name, device, folder), device)
+    trainer = make_trainer(library, folder, Data(name, dtype_name, device, folder, grad_ckpt), device)
     if on_gpu:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -518,15 +651,17 @@ def child_memory(library: str, folder: str, name: str, steps: int, warmup: int, 
 
 # ---------------------------------------------------------------- the parent: checkpoints, children, report
 
-def write_checkpoint(config_class: str, config_args: dict, folder: str, dtype_name: str) -> None:
-    """A random transformers model of this config (seeded), saved in the Hugging Face layout."""
+def write_checkpoint(config_class: str, config_args: dict, folder: str, dtype_name: str, device_name: str = "cpu") -> None:
+    """A random transformers model of this config (seeded), built on `device_name` (a 7B model's random init takes
+    seconds on a GPU, minutes on the CPU), saved in the Hugging Face layout."""
     import torch
     import transformers
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(SEED)
     config = getattr(transformers, config_class)(**config_args)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
-    model.save_pretrained(folder)
+    with torch.device(device_name):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype_name))
+    model.to("cpu").save_pretrained(folder)  # from host memory: what safetensors writes best
 
 
 def config_entry(name: str) -> dict:
@@ -536,9 +671,13 @@ def config_entry(name: str) -> dict:
         return {"kind": "sft", "weights": weights or str(TINY_MISTRAL.relative_to(ROOT)), "batch": batch,
                 "grad_accum": accum, "sft_steps": SFT_STEPS, "example": str(EXAMPLE.relative_to(ROOT))}
     if name in LORA_CONFIGS:
-        base, r, _ = LORA_CONFIGS[name]
-        return {**config_entry(base), "kind": "lora", "base": base, "lora_r": r, "lora_alpha": 2 * r,
-                "lora_targets": LORA_TARGETS}
+        base, r, quantize, grad_ckpt, _ = LORA_CONFIGS[name]
+        entry = {**config_entry(base), "kind": "lora", "base": base, "lora_r": r, "lora_alpha": 2 * r,
+                 "lora_targets": LORA_TARGETS, "quantize": quantize, "gradient_checkpointing": grad_ckpt}
+        if quantize:
+            entry["quantization"] = {"quant_type": "nf4", "blocksize": NF4_BLOCKSIZE, "double_quant": True,
+                                     "compute_dtype": "--dtype", "prepare_model_for_kbit_training": False}
+        return entry
     if name in DPO_CONFIGS:
         base, r, batch, accum, _ = DPO_CONFIGS[name]
         return {"kind": "dpo", "weights": f"{base} (random, float32)", "base": base,
@@ -551,7 +690,9 @@ def config_entry(name: str) -> dict:
 
 def prepare_weights(name: str, tmp: str, args) -> str:
     """The checkpoint folder a config trains: the bundled tiny-mistral, or a random one written to tmp
-    (in --dtype; in float32 for an SFT or DPO config: the examples' master weights)."""
+    (in --dtype; in float32 for an SFT or DPO config: the examples' master weights). With --work, the random
+    checkpoint is kept in <work>/<base>-<dtype> and reused by later configs and runs while its spec is the same.
+    It is written by a child process, so that this one never holds the model (nor, on a GPU, a CUDA context)."""
     base, dtype = ((SFT_CONFIGS[name][0], "float32") if name in SFT_CONFIGS else
                    (DPO_CONFIGS[name][0], "float32") if name in DPO_CONFIGS else
                    (LORA_CONFIGS[name][0] if name in LORA_CONFIGS else name, args.dtype))
@@ -559,17 +700,39 @@ def prepare_weights(name: str, tmp: str, args) -> str:
         print(f"{name}: the bundled {TINY_MISTRAL.relative_to(ROOT)}", flush=True)
         return str(TINY_MISTRAL)
     config_class, config_args = CONFIGS[base][:2]
+    build_on = args.device if base in BIG_BASES else "cpu"  # the small ones as before: the same weights
+    spec = {"config_class": config_class, "config_args": config_args, "dtype": dtype, "seed": SEED,
+            "built_on": torch_device_type(build_on)}
+    folder = Path(args.work) / f"{base}-{dtype}" if args.work else Path(tmp)
+    marker = folder / "bench_complete.json"
+    if args.work and marker.exists() and json.loads(marker.read_text()).get("spec") == spec:
+        print(f"{name}: reusing the random {config_class} checkpoint in {folder}", flush=True)
+        return str(folder)
+    marker.unlink(missing_ok=True)
+    for stale in (*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")):
+        stale.unlink()  # another spec's shards: none may survive the new write
     t0 = time.perf_counter()
-    write_checkpoint(config_class, config_args, tmp, dtype)
-    print(f"{name}: wrote a random {config_class} checkpoint ({dtype}) in {time.perf_counter() - t0:.1f} s",
-          flush=True)
-    return tmp
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "write", "--dir", str(folder), "--name", base,
+           "--dtype", dtype, "--device", build_on]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(), timeout=args.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"writing the {base} checkpoint failed (exit {proc.returncode}): {proc.stderr.strip()[-600:]}")
+    if args.work:
+        marker.write_text(json.dumps({"spec": spec}, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    print(f"{name}: wrote a random {config_class} checkpoint ({dtype}, {size / 1e9:.2f} GB, built on {build_on}) "
+          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+    return str(folder)
+
+
+def torch_device_type(name: str) -> str:
+    return name.split(":")[0]
 
 
 def run_child(mode: str, libraries: list[str], folder: str, name: str, steps: int, warmup: int, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", mode, "--libraries", ",".join(libraries),
            "--dir", folder, "--name", name, "--steps", str(steps), "--warmup", str(warmup), "--dtype", args.dtype,
-           "--device", args.device]
+           "--device", args.device, "--grad-checkpointing", args.grad_checkpointing]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(), timeout=args.timeout)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -623,9 +786,13 @@ def dpo_losses(entry: dict, rows: dict, tolerance: float, echo: bool = True) -> 
 def bench_config(name: str, args, save) -> dict:
     """Timing in one process (all libraries interleaved), then memory in one fresh process per library."""
     libraries = list(LIBRARIES if args.device.startswith("cuda") else LIBRARIES[:2])
+    if name in LORA_CONFIGS and LORA_CONFIGS[name][0] in BIG_BASES:
+        libraries = list(LIBRARIES[:2])  # one GPU run's time: no minitune-torch model
     if name in DPO_CONFIGS:
         libraries = list(DPO_REFERENCES)
     entry = {"config": name, **config_entry(name), "runs": [{"library": library} for library in libraries]}
+    if name in LORA_CONFIGS and args.grad_checkpointing != "config":
+        entry["gradient_checkpointing"] = args.grad_checkpointing == "on"
     save(entry)
     rows = {r["library"]: r for r in entry["runs"]}
     with tempfile.TemporaryDirectory(prefix="minitune-bench-train-") as tmp:
@@ -683,7 +850,7 @@ def bench_config(name: str, args, save) -> dict:
                             "peak_rss_bytes", "setup_increase_bytes"):
                     if key in r:
                         rows[library][key] = r[key]
-                for key in ("params", "backend", "attn_implementation", "MINITUNE_KERNELS"):
+                for key in ("params", "backend", "attn_implementation", "MINITUNE_KERNELS", "dtypes", "trainable_params"):
                     rows[library].setdefault(key, r.get(key))
                 for key in ("trainable_params", "base_weights_bytes", "reference_bytes", "precompute_pairs"):  # DPO
                     if key in r:
@@ -747,6 +914,16 @@ def sft_data_line(e: dict) -> str:
             f"tokens and {span(d['targets'])} target tokens per step.")
 
 
+def dtypes_line(e: dict) -> str | None:
+    """A LoRA config's tensor dtypes by role, per library (from the timing process, else a memory process)."""
+    parts = []
+    for r in e["runs"]:
+        d = r.get("dtypes") or r.get("memory", {}).get("dtypes")
+        if d:
+            parts.append(f"{r['library']}: " + ", ".join(f"{role} {'/'.join(v)}" for role, v in d.items()))
+    return f"- {e['config']}: " + "; ".join(parts) if parts else None
+
+
 def markdown(result: dict) -> str:
     """The report: the minitune-against-transformers configs' table and goals, then the DPO configs' section."""
     from bench_kernels import environment_line
@@ -775,6 +952,17 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
                 f"on {', '.join(LORA_TARGETS)}) and AdamW over the adapters only: minitune's mt.lora.apply_lora "
                 "against peft.get_peft_model on transformers' model; B starts at zero, so the first-step loss is "
                 "the base model's. ")
+    if any(e.get("quantize") for e in configs):
+        how += ("QLoRA configs (qlora-*): the same over a base whose decoder-block linear layers are NF4 (block size "
+                f"{NF4_BLOCKSIZE}, double quantization), quantized from the same checkpoint while loading: minitune's "
+                "`load_model(..., quantize=\"nf4\")` against transformers' `from_pretrained(..., quantization_config="
+                "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\", bnb_4bit_use_double_quant=True, "
+                "bnb_4bit_compute_dtype=<dtype>))`; no `prepare_model_for_kbit_training` (it would cast the "
+                "embeddings, norms and head to float32, which both keep in the compute dtype; the adapters are "
+                "float32 in both). ")
+    if any(e.get("gradient_checkpointing") for e in configs):
+        how += ("Configs marked (ckpt): activation checkpointing of every decoder layer, non-reentrant, in both "
+                "libraries. ")
     if sft:
         how += sft_how(next((e for e in sft if "data" in e), sft[0])) + " "
     sft_warmup = f" ({max(result['warmup'], SFT_STEPS)} for SFT configs: one per distinct step at least)" if sft else ""
@@ -796,7 +984,8 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
     for e in configs:
         for r in e["runs"]:
             params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "—"
-            cells = [e["config"], params, shape(e), r["library"], r.get("backend") or "—"]
+            name = e["config"] + (" (ckpt)" if e.get("gradient_checkpointing") else "")
+            cells = [name, params, shape(e), r["library"], r.get("backend") or "—"]
             if "median_step_s" in r:
                 cells += [f"{r['median_step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}"]
                 if r["library"] == "transformers":
@@ -812,6 +1001,10 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
             lines.append("| " + " | ".join(cells) + " |")
     if sft:
         lines += [""] + [sft_data_line(e) for e in sft]
+    dtypes = [dtypes_line(e) for e in configs if e["kind"] == "lora"]
+    if any(dtypes):
+        lines += ["", "What each library holds, in which dtype (decoder-block linear weights: uint8 = packed 4-bit):",
+                  ""] + [d for d in dtypes if d]
     lines += failed_runs(configs)
     lines += ["", "First-step losses (the same model trained by both; from the timing process):", ""]
     for e in configs:
@@ -988,7 +1181,11 @@ def main() -> None:
     ap.add_argument("--mem-steps", type=int, default=2, help="steps of each fresh memory process, after --mem-warmup")
     ap.add_argument("--mem-warmup", type=int, default=1, help="steps of each memory process before --mem-steps")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per child process")
-    ap.add_argument("--child", choices=["paired", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--grad-checkpointing", choices=["config", "on", "off"], default="config",
+                    help="LoRA configs: activation checkpointing as the config says (default), or forced on or off")
+    ap.add_argument("--work", help="keep the random checkpoints in this folder and reuse them (default: a temporary "
+                                   "folder per config)")
+    ap.add_argument("--child", choices=["paired", "memory", "write"], help=argparse.SUPPRESS)
     ap.add_argument("--libraries", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
@@ -996,16 +1193,24 @@ def main() -> None:
     device_type = torch.device(args.device).type
     args.dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
 
+    if args.child == "write":
+        config_class, config_args = CONFIGS[args.name][:2]
+        write_checkpoint(config_class, config_args, args.dir, args.dtype, args.device)
+        return
     if args.child:
-        common = (args.dir, args.name, args.steps, args.warmup, args.dtype, args.device)
+        common = (args.dir, args.name, args.steps, args.warmup, args.dtype, args.device, args.grad_checkpointing)
         libraries = args.libraries.split(",")
         r = child_paired(libraries, *common) if args.child == "paired" else child_memory(libraries[0], *common)
         print("RESULT " + json.dumps(r), flush=True)
         return
 
-    names = args.configs.split(",") if args.configs else [n for n, c in ALL_CONFIGS.items() if c[-1] == device_type]
+    names = args.configs.split(",") if args.configs else [n for n, c in ALL_CONFIGS.items()
+                                                          if c[-1] == device_type and n not in BASES_ONLY]
     if bad := [n for n in names if n not in ALL_CONFIGS]:
-        ap.error(f"--configs: unknown {bad}; choose from {list(ALL_CONFIGS)}")
+        ap.error(f"--configs: unknown {bad}; choose from {[n for n in ALL_CONFIGS if n not in BIG_BASES]}")
+    if big := [n for n in names if n in BIG_BASES]:
+        ap.error(f"--configs: {big} only as the base of a LoRA config (full fine-tuning of two 7B models with AdamW in "
+                 f"one process does not fit): {[n for n, c in LORA_CONFIGS.items() if c[0] in BIG_BASES]}")
     if args.steps < 1 or args.warmup < 0 or args.mem_steps < 0 or args.mem_warmup < 0:
         ap.error("--steps must be >= 1, --warmup, --mem-steps and --mem-warmup >= 0")
     if args.mem_steps + args.mem_warmup < 1:

@@ -8,13 +8,24 @@
 # gpu_run.txt (this log), bench_kernels.{json,md}, bench_train.{json,md}, sft/bench_train.{json,md},
 # dpo/bench_train.{json,md}. Arguments pick steps by name (tests kernels train sft dpo; default: all),
 # e.g. `bash benchmarks/gpu_run.sh tests kernels sft dpo` when the random-token step is already measured.
+#
+# `bash benchmarks/gpu_run.sh qlora` is the QLoRA run, a device call of its own (about 9 minutes at most):
+# qlora-tests (tests/test_quant.py: on CUDA the Triton kernel and bitsandbytes' CUDA kernels as the oracle), nf4
+# (bench_kernels.py's NF4 dequantization at Mistral-7B's layer shapes against bitsandbytes), qlora-7b
+# (bench_train.py's qlora-mistral-7b: minitune against transformers + peft + bitsandbytes) and lora-7b
+# (lora-mistral-7b, the same in bf16). The two 7B steps share one random bf16 checkpoint (14.5 GB, written by
+# the first under /tmp/minitune-bench-train). Output: gpu_run.txt, nf4/bench_kernels.{json,md},
+# qlora/bench_train.{json,md}, lora/bench_train.{json,md}. bitsandbytes comes from benchmarks/vendor/ (below).
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out}"
 mkdir -p "$out"
 wheel=benchmarks/vendor/liger_kernel-0.8.5-py3-none-any.whl
+bnb_wheel=$(ls benchmarks/vendor/bitsandbytes-*.whl 2>/dev/null | head -n 1)
+work=/tmp/minitune-bench-train  # the 7B checkpoint: not under $OUT, which comes back
 
 steps=" ${*:-tests kernels train sft dpo} "
+steps=${steps/ qlora / qlora-tests nf4 qlora-7b lora-7b }  # the QLoRA set
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print its exit status and time
   local name=$1 limit=$2
@@ -27,26 +38,43 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print i
   echo "=== $name: exit $rc$([ "$rc" = 124 ] && echo ' (timed out)') after $((SECONDS - t0)) s"
 }
 
+install_wheel() {  # install_wheel WHEEL: pip without dependencies or index, else unpacked onto PYTHONPATH
+  if ! python3 -m pip install -q --no-deps --no-index "$1" >/dev/null 2>&1; then
+    local dir
+    dir=$(mktemp -d)
+    python3 -m zipfile -e "$1" "$dir" && export PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+}
+
+
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
   nvidia-smi
-  # Liger Kernel is only compared against; the machine has no internet, so it comes from the vendored
-  # wheel (pure Python): pip-installed without dependencies, else unpacked onto PYTHONPATH.
-  if [ -f "$wheel" ]; then
-    if ! python3 -m pip install -q --no-deps --no-index "$wheel" >/dev/null 2>&1; then
-      liger_dir=$(mktemp -d)
-      python3 -m zipfile -e "$wheel" "$liger_dir" && export PYTHONPATH="$liger_dir${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-  fi
+  # Liger Kernel and bitsandbytes are only compared against; the machine has no internet, so they come from the
+  # vendored wheels (git-ignored: carried to the machine explicitly), installed without dependencies (torch,
+  # numpy and packaging are there), else unpacked onto PYTHONPATH (bitsandbytes' native libraries load either way).
+  [ -f "$wheel" ] && install_wheel "$wheel"
+  [ -n "$bnb_wheel" ] && install_wheel "$bnb_wheel"
   python3 -c "import torch, triton, transformers as t; print('torch', torch.__version__, '| triton', triton.__version__, '| transformers', t.__version__)"
   python3 -c "import liger_kernel.transformers.functional as f; print('liger-kernel from', f.__file__)" 2>/dev/null \
     || echo "liger-kernel: not available (the benchmarks say n/a)"
+  python3 -c "import bitsandbytes as b, peft; print('bitsandbytes', b.__version__, 'from', b.__file__, '| peft', peft.__version__)" 2>/dev/null \
+    || echo "bitsandbytes or peft: not available (the NF4 and QLoRA comparisons say n/a)"
 
   step tests 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py tests/test_models.py
   step kernels 200 python3 benchmarks/bench_kernels.py --sweep --out "$out"
   step train 170 python3 benchmarks/bench_train.py --configs mistral-1b --out "$out"
   step sft 150 python3 benchmarks/bench_train.py --configs sft-mistral-1b --out "$out/sft"
   step dpo 150 python3 benchmarks/bench_train.py --configs dpo-lora-mistral-1b --out "$out/dpo"
+
+  step qlora-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py
+  step nf4 90 python3 benchmarks/bench_kernels.py --kernels nf4_dequantize --out "$out/nf4"
+  # 7B: 6 timed rounds after 1 warm-up; memory from 1 + 1 steps in a fresh process per library. The first writes
+  # the checkpoint (about a minute), the second reuses it.
+  step qlora-7b 220 python3 benchmarks/bench_train.py --configs qlora-mistral-7b --work "$work" --steps 6 --warmup 1 \
+    --mem-warmup 1 --mem-steps 1 --timeout 150 --out "$out/qlora"
+  step lora-7b 165 python3 benchmarks/bench_train.py --configs lora-mistral-7b --work "$work" --steps 6 --warmup 1 \
+    --mem-warmup 1 --mem-steps 1 --timeout 150 --out "$out/lora"
   date -u
 } 2>&1 | tee "$out/gpu_run.txt"
