@@ -269,7 +269,7 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
     for name, parts in quantized_parts.items():
         if "" not in parts:
             problems.append(f"missing tensor {name!r} (in none of {', '.join(p.name for p in files)})")
-        elif parts[""][1].dtype.is_floating_point and parts[""][1].shape != list(quantized[name].shape):
+        elif not is_4bit(parts) and parts[""][1].shape != list(quantized[name].shape):
             path, entry, key = parts[""]
             problems.append(f"{path.name}: tensor {key!r} has shape {entry.shape}, the model expects "
                             f"{list(quantized[name].shape)}")
@@ -307,18 +307,24 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
         dtype on its device and quantized there, a chunk at a time, from the file's pages: no weight-sized
         buffer on the heap, whose freed blocks the allocator would keep."""
         path, entry, key = quantized_parts[name][""]
-        weight = quantized[name]
-        if entry.dtype.is_floating_point:
+        weight, where = quantized[name], f"{path.name}: {key}"
+        if not is_4bit(quantized_parts[name]):
             dense = model.tensor_from_checkpoint(name, mapped(path, entry)).to(device=device, dtype=dtype)
-            loaded = quantize_nf4(dense, weight.blocksize, weight.double_quant)
+            try:
+                loaded = quantize_nf4(dense, weight.blocksize, weight.double_quant)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
             del dense  # unmaps the pages
-        else:
+        else:  # the bytes may be stored as another dtype (bnb_4bit_quant_storage): from_bnb views them as uint8
             parts = {}
             for part, (part_path, part_entry, _) in quantized_parts[name].items():
                 parts[part] = torch.empty(part_entry.shape, dtype=part_entry.dtype)
                 read_into(part_path, part_entry, parts[part])
-            loaded = from_bnb({part: t.to(device) for part, t in parts.items()}, where=f"{path.name}: {key}")
-        weight.set_(loaded)
+            loaded = from_bnb({part: t.to(device) for part, t in parts.items()}, where=where)
+        try:
+            weight.set_(loaded)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
         weight.dtype = dtype  # what dequantize() gives by default, and what a merged save writes
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
@@ -347,6 +353,12 @@ def quantized_part(key: str, quantized: dict[str, NF4Weight]) -> tuple[str, str]
         if key.endswith("." + part) and key[:-len(part) - 1] in quantized:
             return key[:-len(part) - 1], part
     return None
+
+
+def is_4bit(parts: dict) -> bool:
+    """Whether one layer's checkpoint entries (by part: "", "absmax", ...) are bitsandbytes' 4-bit state, not a
+    dense weight to quantize: a 4-bit weight always has its quant state beside it."""
+    return any(part.startswith("quant_state.bitsandbytes__") for part in parts)
 
 
 def stored_4bit(headers: dict[Path, dict[str, TensorEntry]]) -> list[str]:

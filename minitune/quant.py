@@ -22,7 +22,12 @@ streaming the checkpoint, and also reads the checkpoints transformers writes wit
 On bitsandbytes' CPU backend: its C++ library rounds the 8-bit block-maxima codes through a
 65,536-entry lookup table, which picks the second-nearest level for about 0.15% of them; its CUDA
 kernels and its PyTorch reference backend round to the nearest, as this file does (tests/test_quant.py
-checks both facts).
+checks both facts). Its CUDA quantization kernel (csrc/kernels.cu, as read; the CPU machines here cannot
+run it) parts from its own reference in two corners, where this file follows the reference: an all-zero
+block (0 x 1/0 is NaN there and stores code 0, -1 times the block's near-zero maximum, not 0.0), and a
+last, shorter block (scaled by the reciprocal of its maximum there, divided by it in the reference: a
+value within one rounding of a boundary between levels can land one code apart). Neither occurs in a
+trained weight whose rows are whole blocks; test_quant.py compares against the CUDA kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -240,6 +245,9 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
             index = F.pad(index, (0, 1), value=NF4_LEVELS.index(0.0))  # an odd count: a last value of 0 pads the byte
         pairs = index.to(torch.uint8).view(-1, 2)
         codes[start // 2:start // 2 + pairs.shape[0]] = (pairs[:, 0] << 4) | pairs[:, 1]  # first value: high nibble
+    if not torch.isfinite(absmax).all():  # a NaN or inf would spread to every block through the offset
+        bad = (~torch.isfinite(weight)).sum().item()
+        raise UserError(f"quantize_nf4: the weight holds {bad} NaN or infinite values; NF4 can store only finite ones")
     if not double_quant:
         return NF4Weight(codes, absmax, weight.shape, weight.dtype, blocksize)
     offset = absmax.mean()
@@ -292,7 +300,10 @@ def from_bnb(parts: dict[str, torch.Tensor], where: str) -> NF4Weight:
         if want is not None and parts[key].numel() != want:
             raise UserError(f"{where}.{key}".rstrip(".") + f": {parts[key].numel()} values for a {list(shape)} "
                             f"weight in blocks of {blocksize}; expected {want}")
-    absmax = parts["absmax"].to(torch.uint8 if double else torch.float32)
+    if parts["absmax"].dtype != (want := torch.uint8 if double else torch.float32):
+        raise UserError(f"{where}.absmax: {parts['absmax'].dtype}; with{'' if double else 'out'} double quantization "
+                        f"bitsandbytes stores {want}")
+    absmax = parts["absmax"]
     return NF4Weight(codes, absmax, shape, dtype, blocksize,
                      parts["nested_absmax"].float() if double else None,
                      torch.tensor(nested[1], dtype=torch.float32, device=device) if double else None)
@@ -313,7 +324,7 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad_x = grad @ ctx.weight.dequantize(grad.dtype)  # (..., out) @ (out, in)
+        grad_x = grad @ ctx.weight.dequantize(grad.dtype) if ctx.needs_input_grad[0] else None  # (..., out) @ (out, in)
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias
 

@@ -33,7 +33,7 @@ from minitune.errors import UserError
 from minitune.kernels.nf4 import BLOCK_BYTES, nf4_dequantize_reference, nf4_dequantize_triton
 from minitune.lora import apply_lora, disable_lora, merge_lora, save_adapter, save_merged
 from minitune.quant import NF4Linear, NF4Weight, dynamic_code, nf4_code, quantize_model, quantize_nf4
-from tests.conftest import EXAMPLES, save_hf, tiny_gpt2_config
+from tests.conftest import EXAMPLES, save_hf, tiny_gpt2_config, tiny_mistral_config
 
 TINY_MISTRAL = EXAMPLES / "assets" / "tiny-mistral"  # hidden 128, intermediate 384: rows of whole blocks
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -700,6 +700,13 @@ def _longer(t):
     return torch.cat([t.reshape(-1), t.reshape(-1)[:1]])
 
 
+def _transposed_state(blob: torch.Tensor) -> torch.Tensor:
+    """The quant state's JSON with its shape reversed: the values of another weight than the layer's."""
+    state = json.loads(bytes(blob.tolist()))
+    state["shape"] = state["shape"][::-1]
+    return torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+
 DAMAGE = {  # (the entry changed, how); the error must name that entry
     "absmax": ("model.layers.1.self_attn.k_proj.weight.absmax", _shorter),
     "nested_absmax": ("model.layers.2.mlp.down_proj.weight.nested_absmax", _longer),
@@ -707,6 +714,9 @@ DAMAGE = {  # (the entry changed, how); the error must name that entry
     "quant_state": ("model.layers.3.self_attn.o_proj.weight.quant_state.bitsandbytes__nf4",
                     lambda t: torch.tensor(list(b"{not json"), dtype=torch.uint8)),
     "quant_map": ("model.layers.0.self_attn.q_proj.weight.quant_map", lambda t: t.flip(0).clone()),
+    "absmax_dtype": ("model.layers.1.mlp.gate_proj.weight.absmax", lambda t: t.float()),  # not the 8-bit codes
+    "shape": ("model.layers.0.self_attn.k_proj.weight.quant_state.bitsandbytes__nf4", _transposed_state),
+    "extra_layer": ("model.layers.9.mlp.up_proj.weight", None),  # a layer the model lacks, stored in 4 bits
 }
 
 
@@ -715,13 +725,56 @@ def test_damaged_bnb_entry_is_one_line_naming_the_tensor(damage, tmp_path):
     mt.load_model(TINY_MISTRAL, dtype=torch.float32, quantize="nf4").save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
     key, change = DAMAGE[damage]
-    tensors[key] = change(tensors[key])
+    if change is None:  # a copy of layer 0's up_proj entries under the key
+        for k in [k for k in tensors if k.startswith("model.layers.0.mlp.up_proj.weight")]:
+            tensors[k.replace("model.layers.0.mlp.up_proj.weight", key)] = tensors[k].clone()
+    else:
+        tensors[key] = change(tensors[key])
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     for quantize in (None, "nf4"):
         with pytest.raises(UserError) as refused:
             mt.load_model(tmp_path, quantize=quantize)
         message = str(refused.value)
-        assert "\n" not in message and key in message, message
+        assert "\n" not in message and key.split(".quant_state.")[0] in message, message  # the tensor, or its weight
+
+
+def test_bytes_stored_as_another_dtype_load_as_stored(tmp_path):
+    """transformers with bnb_4bit_quant_storage=torch.bfloat16 (the FSDP-QLoRA recipe) stores the packed bytes as
+    (n / 4, 1) bfloat16: the same bytes, read as they are."""
+    model = mt.load_model(TINY_MISTRAL, dtype=torch.float32, quantize="nf4")
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for name in mt.quant.nf4_weights(model):
+        tensors[name] = tensors[name].view(-1).view(torch.bfloat16)[:, None].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = mt.load_model(tmp_path, dtype=torch.float32)
+    assert_same_tensors(quantized_state(loaded), quantized_state(model))
+
+
+def test_a_non_finite_weight_is_refused_naming_it(tmp_path):
+    with pytest.raises(UserError, match="holds 32 NaN or infinite values"):
+        quantize_nf4(torch.tensor([1.0, float("nan"), 2.0, float("inf")]).repeat(16))
+    save_hf(tiny_mistral_config(), tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError) as refused:
+        mt.load_model(tmp_path, quantize="nf4")
+    message = str(refused.value)
+    assert "model.layers.1.mlp.down_proj.weight" in message and "NaN" in message and "\n" not in message
+
+
+def test_triton_dequantize_keeps_a_nan_a_nan(monkeypatch):
+    """bf16 rounding on the bits adds 0x7FFF: a NaN with a full mantissa (a GPU's 0x7FFFFFFF) would carry into
+    -0.0 without the kernel's NaN guard. A NaN block maximum (a damaged checkpoint) gives NaNs, as torch's cast."""
+    monkeypatch.setenv("MINITUNE_KERNELS", "triton")
+    q = quantize_nf4(torch.randn(4096), double_quant=False)
+    absmax = q.absmax.clone()
+    absmax[3] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)
+    values = nf4_dequantize_triton(q.codes, absmax, q.quant_map, 4096, 64, torch.bfloat16)
+    reference = nf4_dequantize_reference(q.codes, absmax, q.quant_map, 4096, 64, torch.bfloat16)
+    assert torch.equal(values.isnan(), reference.isnan()) and values[3 * 64:4 * 64].isnan().any()
+    assert torch.equal(values.nan_to_num(), reference.nan_to_num())
 
 
 # ---------------------------------------------------------------- checkpoint resume

@@ -66,6 +66,7 @@ def _nf4_dequantize_kernel(CODES, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFS
     if BF16_BITS:  # OUT is the bfloat16 output viewed as int16: round to nearest even on the bits
         bits = values.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(values != values, 0x7FC0, bits)  # a NaN stays one: the sum above can carry it to -0.0
         tl.store(OUT + index, bits.to(tl.int16), mask=index < n)
     else:
         tl.store(OUT + index, values.to(OUT.dtype.element_ty), mask=index < n)

@@ -52,7 +52,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype | str | None 
 
     with torch.device("meta"):
         model = cls(config)  # shapes only: no memory, no random init
-    stored = [model.key_from_checkpoint(key).removesuffix(".weight") for key in stored_4bit(headers)]
+    modules = dict(model.named_modules())  # a 4-bit entry for a layer the model lacks: load_state names it
+    stored = [name for key in stored_4bit(headers)
+              if (name := model.key_from_checkpoint(key).removesuffix(".weight")) in modules]
     if quantize or stored:  # empty NF4 layers, filled as the checkpoint streams in
         names = quantizable_layers(model) if quantize else []
         quantize_model(model, names=names + [name for name in stored if name not in names], dtype=dtype)
