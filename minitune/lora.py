@@ -86,7 +86,8 @@ class LoRALinear(nn.Linear):
         y = linear(x, self.weight, self.bias)  # F.linear, or the 4-bit matmul over an NF4Weight
         if self.merged or self.disabled:
             return y
-        x = x.to(self.lora_A.weight.dtype)  # a no-op under autocast, which picks the matmul dtype itself
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls pick their dtype themselves
+            x = x.to(self.lora_A.weight.dtype)  # float32 adapters over a bf16 base: float32 maths, as PEFT's
         return y + (self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling).to(y.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
