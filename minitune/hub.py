@@ -308,23 +308,23 @@ def load_state(model, headers: dict[Path, dict[str, TensorEntry]], threads: int 
         buffer on the heap, whose freed blocks the allocator would keep."""
         path, entry, key = quantized_parts[name][""]
         weight, where = quantized[name], f"{path.name}: {key}"
-        if not is_4bit(quantized_parts[name]):
-            dense = model.tensor_from_checkpoint(name, mapped(path, entry)).to(device=device, dtype=dtype)
-            try:
-                loaded = quantize_nf4(dense, weight.blocksize, weight.double_quant)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
-            del dense  # unmaps the pages
-        else:  # the bytes may be stored as another dtype (bnb_4bit_quant_storage): from_bnb views them as uint8
+        if is_4bit(quantized_parts[name]):  # the bytes may be stored as another dtype (bnb_4bit_quant_storage)
             parts = {}
             for part, (part_path, part_entry, _) in quantized_parts[name].items():
                 parts[part] = torch.empty(part_entry.shape, dtype=part_entry.dtype)
                 read_into(part_path, part_entry, parts[part])
             loaded = from_bnb({part: t.to(device) for part, t in parts.items()}, where=where)
-        try:
-            weight.set_(loaded)
-        except UserError as e:
-            raise UserError(f"{where}: {e}") from None
+            if loaded.shape != weight.shape:
+                raise UserError(f"{where}: its quant state gives shape {list(loaded.shape)}, the model expects "
+                                f"{list(weight.shape)}")
+        else:  # a dense weight (its shape checked above)
+            dense = model.tensor_from_checkpoint(name, mapped(path, entry)).to(device=device, dtype=dtype)
+            try:
+                loaded = quantize_nf4(dense, weight.blocksize, weight.double_quant)
+            except UserError as e:  # a NaN or inf in it
+                raise UserError(f"{where}: {e}") from None
+            del dense  # unmaps the pages
+        weight.set_(loaded)
         weight.dtype = dtype  # what dequantize() gives by default, and what a merged save writes
 
     with ThreadPoolExecutor(max_workers=threads) as pool:

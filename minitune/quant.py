@@ -251,9 +251,8 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     if not double_quant:
         return NF4Weight(codes, absmax, weight.shape, weight.dtype, blocksize)
     offset = absmax.mean()
-    nested_absmax, nested_index = (torch.cat(parts) for parts in
-                                   zip(*[(m, i) for _, m, i in _blockwise(absmax - offset, NESTED_BLOCKSIZE,
-                                                                          dynamic_code(device))]))
+    nested = list(_blockwise(absmax - offset, NESTED_BLOCKSIZE, dynamic_code(device)))  # [(start, max, index)]
+    nested_absmax, nested_index = torch.cat([m for _, m, _ in nested]), torch.cat([i for _, _, i in nested])
     return NF4Weight(codes, nested_index.to(torch.uint8), weight.shape, weight.dtype, blocksize, nested_absmax,
                      offset)
 
