@@ -9,7 +9,7 @@
 # dpo/bench_train.{json,md}. Arguments pick steps by name (tests kernels train sft dpo; default: all),
 # e.g. `bash benchmarks/gpu_run.sh tests kernels sft dpo` when the random-token step is already measured.
 #
-# `bash benchmarks/gpu_run.sh qlora` is the QLoRA run, a device call of its own (about 9 minutes at most):
+# `bash benchmarks/gpu_run.sh qlora` is the QLoRA run, a device call of its own (at most 9 minutes: its steps' limits):
 # qlora-tests (tests/test_quant.py: on CUDA the Triton kernel and bitsandbytes' CUDA kernels as the oracle), nf4
 # (bench_kernels.py's NF4 dequantization at Mistral-7B's layer shapes against bitsandbytes), qlora-7b
 # (bench_train.py's qlora-mistral-7b: minitune against transformers + peft + bitsandbytes) and lora-7b
