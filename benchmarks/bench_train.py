@@ -212,6 +212,7 @@ LORA_CONFIGS = {
     "qlora-mistral-7b": ("mistral-7b", 16, "nf4", True, "cuda"),
 }
 NF4_BLOCKSIZE = 64  # QLoRA's: bitsandbytes' default, and minitune's
+QLORA_PEAK_RATIO, QLORA_PEAK_BYTES = 0.65, 10e9  # GPU goals of a QLoRA step: peak vs transformers + PEFT + bnb, and alone
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # DPO configs, name: (the CONFIGS entry whose random checkpoint, written in float32, is the SFT model; LoRA rank
 # (alpha 2r, every linear layer but the head); pairs per micro-batch, micro-batches per optimizer step, device).
@@ -866,6 +867,11 @@ def bench_config(name: str, args, save) -> dict:
             if entry["kind"] == "dpo":
                 dpo_losses(entry, rows, LOSS_RTOL[args.dtype], echo=library == libraries[-1])
             save(entry)
+    if entry.get("quantize") and all("peak_bytes" in rows[lib] for lib in ("minitune", "transformers")):
+        ours, theirs = rows["minitune"]["peak_bytes"], rows["transformers"]["peak_bytes"]  # GPU: weights included
+        entry["peak_ratio"] = ours / theirs
+        entry["qlora_memory_goal_met"] = ours <= QLORA_PEAK_RATIO * theirs and ours <= QLORA_PEAK_BYTES
+        save(entry)
     return entry
 
 
@@ -1029,6 +1035,12 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
                          f"{'**met**' if e['at_least_as_fast'] else '**NOT met**'}")
         else:
             lines.append(f"- {e['config']}: n/a (the timing run failed or has not finished)")
+    for e in configs:
+        if "qlora_memory_goal_met" in e:
+            ours = next(r for r in e["runs"] if r["library"] == "minitune")["peak_bytes"]
+            lines.append(f"- {e['config']} (GPU goal: peak at most {QLORA_PEAK_RATIO}x transformers + PEFT + "
+                         f"bitsandbytes' and at most {QLORA_PEAK_BYTES / 1e9:.0f} GB): peak {ours / 1e9:.2f} GB = "
+                         f"{e['peak_ratio']:.2f}x theirs -> {'**met**' if e['qlora_memory_goal_met'] else '**NOT met**'}")
     verdict = result.get("goal_met")
     lines += ["", f"Overall: {'**met**' if verdict else 'n/a' if verdict is None else '**NOT met**'}."]
     return lines
@@ -1229,8 +1241,9 @@ def main() -> None:
         if entry is not None and not any(e is entry for e in result["configs"]):
             result["configs"].append(entry)
         verdicts = [e["at_least_as_fast"] for e in result["configs"] if "at_least_as_fast" in e]
+        memory = [e["qlora_memory_goal_met"] for e in result["configs"] if "qlora_memory_goal_met" in e]  # GPU
         goals = [n for n in names if n not in DPO_CONFIGS]  # a DPO config compares references: no speed goal
-        result["goal_met"] = all(verdicts) if verdicts and len(verdicts) == len(goals) else None
+        result["goal_met"] = all(verdicts + memory) if verdicts and len(verdicts) == len(goals) else None
         result["seconds"] = time.perf_counter() - t_start
         (out / "bench_train.json").write_text(json.dumps(result, indent=2) + "\n")
         (out / "bench_train.md").write_text(markdown(result))
