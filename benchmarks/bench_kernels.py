@@ -682,7 +682,8 @@ def gpu_goals(rows: list[dict], chosen: tuple | list = KERNELS) -> list[dict]:
 
 def nf4_goals(rows: list[dict], on_gpu: bool) -> list[dict]:
     """At every Mistral-7B layer shape measured: minitune's output equal to bitsandbytes' dequantize_4bit's; on a
-    GPU also no slower than it, and faster than the PyTorch reference (else the kernel has no reason to exist)."""
+    GPU also at least 80% of the copy bandwidth, no slower than bitsandbytes, and faster than the PyTorch reference
+    (else the kernel has no reason to exist)."""
     sizes = [r["size"] for r in rows if r["kernel"] == "nf4_dequantize" and r["variant"] == "minitune"]
     where = "NF4 dequantization at Mistral-7B's layer shapes"
     ours = {size_label(s): find(rows, "nf4_dequantize", s, "minitune") for s in sizes}
@@ -698,6 +699,8 @@ def nf4_goals(rows: list[dict], on_gpu: bool) -> list[dict]:
                 ", ".join(f"{k} {'equal' if v else 'DIFFERENT'}" for k, v in checked.items()))]
     if not on_gpu:
         return out
+    out.append(goal(f"{where}: at least 80% of the copy bandwidth", all(r["of_copy"] >= 0.8 for r in ours.values()),
+                    ", ".join(f"{k} {r['of_copy']:.0%}" for k, r in ours.items())))
     if any(r is None for r in bnb.values()):
         out.append(goal(f"{where}: at least as fast as bitsandbytes' dequantize_4bit", None,
                         "bitsandbytes not installed" if bitsandbytes_functional() is None else "not measured"))
