@@ -1,5 +1,5 @@
-"""Kernels: minitune's rms_norm, layer_norm, cross_entropy and fused_linear_cross_entropy, forward + backward;
-and its NF4 dequantization (QLoRA's weights), forward only.
+"""Kernels: minitune's rms_norm, layer_norm, cross_entropy, fused_linear_cross_entropy, rope and swiglu, forward +
+backward; and its NF4 dequantization (QLoRA's weights), forward only.
 
     python benchmarks/bench_kernels.py --out benchmarks/out            # CPU: about 1.5 minutes on 2 cores
     python benchmarks/bench_kernels.py --sweep --out benchmarks/out    # GPU, plus the cross-entropy constants
@@ -20,7 +20,10 @@ has it). Reported:
   second of them.
 - bandwidth from the minimum bytes a forward + backward must move, b = bytes per element:
   RMSNorm/LayerNorm 5*M*N*b (forward reads x, writes y: 2*M*N*b; backward reads x and dy, writes
-  dx: 3*M*N*b); cross-entropy 2*M*V*b (read the logits, write their gradient). Also as a fraction of
+  dx: 3*M*N*b); cross-entropy 2*M*V*b (read the logits, write their gradient); rope, at Mistral-7B's heads
+  (32 q and 8 kv heads of 128) for B x T tokens with a cos and sin row per token, 2*(2*40*128 + 2*128)*B*T*b
+  (each pass reads q, k, cos and sin and writes q and k); swiglu 8*M*N*b (forward reads gate and up,
+  writes y; backward reads dy, gate and up, writes their gradients). Also as a fraction of
   the copy bandwidth measured in the same run: dst.copy_(src) of a 1 GiB tensor moves 2 * 1 GiB.
   The fused linear CE is bound by its matmuls: no bandwidth.
 - minitune speed-up: a variant's time divided by minitune's (above 1: minitune is faster).
@@ -86,6 +89,8 @@ from minitune.kernels.cross_entropy import cross_entropy_reference
 from minitune.kernels.layer_norm import layer_norm_reference
 from minitune.kernels.nf4 import nf4_dequantize_reference
 from minitune.kernels.rms_norm import rms_norm_reference
+from minitune.kernels.rope import rope_reference
+from minitune.kernels.swiglu import swiglu_reference
 
 try:
     from liger_kernel.transformers import functional as liger
@@ -95,7 +100,8 @@ except ImportError:  # optional: the GPU machine gets it from benchmarks/vendor 
 TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")
 
 EPS = 1e-5
-KERNELS = ("rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize")
+KERNELS = ("rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize", "rope", "swiglu")
+ROPE_HEADS, ROPE_KV_HEADS, ROPE_HEAD_DIM = 32, 8, 128  # Mistral-7B's attention
 COPY_BYTES = 1 << 30
 
 # Mistral-7B's linear layers (hidden 4096, intermediate 14336, 8 kv heads x 128), M x N = out x in features
@@ -113,6 +119,8 @@ GPU_SIZES = {
     "fused_linear_cross_entropy": [{"M": 8192, "H": 4096, "V": 32000}, {"M": 16384, "H": 4096, "V": 32000},
                                    {"M": 32768, "H": 4096, "V": 32000}],
     "nf4_dequantize": NF4_SIZES,
+    "rope": [{"B": 2, "T": 4096}, {"B": 8, "T": 2048}],
+    "swiglu": [{"M": 8192, "N": 14336}, {"M": 16384, "N": 14336}],  # tokens x Mistral-7B's MLP width
 }
 NORM_GRID = [{"M": m, "N": n} for m in (4096, 16384, 32768) for n in (1024, 2048, 4096, 8192)]
 GPU_SIZES_ALL = {  # --all-sizes: the whole grid (a few minutes more, mostly torch.compile)
@@ -122,6 +130,8 @@ GPU_SIZES_ALL = {  # --all-sizes: the whole grid (a few minutes more, mostly tor
     "fused_linear_cross_entropy": [{"M": m, "H": 4096, "V": v} for m in (4096, 8192, 16384)
                                    for v in (32000, 50257, 128256)],
     "nf4_dequantize": NF4_SIZES,
+    "rope": [{"B": 2, "T": 4096}, {"B": 8, "T": 2048}],
+    "swiglu": [{"M": 8192, "N": 14336}, {"M": 16384, "N": 14336}],
 }
 CPU_SIZES = {
     "rms_norm": [{"M": 4096, "N": 1024}, {"M": 4096, "N": 4096}],
@@ -129,11 +139,15 @@ CPU_SIZES = {
     "cross_entropy": [{"M": 2048, "V": 32000}, {"M": 2048, "V": 50257}],
     "fused_linear_cross_entropy": [{"M": 1024, "H": 256, "V": 32000}],
     "nf4_dequantize": NF4_SIZES[:2],  # q/o and k/v; the reference's int64 temporaries make the big ones slow here
+    "rope": [{"B": 1, "T": 1024}],
+    "swiglu": [{"M": 1024, "N": 14336}],
 }
 
 # The goals (from the issue). GPU ones at these sizes in the run's dtype (bf16 by default).
 GOAL_RMS = ("rms_norm", {"M": 16384, "N": 4096})
 GOAL_CE = ("cross_entropy", {"M": 8192, "V": 32000})
+GOAL_ROPE = ("rope", {"B": 2, "T": 4096})
+GOAL_SWIGLU = ("swiglu", {"M": 8192, "N": 14336})
 # the fused linear CE's memory goal is checked at two batch sizes: its float32 dweight (V x H) is a fixed
 # cost, so its ratio to the eager path's peak (which grows with M x V) depends on M / H
 GOAL_FLCE = [("fused_linear_cross_entropy", {"M": m, "H": 4096, "V": 32000}) for m in (8192, 16384, 32768)]
@@ -172,7 +186,7 @@ class Case:
 class Variant:
     name: str
     fn: Callable
-    overwrites_input: bool = False  # Liger's cross-entropy writes its gradient into the logits
+    overwrites_input: bool = False  # Liger's cross-entropy, RoPE and SwiGLU write into their inputs
     bytes_moved: int | None = None  # this variant's own bytes, where they are not the case's (the copy)
 
 
@@ -199,6 +213,20 @@ def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device)
         return Case(kernel, size, (logits, targets), [logits], None, 2 * M * V * b)
     if kernel == "nf4_dequantize":
         return nf4_case(size, dtype, device)
+    if kernel == "rope":  # q and k as the decoder makes them: (B, heads, T, hs) views of (B, T, heads, hs)
+        B, T, nh, n_kv, hs = size["B"], size["T"], ROPE_HEADS, ROPE_KV_HEADS, ROPE_HEAD_DIM
+        q, k = leaf(B, T, nh, hs), leaf(B, T, n_kv, hs)
+        angles = torch.arange(T, device=device)[:, None] / 10000 ** (torch.arange(0, hs, 2, device=device) / hs)
+        angles = torch.cat((angles, angles), dim=-1).expand(B, T, hs)  # a row per token, as a padded batch has
+        cos, sin = angles.cos().to(dtype).contiguous(), angles.sin().to(dtype).contiguous()
+        grads = (torch.randn(B, T, nh, hs, device=device).to(dtype).transpose(1, 2),
+                 torch.randn(B, T, n_kv, hs, device=device).to(dtype).transpose(1, 2))
+        return Case(kernel, size, (q.transpose(1, 2), k.transpose(1, 2), cos, sin), [q, k], grads,
+                    2 * (2 * (nh + n_kv) * hs + 2 * hs) * B * T * b)
+    if kernel == "swiglu":
+        M, N = size["M"], size["N"]
+        gate, up = leaf(M, N, scale=2.0), leaf(M, N)
+        return Case(kernel, size, (gate, up), [gate, up], torch.randn(M, N, device=device).to(dtype), 8 * M * N * b)
     M, H, V = size["M"], size["H"], size["V"]
     hidden, weight = leaf(M, H), leaf(V, H, scale=H ** -0.5)
     targets = torch.randint(0, V, (M,), device=device)
@@ -218,6 +246,10 @@ def linear_cross_entropy_eager(hidden, weight, targets):
     return F.cross_entropy(hidden @ weight.T, targets)
 
 
+def rope_eager(q, k, cos, sin):
+    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+
+
 def torch_linear_cross_entropy(hidden, weight, targets):
     return F.linear_cross_entropy(hidden, weight, targets, options=torch.nn.LinearCrossEntropyOptions())
 
@@ -227,12 +259,16 @@ MINITUNE = {
     "layer_norm": lambda x, w, b: kernels.layer_norm(x, w, b, EPS),
     "cross_entropy": kernels.cross_entropy,
     "fused_linear_cross_entropy": kernels.fused_linear_cross_entropy,
+    "rope": kernels.rope,
+    "swiglu": kernels.swiglu,
 }
 EAGER = {
     "rms_norm": rms_norm_eager,
     "layer_norm": layer_norm_eager,
     "cross_entropy": cross_entropy_reference,
     "fused_linear_cross_entropy": linear_cross_entropy_eager,
+    "rope": rope_eager,
+    "swiglu": swiglu_reference,
 }
 
 
@@ -245,6 +281,9 @@ def liger_variant(kernel: str) -> Variant | None:
         "layer_norm": Variant("liger", lambda x, w, b: liger.liger_layer_norm(x, w, b, EPS)),
         "cross_entropy": Variant("liger", liger.liger_cross_entropy, overwrites_input=True),
         "fused_linear_cross_entropy": Variant("liger", liger.liger_fused_linear_cross_entropy),
+        # both turn q and k (and dq, dk) in place, and SwiGLU's backward writes into gate and up
+        "rope": Variant("liger", liger.liger_rope, overwrites_input=True),
+        "swiglu": Variant("liger", liger.liger_swiglu, overwrites_input=True),
     }[kernel]
 
 
@@ -380,6 +419,9 @@ class Step:
         out = self.fn(*self.case.args)
         if self.case.forward_only:
             return
+        if isinstance(out, tuple):  # rope: q and k
+            torch.autograd.backward(out, self.case.grad_out)
+            return
         out.backward(self.case.grad_out)
         self.value = out.detach() if out.numel() == 1 else None
 
@@ -484,7 +526,7 @@ def measure(case: Case, variant: Variant, device: torch.device) -> dict:
         warnings.simplefilter("always")
         try:
             if variant.overwrites_input:
-                resets.append(RestoreInput(case.args[0]))
+                resets += [RestoreInput(t) for t in case.leaves]
             row["ms"] = time_ms(step, resets, device)
             if device.type == "cuda":
                 row["peak_bytes"] = cuda_peak_bytes(step, resets)
@@ -677,7 +719,18 @@ def gpu_goals(rows: list[dict], chosen: tuple | list = KERNELS) -> list[dict]:
             out += flce_goals(rows, kernel, size)
     if "nf4_dequantize" in chosen:
         out += nf4_goals(rows, on_gpu=True)
+    for (kernel, size), name in ((GOAL_ROPE, "RoPE"), (GOAL_SWIGLU, "SwiGLU")):
+        if kernel in chosen:
+            out += bandwidth_goals(rows, kernel, size, name) + compile_goal(rows, kernel, size, name)
     return out
+
+
+def compile_goal(rows: list[dict], kernel: str, size: dict, name: str) -> list[dict]:
+    ours, theirs = find(rows, kernel, size, "minitune"), find(rows, kernel, size, "compile")
+    where = f"{name} forward + backward at {size_label(size)}: faster than torch.compile of the reference"
+    if ours is None or theirs is None:
+        return [goal(where, None, "not measured")]
+    return [goal(where, ours["ms"] < theirs["ms"], f"minitune {ours['ms']:.3f} ms, torch.compile {theirs['ms']:.3f} ms")]
 
 
 def nf4_goals(rows: list[dict], on_gpu: bool) -> list[dict]:

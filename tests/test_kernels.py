@@ -22,6 +22,7 @@ from minitune import kernels
 from minitune.kernels.cross_entropy import cross_entropy_reference
 from minitune.kernels.layer_norm import layer_norm_reference
 from minitune.kernels.rms_norm import rms_norm_reference
+from minitune.kernels.rope import rope_reference
 from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
 
 # the module, not the function of the same name that minitune.kernels exports
@@ -115,6 +116,98 @@ def test_layer_norm_forward_and_backward(dtype, shape):
     assert_close_ulp(y, y64, what="y")
     for name, ours, exact in zip(("dx", "dw", "db"), (x.grad, w.grad, b.grad), ref):
         assert_close_ulp(ours, exact.grad, what=name)
+
+
+# ---- RoPE and SwiGLU ----
+
+def rope_inputs(dtype, B=2, T=9, nh=6, n_kv=2, hs=24, shared_positions=False):
+    """q (B, nh, T, hs) and k (B, n_kv, T, hs) as the decoder makes them (transposed views of (B, T, heads, hs)),
+    and rotate-half cos, sin at positions that differ by row (a left-padded batch) or are shared (B = 1)."""
+    q = torch.randn(B, T, nh, hs, device=DEVICE).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, T, n_kv, hs, device=DEVICE).to(dtype).transpose(1, 2).requires_grad_()
+    positions = torch.arange(T, device=DEVICE)[None] - (0 if shared_positions else torch.arange(B, device=DEVICE)[:, None])
+    freqs = positions.clamp(min=0)[..., None].double() / 10000 ** (torch.arange(0, hs, 2, device=DEVICE) / hs)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (B or 1, T, hs)
+    return q, k, angles.cos().to(dtype), (angles.sin() * 1.1).to(dtype)  # sin scaled: cos and sin independent
+
+
+def rope_exact(x, cos, sin):
+    """float64 rotary positions with the kernel's roundings: each product, then the sum, to x's dtype."""
+    x1, x2 = x.double().chunk(2, dim=-1)
+    c, s = cos.double()[:, None], sin.double()[:, None]
+    c1, c2, s1, s2 = *c.chunk(2, dim=-1), *s.chunk(2, dim=-1)
+    r = lambda t: kernel_round(t, x.dtype)  # noqa: E731
+    return torch.cat((r(r(x1 * c1) + r(-(x2 * s1))), r(r(x2 * c2) + r(x1 * s2))), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared_positions", [False, True], ids=["per_row", "shared"])
+def test_rope_forward_and_backward(dtype, shared_positions):
+    q, k, cos, sin = rope_inputs(dtype, shared_positions=shared_positions)
+    q_out, k_out = kernels.rope(q, k, cos, sin)
+    assert q_out.dtype == dtype and q_out.shape == q.shape and q_out.stride() == q.stride()  # the input's layout
+    assert_close_ulp(q_out, rope_exact(q.detach(), cos, sin), what="q")
+    assert_close_ulp(k_out, rope_exact(k.detach(), cos, sin), what="k")
+    if dtype == torch.float32:  # the reference's three roundings, in its order: bit for bit
+        assert torch.equal(q_out, rope_reference(q.detach(), cos, sin))
+    dq, dk = torch.randn_like(q_out), torch.randn_like(k_out)
+    torch.autograd.backward((q_out, k_out), (dq, dk))
+    # the backward turns dy back: dx1 = dy1 cos1 + dy2 sin2, dx2 = dy2 cos2 - dy1 sin1 (the forward, sin -> (-sin2, -sin1))
+    s1, s2 = sin.chunk(2, dim=-1)
+    back = torch.cat((-s2, -s1), dim=-1)
+    assert_close_ulp(q.grad, rope_exact(dq, cos, back), what="dq")
+    assert_close_ulp(k.grad, rope_exact(dk, cos, back), what="dk")
+    if dtype != torch.float32:  # in bf16 a sum of two rounded products that cancel is many ulps off its exact value
+        return
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()  # autograd, no rounding
+    torch.autograd.backward((rope_reference(q64, cos.double(), sin.double()),
+                             rope_reference(k64, cos.double(), sin.double())), (dq.double(), dk.double()))
+    assert_close_ulp(q.grad, q64.grad, ulps=2, what="dq against autograd")
+    assert_close_ulp(k.grad, k64.grad, ulps=2, what="dk against autograd")
+
+
+def test_rope_refuses_mismatched_shapes_and_dtypes():
+    q, k, cos, sin = rope_inputs(torch.float32)
+    with pytest.raises(ValueError, match="cos and sin"):
+        kernels.rope(q, k, cos[:, :-1], sin[:, :-1])
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.rope(q, k, cos.double(), sin.double())
+
+
+def swiglu_exact(gate, up):
+    """float64 silu(gate) * up with the kernel's roundings: silu's output, then the product, to the dtype."""
+    a = kernel_round(torch.nn.functional.silu(gate.double()), gate.dtype)
+    return kernel_round(a * up.double(), gate.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(3, 5, 129), (1, 2048), (7,)], ids=str)
+def test_swiglu_forward_and_backward(dtype, shape):
+    gate = (torch.randn(shape, device=DEVICE) * 3).to(dtype).requires_grad_()
+    up = torch.randn(shape, device=DEVICE).to(dtype).requires_grad_()
+    y = kernels.swiglu(gate, up)
+    assert y.dtype == dtype and y.shape == gate.shape
+    assert_close_ulp(y, swiglu_exact(gate.detach(), up.detach()), what="y")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    g64, u64 = gate.detach().double(), up.detach().double()
+    s = torch.sigmoid(g64)
+    a = kernel_round(g64 * s, dtype)  # the forward's rounded silu, recomputed
+    assert_close_ulp(up.grad, dy.double() * a, what="dup")
+    da = kernel_round(dy.double() * u64, dtype)
+    assert_close_ulp(gate.grad, da * s * (1 + g64 * (1 - s)), what="dgate")
+
+
+def test_swiglu_saves_its_inputs_not_the_product():
+    """The backward recomputes silu(gate): autograd keeps gate and up (the reference keeps silu(gate) as well)."""
+    gate = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    up = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.swiglu(gate, up)
+    assert len(saved) == 2 and {t.data_ptr() for t in saved} == {gate.data_ptr(), up.data_ptr()}
+    with pytest.raises(ValueError, match="one shape and dtype"):
+        kernels.swiglu(gate, up[:, :32])
 
 
 def test_norms_reject_a_weight_of_the_wrong_width():

@@ -7,6 +7,8 @@
                                                 the loss of hidden @ weight.T without the full logits
     nf4_dequantize(codes, absmax, code, n, blocksize, dtype, ...)
                                                 a 4-bit NormalFloat weight back to dtype (minitune.quant)
+    rope(q, k, cos, sin)                        rotary positions of q and k in one launch (rotate-half)
+    swiglu(gate, up)                            silu(gate) * up, recomputed in the backward
 
 MINITUNE_KERNELS=triton|torch|auto (read at each call; default auto) forces a backend. With
 TRITON_INTERPRET=1 set before minitune is imported, MINITUNE_KERNELS=triton runs the very same
@@ -32,11 +34,13 @@ from .cross_entropy import fused_linear_cross_entropy as _fused_linear_ce
 from .layer_norm import layer_norm_triton
 from .nf4 import nf4_dequantize_reference, nf4_dequantize_triton
 from .rms_norm import rms_norm_reference, rms_norm_triton
+from .rope import rope_reference, rope_triton
+from .swiglu import swiglu_reference, swiglu_triton
 
 BACKENDS = ("auto", "triton", "torch")
 
 __all__ = ["backend", "rms_norm", "layer_norm", "cross_entropy", "fused_linear_cross_entropy", "nf4_dequantize",
-           "BACKENDS",
+           "rope", "swiglu", "BACKENDS",
            "REDUCTIONS", "HAVE_TRITON"]
 
 
@@ -103,3 +107,18 @@ def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor
     given): bitsandbytes' dequantize_4bit, bit for bit. See minitune/kernels/nf4.py for the layout."""
     fn = nf4_dequantize_triton if backend(codes) == "triton" else nf4_dequantize_reference
     return fn(codes, absmax, code, n, blocksize, dtype, nested_absmax, nested_code, offset, nested_blocksize)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, nh, T, hs) and k (B, n_kv, T, hs) each turned by rotary positions, x * cos + rotate_half(x) * sin,
+    with cos and sin (B or 1, T, hs) in their dtype: Hugging Face's apply_rotary_pos_emb."""
+    if backend(q) == "triton":
+        return rope_triton(q, k, cos, sin)
+    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, each rounded to the input dtype as F.silu and the product are: the SwiGLU MLP's middle."""
+    if backend(gate) == "triton":
+        return swiglu_triton(gate, up)
+    return swiglu_reference(gate, up)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -186,13 +187,6 @@ def rope_cos_sin(position_ids: torch.Tensor, config: MistralConfig, dtype: torch
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """x (B, nh, T, hs): pair dimension i with i + hs/2 and rotate each pair."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 class Attention(nn.Module):
     def __init__(self, config: MistralConfig, layer_idx: int):
         super().__init__()
@@ -216,7 +210,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, n_kv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = kernels.rope(q, k, cos, sin)  # pair dimension i with i + hs/2, turn each pair; Triton on CUDA
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, past + T, hs)
         y = attend(q, k, v, mask, self.hs ** -0.5, self.attn_dropout.p if self.training else 0.0)
@@ -232,7 +226,10 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        gate, up = self.gate_proj(x), self.up_proj(x)  # (B, T, intermediate) each
+        if self.act is F.silu:  # SwiGLU: silu(gate) * up, one kernel on CUDA
+            return self.down_proj(kernels.swiglu(gate, up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
