@@ -1,4 +1,5 @@
-"""On a GPU: the CUDA attention paths (flash with shared KV heads, memory-efficient with masks), bf16.
+"""On a GPU: the CUDA attention paths (flash with shared KV heads, memory-efficient with masks), bf16, and a training
+forward and backward that never wait for the GPU.
 
 Skipped without CUDA. bf16 is judged against transformers' own bf16 error: both are compared to a
 float32 reference, and minitune's error may not be clearly worse than transformers'.
@@ -78,3 +79,25 @@ def test_training_step_on_cuda_in_bf16(tmp_path):
         opt.zero_grad()
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_bf16_training_forward_and_backward_never_wait_for_the_gpu(packed, tmp_path):
+    """set_sync_debug_mode("error"): any host sync (a .item(), a bool() of a CUDA tensor) raises."""
+    save_hf(CONFIGS["mistral_gqa_window"](), tmp_path)
+    model = mt.load_model(tmp_path, dtype=torch.bfloat16, device="cuda").train()
+    model.gradient_checkpointing = True
+    examples = [{"input_ids": torch.randint(3, 101, (n,)).tolist()} for n in (70, 40, 90, 30)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    batch = mt.data.collate(mt.data.pack(examples, 160) if packed else examples, pad_id=0)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                     position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)

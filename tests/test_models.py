@@ -147,6 +147,26 @@ def test_a_packed_row_gives_each_example_its_own_logits_and_loss(family):
     torch.testing.assert_close(packed_loss, alone_loss, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_a_training_forward_and_backward_read_nothing_back(family, packed, monkeypatch):
+    """Whether a batch is padded or packed changes no branch in the forward: on a GPU nothing waits for the
+    device (no bool(), item(), tolist() of a tensor). Here every such read of any tensor is recorded."""
+    model = _tiny(family).train()
+    model.gradient_checkpointing = True
+    examples = [{"input_ids": torch.randint(0, 50, (n,)).tolist()} for n in (7, 4, 9, 3)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    batch = mt.data.collate(mt.data.pack(examples, 16) if packed else examples, pad_id=0)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, real=real, name=name: reads.append(name) or real(self, *a))
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"))
+    logits.float().square().mean().backward()
+    assert reads == []
+
+
 def test_sliding_window_limits_what_a_token_sees():
     """Changing a token W or more places back leaves a query's logits alone; W-1 back does not."""
     W = 4

@@ -88,28 +88,22 @@ def attention_bias(attention_mask: torch.Tensor | None, q_len: int, past_len: in
     """Boolean mask (B or 1, 1, Tq, Tk), True = may attend, or None when plain causal suffices.
 
     Query i (absolute index past_len + i) sees key j when j <= i, when j > i - sliding_window
-    (HF's rule: the window counts the query itself, so exactly `sliding_window` keys), when key j
-    is a real token, and, in a packed row, when j belongs to the same example as i. Indices are
-    positions in the padded row; since an example's tokens are contiguous, index distance equals
-    position distance, as in the reference.
+    (HF's rule: the window counts the query itself, so exactly `sliding_window` keys), and when key j
+    carries query i's mask value: a real token (1) sees real tokens, each example of a packed row
+    (1, 2, 3, ...) only its own, a padding query (0) the padding before it and itself (its output is
+    never read; it must see some key, or SDPA returns NaN). Indices are positions in the padded row;
+    since an example's tokens are contiguous, index distance equals position distance, as in the
+    reference. One rule for padded and packed rows, so nothing about the mask's values is read back
+    from the device: the forward never waits for the GPU. Without a mask (a batch with no padding),
+    attention is plain causal, and SDPA may take its flash kernels.
     """
     k_len = past_len + q_len
-    window_bites = sliding_window is not None and k_len > sliding_window
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    packed = attention_mask is not None and bool((attention_mask.long() > 1).any())
-    if not padded and not packed and not window_bites:
-        return None if past_len == 0 or q_len == 1 else _causal(q_len, past_len, None, device)
-    allowed = _causal(q_len, past_len, sliding_window if window_bites else None, device)
-    if packed:
-        segment = attention_mask.long()
-        allowed = allowed & (segment[:, None, past_len:, None] == segment[:, None, None, :])  # (B, 1, Tq, Tk)
-    if padded:
-        allowed = allowed & attention_mask.bool()[:, None, None, :]  # (B, 1, Tq, Tk)
-        # A padding query would see no key at all and SDPA would return NaN; let it see
-        # itself. Its output is garbage either way and is never read.
-        q_idx = torch.arange(past_len, k_len, device=device)
-        allowed = allowed | (q_idx[:, None] == torch.arange(k_len, device=device))
-    return allowed
+    window = sliding_window if sliding_window is not None and k_len > sliding_window else None  # does it bite?
+    if attention_mask is None:
+        return None if window is None and (past_len == 0 or q_len == 1) else _causal(q_len, past_len, window, device)
+    segment = attention_mask.long()  # (B, Tk): 0 padding, 1 real, or a packed row's example ids
+    same = segment[:, None, past_len:, None] == segment[:, None, None, :]  # (B, 1, Tq, Tk)
+    return _causal(q_len, past_len, window, device) & same
 
 
 def _causal(q_len: int, past_len: int, sliding_window: int | None, device) -> torch.Tensor:
