@@ -63,6 +63,7 @@ from minitune.train import (
     apply_lora_args,
     autocast,
     check_out,
+    compile_blocks,
     finished,
     init_distributed,
     interrupted,
@@ -327,6 +328,8 @@ def main(argv=None) -> None:
         train = attach_logps(train, reference_logps_for(model, train, tok, args, out, amp))
     reference = Reference(args.reference, model)  # "copy" copies the weights now, before LoRA and training
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
+    if args.compile:
+        compile_blocks(model)  # each decoder block through torch.compile (the policy; with LoRA off, the reference)
 
     steps = total_steps(args, len(train), world)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)

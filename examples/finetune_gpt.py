@@ -54,6 +54,7 @@ from minitune.train import (
     add_lora_args,
     autocast,
     check_out,
+    compile_blocks,
     finished,
     interrupted,
     micro_batches,
@@ -192,6 +193,8 @@ def run(args) -> dict:
     log.write({"step": 0, **before})
 
     optimizer = prepare(model, args)
+    if args.compile:
+        compile_blocks(model)  # each block through torch.compile
     scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
     every = unfreeze_every(args, model, steps) if args.technique == "gradual" else None
     seconds, step = [], 0

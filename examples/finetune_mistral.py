@@ -46,6 +46,7 @@ from minitune.train import (
     apply_lora_args,
     autocast,
     check_out,
+    compile_blocks,
     finished,
     init_distributed,
     interrupted,
@@ -218,6 +219,8 @@ def main(argv=None) -> None:
     start_weights = fingerprint(model, [], False)  # a resumed run must start from the same weights
     model.gradient_checkpointing = args.grad_checkpointing
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
+    if args.compile:
+        compile_blocks(model)  # each decoder block through torch.compile
     amp = functools.partial(autocast, device, args.dtype)
 
     train, val, questions = load_examples(args, tok)

@@ -41,6 +41,7 @@ from tqdm import tqdm
 from .checkpoint import latest_checkpoint, load_checkpoint, resolve_resume
 from .data import shard, step_indices
 from .errors import UserError
+from .freeze import blocks
 from .optim import scale_learning_rates
 
 DTYPES = ("float32", "bfloat16")
@@ -76,7 +77,17 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, o
     p("--keep-last", type=positive_int, default=2, help="checkpoints kept on disk")
     p("--grad-checkpointing", action="store_true", help="recompute each block's activations in the backward")
     p("--packing", action="store_true", help="several examples per row, each attending only to itself")
+    p("--compile", action="store_true",
+      help="torch.compile each decoder block: slower first steps (compiling), faster ones after")
     return parser
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """--compile: each decoder block through torch.compile, in place. Regional compilation: the blocks share one
+    compiled graph (their parameters are its inputs), compiled in seconds where the whole model takes minutes;
+    the Triton kernels are custom ops, opaque to the compiler. Call it after LoRA is applied."""
+    for block in blocks(model):
+        block.compile()
 
 
 def positive_int(text: str) -> int:

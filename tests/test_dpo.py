@@ -198,3 +198,13 @@ def test_a_tiny_qwen2_runs_dpo_through_the_same_example(tmp_path, small):
     assert metrics[-1]["step"] == 2 and all(math.isfinite(m["loss"]) for m in metrics[1:])
     final = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
     assert type(final).__name__ == "Qwen2ForCausalLM"
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_dpo_losses(tmp_path, small):
+    """--compile with LoRA and the disabled-adapter reference: the compiled blocks run with the adapters on and off."""
+    flags = [*small, "--max-steps", "2", "--lora-r", "4", "--reference", "lora-disabled"]
+    eager, compiled = run(tmp_path / "eager", *flags), run(tmp_path / "compiled", *flags, "--compile")
+    for a, b in zip(without_timing(eager), without_timing(compiled), strict=True):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)

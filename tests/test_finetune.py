@@ -291,3 +291,15 @@ def test_qlora_under_two_gloo_processes_follows_one_process(tmp_path):
     two = read_metrics(tmp_path / "two")
     for a, b in zip(one[1:], two[1:], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6), (a, b)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_as_eager_ones(tmp_path, small_data):
+    """--compile: each decoder block through torch.compile (inductor on the CPU), LoRA inside; the same losses."""
+    flags = ["--data", str(small_data), "--max-steps", "3", "--lora-r", "4", "--lora-targets", "all-linear"]
+    eager, compiled = run(tmp_path / "eager", *flags), run(tmp_path / "compiled", *flags, "--compile")
+    assert len(eager) == len(compiled)
+    for a, b in zip(eager, compiled, strict=True):
+        for key in ("loss", "val_loss", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)

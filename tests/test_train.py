@@ -15,7 +15,7 @@ from tests.conftest import example_module
 
 # the plumbing flags, which the shared helper adds
 PLUMBING = ("--model --data --out --resume --overwrite --device --dtype --seed --eval-every --save-every "
-            "--keep-last --grad-checkpointing --packing").split()
+            "--keep-last --grad-checkpointing --packing --compile").split()
 # the training hyperparameters each example declares itself, with the defaults each had before (dests)
 TRAINING = {
     "finetune_mistral.py": dict(max_steps=None, epochs=1.0, batch_size=16, grad_accum=1, lr=1e-3, warmup=20,
