@@ -184,7 +184,8 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
         with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
             with amp():  # bf16 compute on CUDA, over float32 weights
                 loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
-                             position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum")
+                             position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum",
+                             cu_seqlens=batch["cu_seqlens"])  # on a GPU: attention within bounds, no mask
             # DDP averages the gradients over the ranks, and n_targets counts every rank's: scale back by world
             (loss * (world / n_targets)).backward()
         loss_sum += loss.detach()
@@ -224,6 +225,9 @@ def main(argv=None) -> None:
     amp = functools.partial(autocast, device, args.dtype)
 
     train, val, questions = load_examples(args, tok)
+    if args.packing and rank == 0:
+        print(f"packing: {len(train)} rows of at most {args.max_length} tokens, "
+              f"{D.packing_efficiency(train, args.max_length):.1%} of their slots filled", file=sys.stderr)
     steps = total_steps(args, len(train), world)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)

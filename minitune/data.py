@@ -22,6 +22,7 @@ Every data problem raises ValueError, and the message starts with where it is (f
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import random
@@ -614,7 +615,10 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
     input_ids are padded with pad_id (a tokenizer without a pad token pads with its eos_token_id: the
     padding is masked out, so which id it is does not matter), labels with -100, attention_mask with 0.
     attention_mask is 1 on real tokens, or a packed row's segment ids (see pack). position_ids are
-    in the batch only when the examples have them (packed rows), padded with 0.
+    in the batch only when the examples have them (packed rows), padded with 0. cu_seqlens (N + 1,)
+    int32 are the bounds of the runs of equal attention_mask values in the flattened (B * T) batch
+    (each example, each row's padding), computed here on the CPU: on a GPU the model attends within
+    them without a mask, and without reading anything back.
     """
     if not examples:
         raise ValueError("collate: no examples")
@@ -633,7 +637,17 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
     }
     if with_positions:
         batch["position_ids"] = _pad([example["position_ids"] for example in examples], length, 0)
+    batch["cu_seqlens"] = sequence_bounds(batch["attention_mask"])
     return batch
+
+
+def sequence_bounds(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N + 1,) int32: where each run of equal mask values (an example, a row's padding) starts in the flattened
+    (B, T) mask, and its end: flash attention's cu_seqlens. A run never crosses from one row into the next."""
+    B, T = attention_mask.shape
+    starts = torch.ones(B, T, dtype=torch.bool)
+    starts[:, 1:] = attention_mask[:, 1:] != attention_mask[:, :-1]  # (B, T): the first token of a run
+    return torch.cat([starts.reshape(-1).nonzero().flatten(), torch.tensor([B * T])]).to(torch.int32)
 
 
 def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
@@ -641,10 +655,9 @@ def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
 
 
 def pack(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
-    """Concatenate whole examples, in order, into rows of at most max_length tokens.
-
-    Greedy: an example goes into the current row if it fits, else it starts a new one; no example is
-    ever split. Each row has:
+    """Whole examples into rows of at most max_length tokens, by best-fit decreasing: the longest example
+    first, each into the fullest row that still has room for it, a new row when none has. No example is ever
+    split; a row keeps its examples in the order they went in. Each row has:
       input_ids       the examples' tokens, one after another
       labels          the examples' labels, with each example's first label set to -100: in its own
                       row the first token is never a target, and here it would be the target of the
@@ -654,19 +667,28 @@ def pack(examples: Sequence[dict[str, list[int]]], max_length: int) -> list[dict
     A model that keeps attention inside each segment and uses these positions computes, for every
     example, the logits it computes for the example alone: the packed loss equals the unpacked one.
     """
-    rows, row, row_length = [], [], 0
     for i, example in enumerate(examples):
-        n = len(example["input_ids"])
-        if not 0 < n <= max_length:
-            raise UserError(f"pack: example {i} is {n} tokens; each example must have 1 to max_length={max_length}")
-        if row_length + n > max_length:
-            rows.append(_pack_row(row))
-            row, row_length = [], 0
-        row.append(example)
-        row_length += n
-    if row:
-        rows.append(_pack_row(row))
-    return rows
+        if not 0 < len(example["input_ids"]) <= max_length:
+            raise UserError(f"pack: example {i} is {len(example['input_ids'])} tokens; each example must have 1 to "
+                            f"max_length={max_length}")
+    rows: list[list[int]] = []  # the examples (indices) of each row
+    room: list[tuple[int, int]] = []  # (tokens free, row), sorted: the first with enough is the best fit
+    for i in sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"])):  # stable: ties in order
+        n = len(examples[i]["input_ids"])
+        fit = bisect.bisect_left(room, (n, -1))
+        if fit == len(room):
+            rows.append([])
+            free, row = max_length, len(rows) - 1
+        else:
+            free, row = room.pop(fit)
+        rows[row].append(i)
+        bisect.insort(room, (free - n, row))
+    return [_pack_row([examples[i] for i in row]) for row in rows]
+
+
+def packing_efficiency(rows: Sequence[dict[str, list[int]]], max_length: int) -> float:
+    """The share of the rows' max_length slots that hold a token."""
+    return sum(len(row["input_ids"]) for row in rows) / (len(rows) * max_length)
 
 
 def _pack_row(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:

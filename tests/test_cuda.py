@@ -101,3 +101,30 @@ def test_a_bf16_training_forward_and_backward_never_wait_for_the_gpu(packed, tmp
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_variable_length_flash_attention_gives_the_masked_loss(packed, tmp_path):
+    """cu_seqlens on a GPU in bf16: varlen_attn, no mask (GQA, a sliding window that bites); the masked path's loss
+    and gradients within bf16's rounding."""
+    from minitune.models.common import varlen_attn
+    if varlen_attn is None:
+        pytest.skip("this torch has no torch.nn.attention.varlen")
+    save_hf(CONFIGS["mistral_gqa_window"](), tmp_path)
+    model = mt.load_model(tmp_path, dtype=torch.bfloat16, device="cuda").train()
+    examples = [{"input_ids": torch.randint(3, 101, (n,)).tolist()} for n in (70, 40, 90, 30, 55)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    batch = mt.data.collate(mt.data.pack(examples, 160) if packed else examples, pad_id=0)
+    batch = {k: v.cuda() for k, v in batch.items()}
+    results = []
+    for cu_seqlens in (None, batch["cu_seqlens"]):
+        model.zero_grad()
+        loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"),
+                     labels=batch["labels"], cu_seqlens=cu_seqlens)
+        loss.backward()
+        results.append((loss.detach().float(), [p.grad.float() for p in model.parameters()]))
+    (masked, masked_grads), (varlen, varlen_grads) = results
+    torch.testing.assert_close(varlen, masked, rtol=2e-2, atol=2e-2)
+    for a, b in zip(varlen_grads, masked_grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)

@@ -24,6 +24,7 @@ from minitune.data import (
     iter_jsonl,
     load_sft,
     pack,
+    packing_efficiency,
     read_jsonl,
     read_splits,
     shard,
@@ -389,23 +390,34 @@ def test_load_sft_reads_the_bundled_data(mistral):
 def test_collate_pads_right():
     examples = [{"input_ids": [5, 6, 7], "labels": [X, 6, 7]}, {"input_ids": [8], "labels": [8]}]
     batch = collate(examples, pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "attention_mask"}
-    assert all(t.dtype == torch.long and t.shape == (2, 3) for t in batch.values())
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "cu_seqlens"}
+    assert all(batch[k].dtype == torch.long and batch[k].shape == (2, 3) for k in batch if k != "cu_seqlens")
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["labels"].tolist() == [[X, 6, 7], [8, X, X]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 4, 6]  # the rows' examples and the padding run
 
 
 def test_collate_pads_packed_rows():
     rows = pack([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8, 9], "labels": [7, 8, 9]},
-                 {"input_ids": [4], "labels": [4]}], max_length=5)
+                 {"input_ids": [4], "labels": [4]}, {"input_ids": [3, 1, 3], "labels": [3, 1, 3]}], max_length=5)
     batch = collate(rows, pad_id=2)
-    assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids"}
-    assert all(t.dtype == torch.long and t.shape == (2, 5) for t in batch.values())
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [4, 2, 2, 2, 2]]
-    assert batch["labels"].tolist() == [[X, 6, X, 8, 9], [X, X, X, X, X]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 2, 2, 2], [1, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 0, 1, 2], [0, 0, 0, 0, 0]]
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "position_ids", "cu_seqlens"}
+    assert all(batch[k].dtype == torch.long and batch[k].shape == (2, 5) for k in batch if k != "cu_seqlens")
+    # best fit decreasing: [7, 8, 9] and [3, 1, 3] open two rows, [5, 6] fills the first, [4] goes to the second
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 5, 6], [3, 1, 3, 4, 2]]
+    assert batch["labels"].tolist() == [[X, 8, 9, X, 6], [X, 1, 3, X, X]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 2, 2], [1, 1, 1, 2, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 0, 0]]
+    # the runs of the flattened mask: 7 8 9 | 5 6 | 3 1 3 | 4 | padding
+    assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"].tolist() == [0, 3, 5, 8, 9, 10]
+
+
+def test_sequence_bounds_never_join_rows():
+    """Two rows that end and start with the same mask value (one unpadded example each) are two sequences."""
+    batch = collate([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [7, 8], "labels": [7, 8]},
+                     {"input_ids": [9], "labels": [9]}], pad_id=0)
+    assert batch["cu_seqlens"].tolist() == [0, 2, 4, 5, 6]
 
 
 def test_collate_errors():
@@ -437,16 +449,19 @@ def test_pack_layout_by_hand():
                 {"input_ids": [31, 32, 33, 34], "labels": [31, X, 33, 34]},
                 {"input_ids": [41], "labels": [41]}]
     rows = pack(examples, max_length=6)
+    # longest first: 4 tokens open a row (2 free), 3 do not fit there and open another (3 free), 2 fit both
+    # and go to the fuller first row, 1 to the second
     assert rows == [
-        {"input_ids": [11, 12, 13, 21, 22], "labels": [X, 12, 13, X, 22],
-         "attention_mask": [1, 1, 1, 2, 2], "position_ids": [0, 1, 2, 0, 1]},
-        {"input_ids": [31, 32, 33, 34, 41], "labels": [X, X, 33, 34, X],
-         "attention_mask": [1, 1, 1, 1, 2], "position_ids": [0, 1, 2, 3, 0]},
+        {"input_ids": [31, 32, 33, 34, 21, 22], "labels": [X, X, 33, 34, X, 22],
+         "attention_mask": [1, 1, 1, 1, 2, 2], "position_ids": [0, 1, 2, 3, 0, 1]},
+        {"input_ids": [11, 12, 13, 41], "labels": [X, 12, 13, X],
+         "attention_mask": [1, 1, 1, 2], "position_ids": [0, 1, 2, 0]},
     ]
     assert examples[0]["labels"] == [11, 12, 13]  # the inputs are not modified
+    assert packing_efficiency(rows, 6) == 10 / 12
 
 
-def test_pack_keeps_whole_examples_in_order_and_every_target():
+def test_pack_keeps_whole_examples_and_every_target():
     lengths = [random.Random(i).randrange(1, 17) for i in range(200)]
     examples = toy_examples(lengths)
     rows = pack(examples, max_length=16)
@@ -460,15 +475,25 @@ def test_pack_keeps_whole_examples_in_order_and_every_target():
             where = [t for t, seg in enumerate(segments) if seg == s]
             assert [row["position_ids"][t] for t in where] == list(range(len(where)))
             pieces.append(([row["input_ids"][t] for t in where], [row["labels"][t] for t in where]))
-    assert [ids for ids, _ in pieces] == [e["input_ids"] for e in examples]
-    assert [labels for _, labels in pieces] == [[X] + e["labels"][1:] for e in examples]
+    assert sorted(pieces) == sorted((e["input_ids"], [X] + e["labels"][1:]) for e in examples)  # each once, whole
     # the targets (labels after the shift) are the unpacked ones: none crosses an example boundary
     def targets(labels):
         return sum(label != X for label in labels[1:])
     assert sum(targets(row["labels"]) for row in rows) == sum(targets(e["labels"]) for e in examples)
-    # greedy: the next row's first example would not have fitted
-    for row, following in pairwise(rows):
-        assert len(row["input_ids"]) + following["attention_mask"].count(1) > 16
+    # best fit decreasing, by the plainest rule: longest first, each into the row with the least room that fits it
+    # (the earliest such row on a tie), else a new row; and near the minimum (BFD's bound: 11/9 OPT + 6/9)
+    plain, room = [], []
+    for i in sorted(range(len(examples)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(len(plain)) if room[r] >= lengths[i]]
+        if not fits:
+            plain.append([])
+            room.append(16)
+            fits = [len(plain) - 1]
+        best = min(fits, key=lambda r: (room[r], r))
+        plain[best].append(examples[i]["input_ids"])
+        room[best] -= lengths[i]
+    assert [sum(plain_row, []) for plain_row in plain] == [row["input_ids"] for row in rows]
+    assert len(rows) <= 11 / 9 * -(-sum(lengths) // 16) + 6 / 9
 
 
 @pytest.mark.parametrize("family", ["gpt2", "mistral"])

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import minitune as mt
 from minitune.errors import UserError
@@ -165,6 +167,62 @@ def test_a_training_forward_and_backward_read_nothing_back(family, packed, monke
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch.get("position_ids"))
     logits.float().square().mean().backward()
     assert reads == []
+
+
+def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                          enable_gqa=False):
+    """The oracle for torch's varlen_attn (CUDA only): each sequence of the flattened batch on its own, through
+    SDPA, causal, its window counted as flash attention counts it (the query and `left` keys before it)."""
+    assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32 and window_size[1] == 0
+    bounds = cu_seq_q.tolist()
+    assert max(b - a for a, b in zip(bounds, bounds[1:])) <= max_q == max_k
+    out = torch.empty_like(q)  # (total, nh, hs)
+    for start, end in zip(bounds, bounds[1:]):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (heads, n, hs)
+        ks, vs = (t.repeat_interleave(qs.size(0) // t.size(0), 0) for t in (ks, vs))
+        i = torch.arange(end - start)
+        allowed = i[None, :] <= i[:, None]
+        if window_size[0] >= 0:
+            allowed &= i[None, :] >= i[:, None] - window_size[0]
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale).transpose(0, 1)
+    return out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_the_variable_length_path_gives_the_masked_logits_loss_and_gradients(family, packed, monkeypatch):
+    """On a GPU a collated batch's cu_seqlens replace the mask (varlen_attn); here the CPU runs that path with an
+    SDPA oracle in place of the CUDA kernel: the plumbing (bounds, flattening, the window's count) is the same."""
+    import minitune.models.common as common
+    model = _tiny(family).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # the varlen path has no attention dropout
+    examples = [{"input_ids": torch.randint(0, 50, (n,)).tolist()} for n in (7, 4, 9, 3, 6)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    batch = mt.data.collate(mt.data.pack(examples, 16) if packed else examples, pad_id=0)
+
+    def run():
+        model.zero_grad()
+        loss = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                     position_ids=batch.get("position_ids"), reduction="sum", cu_seqlens=batch["cu_seqlens"])
+        loss.backward()
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch.get("position_ids"), cu_seqlens=batch["cu_seqlens"])
+        return loss.detach(), logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    masked = run()
+    calls = []
+    monkeypatch.setattr(common, "varlen_attn", lambda *a, **k: calls.append(1) or reference_varlen_attn(*a, **k))
+    monkeypatch.setattr(sys.modules[type(model).__module__], "use_varlen", lambda *a: True)  # as on a GPU in bf16
+    varlen = run()
+    assert calls, "the variable-length path did not run"
+    torch.testing.assert_close(varlen[0], masked[0], rtol=1e-5, atol=1e-5)
+    real = batch["attention_mask"] != 0
+    torch.testing.assert_close(varlen[1][real], masked[1][real], rtol=1e-5, atol=1e-5)
+    for name, grad in masked[2].items():
+        torch.testing.assert_close(varlen[2][name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sliding_window_limits_what_a_token_sees():

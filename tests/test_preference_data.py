@@ -411,12 +411,13 @@ def pair(chosen: list[int], rejected: list[int], prompt: int = 1, **extra) -> di
 def test_collate_preferences_layout():
     examples = [pair([5, 6, 7], [5, 8]), pair([9, 10], [9, 11, 12, 13])]
     batch = collate_preferences(examples, pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "attention_mask"}
-    assert all(t.dtype == torch.long and t.shape == (4, 4) for t in batch.values())
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "cu_seqlens"}
+    assert all(batch[k].dtype == torch.long and batch[k].shape == (4, 4) for k in batch if k != "cu_seqlens")
     # chosen rows first, in the examples' order, then the rejected rows
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [9, 10, 0, 0], [5, 8, 0, 0], [9, 11, 12, 13]]
     assert batch["labels"].tolist() == [[X, 6, 7, X], [X, 10, X, X], [X, 8, X, X], [X, 11, 12, 13]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert batch["cu_seqlens"].tolist() == [0, 3, 4, 6, 8, 10, 12, 16]  # each side and each padding run
 
 
 def test_collate_preferences_reference_logps():

@@ -6,16 +6,24 @@ and optional `position_ids`. The mask is 0 for padding and 1 for a real token; a
 examples end to end, see `minitune.data.pack`) numbers its examples 1, 2, 3, ... instead, and then
 a token attends only within its own example and positions restart at each. The helpers here turn
 those into what `F.scaled_dot_product_attention` wants, and fall back to its fast `is_causal=True`
-path whenever no explicit mask is needed.
+path whenever no explicit mask is needed. On a GPU a collated batch's `cu_seqlens` (the boundaries of
+its examples and padding runs in the flattened rows, see `minitune.data.collate`) take the place of
+the mask: flash attention's variable-length kernel keeps each sequence to itself, no (T, T) mask built.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    from torch.nn.attention.varlen import varlen_attn  # flash attention over sequences laid end to end
+except ImportError:  # torch before 2.10: masks everywhere
+    varlen_attn = None
 
 # config.json's activation names -> functions. GPT-2's "gelu_new" is the tanh approximation.
 ACTIVATIONS = {
@@ -120,9 +128,39 @@ def _causal(q_len: int, past_len: int, sliding_window: int | None, device) -> to
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+@dataclass(frozen=True)
+class Varlen:
+    """In place of a mask: the sequences of the flattened (B * T) batch, cu_seqlens (N + 1,) int32 their bounds,
+    each attending causally within itself (and the last `window` keys, when a sliding window is set)."""
+    cu_seqlens: torch.Tensor
+    max_seqlen: int  # an upper bound is enough (the row length, from a shape: nothing read back)
+    window: int | None
+
+
+def use_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor | None, dropout_p: float) -> bool:
+    """Whether attention can run as variable-length flash attention: a CUDA batch in bf16 or fp16 (under autocast
+    or not) whose collate gave its sequences' bounds, and no attention dropout (the kernel has none)."""
+    if cu_seqlens is None or varlen_attn is None or not x.is_cuda or dropout_p:
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype in (torch.bfloat16, torch.float16)
+
+
+def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Varlen, scale: float) -> torch.Tensor:
+    """q (B, nh, T, hs), k and v (B, n_kv, T, hs) as the flattened batch's sequences: (B, nh, T, hs)."""
+    B, nh, T, hs = q.shape
+    flat = [t.transpose(1, 2).reshape(B * T, t.size(1), hs) for t in (q, k, v)]  # (B * T, heads, hs)
+    window = (-1, 0) if seqs.window is None else (seqs.window - 1, 0)  # causal; W keys, the query's own included
+    y = varlen_attn(*flat, seqs.cu_seqlens, seqs.cu_seqlens, seqs.max_seqlen, seqs.max_seqlen, scale=scale,
+                    window_size=window, enable_gqa=True)  # (B * T, nh, hs)
+    return y.view(B, T, nh, hs).transpose(1, 2)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | Varlen | None,
            scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """SDPA over q (B, nh, Tq, hs) and k, v (B, n_kv, Tk, hs): (B, nh, Tq, hs)."""
+    if isinstance(mask, Varlen):
+        return attend_varlen(q, k, v, mask, scale)
     is_causal = mask is None and q.size(2) == k.size(2) and q.size(2) > 1
     n_rep = q.size(1) // k.size(1)
     if n_rep > 1 and mask is None and _SDPA_GQA:

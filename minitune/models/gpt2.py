@@ -21,7 +21,8 @@ from .. import kernels
 from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
-from .common import ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask
+from .common import (ACTIVATIONS, KVCache, Varlen, attend, attention_bias, check_inputs, embedding,
+                     position_ids_from_mask, use_varlen)
 
 
 @dataclass
@@ -152,12 +153,13 @@ class GPT2(CausalLM):
         return self.transformer.wte
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                labels=None, reduction: str = "mean", logits_to_keep: int = 0):
+                labels=None, reduction: str = "mean", logits_to_keep: int = 0, cu_seqlens=None):
         """Logits (B, T, vocab_size), or with labels (B, T) the next-token loss (see mt.losses.causal_lm_loss).
 
         attention_mask (B, past + T): 1 = real token, 0 = padding; a packed row numbers its examples 1, 2,
         3, ... so that each attends only to itself, from position 0. logits_to_keep > 0: only the last
         positions' logits (generation needs one). `cache` holds the keys and values of earlier calls.
+        cu_seqlens: the mask's runs in the flattened batch, from collate (see Mistral.forward).
         """
         past = cache.length if cache is not None else 0
         check_inputs(input_ids, attention_mask, past)
@@ -169,8 +171,11 @@ class GPT2(CausalLM):
             raise UserError(f"position {int(position_ids.max())} is past n_positions {self.config.n_positions} in "
                             f"config.json (GPT-2 learned no more): feed at most {self.config.n_positions} tokens "
                             f"per row, cached ones included; got {past} cached + {T} new")
-        mask = attention_bias(attention_mask, T, past, None, input_ids.device)  # None: plain causal
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
+        if cache is None and use_varlen(x, cu_seqlens, self.config.attn_pdrop if self.training else 0.0):
+            mask = Varlen(cu_seqlens, T, None)  # no mask: the sequences' bounds
+        else:
+            mask = attention_bias(attention_mask, T, past, None, input_ids.device)  # None: plain causal
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward

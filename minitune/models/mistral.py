@@ -30,8 +30,8 @@ from .. import kernels
 from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
-from .common import (ACTIVATIONS, KVCache, attend, attention_bias, check_inputs, embedding, position_ids_from_mask,
-                     warn_past_trained_length)
+from .common import (ACTIVATIONS, KVCache, Varlen, attend, attention_bias, check_inputs, embedding,
+                     position_ids_from_mask, use_varlen, warn_past_trained_length)
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -279,12 +279,14 @@ class Mistral(CausalLM):
         return self.model.embed_tokens
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
-                labels=None, reduction: str = "mean", logits_to_keep: int = 0):
+                labels=None, reduction: str = "mean", logits_to_keep: int = 0, cu_seqlens=None):
         """Logits (B, T, vocab_size), or with labels (B, T) the next-token loss (see mt.losses.causal_lm_loss).
 
         attention_mask (B, past + T): 1 = real token, 0 = padding; a packed row numbers its examples 1, 2,
         3, ... so that each attends only to itself, from position 0. logits_to_keep > 0: only the last
         positions' logits (generation needs one). `cache` holds the keys and values of earlier calls.
+        cu_seqlens (N + 1,) int32, from collate: the bounds of the mask's runs in the flattened batch; on a
+        GPU in bf16 attention then keeps to them without building a mask (variable-length flash attention).
         """
         past = cache.length if cache is not None else 0
         check_inputs(input_ids, attention_mask, past)
@@ -292,9 +294,13 @@ class Mistral(CausalLM):
         warn_past_trained_length(self, past + T, c.max_position_embeddings)  # RoPE goes on, untrained: a warning
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)  # (B or 1, T)
-        masks = {window: attention_bias(attention_mask, T, past, window, input_ids.device)  # None: plain causal
-                 for window in {layer.window for layer in self.model.layers}}  # one per sliding window in use
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        windows = {layer.window for layer in self.model.layers}  # one mask per sliding window in use
+        if cache is None and use_varlen(x, cu_seqlens, c.attention_dropout if self.training else 0.0):
+            masks = {window: Varlen(cu_seqlens, T, window) for window in windows}  # no mask: the bounds
+        else:
+            masks = {window: attention_bias(attention_mask, T, past, window, input_ids.device)  # None: plain causal
+                     for window in windows}
         cos, sin = rope_cos_sin(position_ids, c, x.dtype)  # (B, T, hs), once for all layers
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
