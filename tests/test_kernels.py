@@ -166,12 +166,32 @@ def test_rope_forward_and_backward(dtype, shared_positions):
     assert_close_ulp(k.grad, k64.grad, ulps=2, what="dk against autograd")
 
 
+def test_rope_under_autocast_promotes_like_the_reference():
+    """bf16 q and k (an autocast linear's output) with float32 cos and sin (computed in the weights' dtype): the
+    reference's products promote to float32, and so does the kernel's output; the gradients come back in bf16."""
+    q, k, cos, sin = rope_inputs(torch.bfloat16)
+    cos32, sin32 = rope_inputs(torch.float32)[2:]
+    q_out, k_out = kernels.rope(q, k, cos32, sin32)
+    assert q_out.dtype == k_out.dtype == torch.float32
+    assert torch.equal(q_out, rope_reference(q.detach(), cos32, sin32))
+    assert torch.equal(k_out, rope_reference(k.detach(), cos32, sin32))
+    dq, dk = torch.randn_like(q_out), torch.randn_like(k_out)
+    torch.autograd.backward((q_out, k_out), (dq, dk))
+    # against float64 (the reference's autograd rounds each branch to bf16 before adding them: one more rounding)
+    q64, k64 = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    torch.autograd.backward((rope_reference(q64, cos32.double(), sin32.double()),
+                             rope_reference(k64, cos32.double(), sin32.double())), (dq.double(), dk.double()))
+    assert q.grad.dtype == k.grad.dtype == torch.bfloat16
+    assert_close_ulp(q.grad, q64.grad, what="dq")
+    assert_close_ulp(k.grad, k64.grad, what="dk")
+
+
 def test_rope_refuses_mismatched_shapes_and_dtypes():
     q, k, cos, sin = rope_inputs(torch.float32)
     with pytest.raises(ValueError, match="cos and sin"):
         kernels.rope(q, k, cos[:, :-1], sin[:, :-1])
-    with pytest.raises(ValueError, match="share a dtype"):
-        kernels.rope(q, k, cos.double(), sin.double())
+    with pytest.raises(ValueError, match="must share a dtype"):
+        kernels.rope(q, k.double(), cos, sin)
 
 
 def swiglu_exact(gate, up):

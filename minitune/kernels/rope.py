@@ -4,7 +4,7 @@ The rotate-half layout (the hub's q/k weights as they are): each head's hs value
 x1, x2, and with cos = cat(cos1, cos2), sin = cat(sin1, sin2) for the position,
 
     y1 = x1 * cos1 - x2 * sin1          x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1):
-    y2 = x2 * cos2 + x1 * sin2          each product rounded to x's dtype, then the sum, as the reference
+    y2 = x2 * cos2 + x1 * sin2          each product rounded to the output dtype, then the sum, as the reference
 
 The backward turns dy back by the same angles:
 
@@ -14,7 +14,9 @@ The backward turns dy back by the same angles:
 which is the forward with (sin1, sin2) replaced by (-sin2, -sin1): one kernel, a flag. One program
 per (batch row, position) reads that position's cos and sin once and turns every head of q and of
 k. Launched without floating-point contraction, so no multiply and add fuse into one rounding.
-cos and sin get no gradient (they come from the positions).
+cos and sin get no gradient (they come from the positions). The output's dtype is q's and cos's
+promotion, as in the reference: under autocast, bf16 q and k turned by float32 cos and sin come out
+float32.
 """
 
 from __future__ import annotations
@@ -38,10 +40,9 @@ def _turn_heads(X, Y, stride_xh, stride_yh, heads, cos1, cos2, sin1, sin2,
     h = tl.arange(0, BLOCK_H)[:, None]  # (BLOCK_H, 1)
     d = tl.arange(0, BLOCK_D)[None, :]  # (1, BLOCK_D)
     mask = (h < heads) & (d < HALF)
-    x1 = tl.load(X + h * stride_xh + d, mask=mask, other=0.0)
-    x2 = tl.load(X + h * stride_xh + HALF + d, mask=mask, other=0.0)
-    dtype = x1.dtype
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    x1 = tl.load(X + h * stride_xh + d, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + h * stride_xh + HALF + d, mask=mask, other=0.0).to(tl.float32)
+    dtype = Y.dtype.element_ty  # x's, or float32 when cos is (under autocast): the reference's promotion
     y1 = (x1 * cos1).to(dtype).to(tl.float32) + (-(x2 * sin1)).to(dtype).to(tl.float32)
     y2 = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
     tl.store(Y + h * stride_yh + d, y1.to(dtype), mask=mask)
@@ -75,7 +76,8 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     cos, sin = cos.contiguous(), sin.contiguous()
     B, nh, T, hs = q.shape
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)  # same strides as q and k (dense layouts)
+    dtype = torch.promote_types(q.dtype, cos.dtype)  # bf16 q and float32 cos (autocast): float32, as q * cos
+    q_out, k_out = torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)  # q's and k's strides
     cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)  # positions shared by the batch
     with launch_device(q):
         _rope_kernel[(B * T,)](
@@ -92,7 +94,8 @@ rope_op = torch.library.custom_op("minitune::rope", _rope, mutates_args=())
 
 @rope_op.register_fake
 def _(q, k, cos, sin, backward):
-    return torch.empty_like(q), torch.empty_like(k)
+    dtype = torch.promote_types(q.dtype, cos.dtype)
+    return torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
 
 
 class RoPEFunction(torch.autograd.Function):
@@ -115,6 +118,7 @@ def rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             or cos.shape[0] not in (1, B) or hs % 2:
         raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, heads, T, hs) with an even hs, "
                          f"cos and sin (B or 1, T, hs); got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-    if not (q.dtype == k.dtype == cos.dtype == sin.dtype):
-        raise ValueError(f"rope: q {q.dtype}, k {k.dtype}, cos {cos.dtype} and sin {sin.dtype} must share a dtype")
-    return RoPEFunction.apply(q, k, cos, sin)
+    if q.dtype != k.dtype or cos.dtype != sin.dtype:
+        raise ValueError(f"rope: q and k ({q.dtype}, {k.dtype}) must share a dtype, and cos and sin ({cos.dtype}, "
+                         f"{sin.dtype}) theirs")
+    return RoPEFunction.apply(q, k, cos, sin)  # dq, dk: float32 when cos is, cast back to q's dtype by autograd
