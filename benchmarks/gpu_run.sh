@@ -16,6 +16,12 @@
 # (lora-mistral-7b, the same in bf16). The two 7B steps share one random bf16 checkpoint (14.5 GB, written by
 # the first under /tmp/minitune-bench-train). Output: gpu_run.txt, nf4/bench_kernels.{json,md},
 # qlora/bench_train.{json,md}, lora/bench_train.{json,md}. bitsandbytes comes from benchmarks/vendor/ (below).
+#
+# `bash benchmarks/gpu_run.sh speed` is issue 20's run as far as it is built (at most 5 minutes by its limits):
+# speed-tests (tests/test_cuda.py: no host sync in a bf16 step, variable-length flash attention against the mask;
+# the RoPE and SwiGLU kernels compiled), speed-kernels (bench_kernels.py's rope and swiglu at Mistral-7B's shapes
+# against eager, torch.compile and Liger), packing (bench_packing.py: the SFT step padded and packed, bf16).
+# Output: speed/bench_kernels.{json,md}, packing/bench_packing.{json,md}.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out}"
@@ -26,6 +32,7 @@ work=/tmp/minitune-bench-train  # the 7B checkpoint: not under $OUT, which comes
 
 steps=" ${*:-tests kernels train sft dpo} "
 steps=${steps/ qlora / qlora-tests nf4 qlora-7b lora-7b }  # the QLoRA set
+steps=${steps/ speed / speed-tests speed-kernels packing }  # issue 20's parts so far
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print its exit status and time
   local name=$1 limit=$2
@@ -67,6 +74,10 @@ install_wheel() {  # install_wheel WHEEL: pip without dependencies or index, els
   step train 170 python3 benchmarks/bench_train.py --configs mistral-1b --out "$out"
   step sft 150 python3 benchmarks/bench_train.py --configs sft-mistral-1b --out "$out/sft"
   step dpo 150 python3 benchmarks/bench_train.py --configs dpo-lora-mistral-1b --out "$out/dpo"
+
+  step speed-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py -k "test_cuda or rope or swiglu"
+  step speed-kernels 150 python3 benchmarks/bench_kernels.py --kernels rope,swiglu --out "$out/speed"
+  step packing 60 python3 benchmarks/bench_packing.py --device cuda --out "$out/packing"
 
   step qlora-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py
   step nf4 90 python3 benchmarks/bench_kernels.py --kernels nf4_dequantize --out "$out/nf4"
