@@ -134,8 +134,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--lora-dropout: DPO trains without dropout (the reference has none; see disable_dropout)")
     if args.reference == "lora-disabled" and not args.lora_r:
         p.error("--reference lora-disabled needs LoRA (--lora-r > 0): without adapters there is nothing to disable")
-    if args.packing:
-        p.error("--packing is not supported by DPO: each pair's answers are separate rows of one forward")
     if not 0 <= args.label_smoothing < 0.5:
         p.error(f"--label-smoothing must be in [0, 0.5), not {args.label_smoothing}")
     if args.label_smoothing and args.loss_type not in ("sigmoid", "robust"):
@@ -181,7 +179,7 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
     raises FloatingPointError before the update.
     """
     world, device = world_size(), batches[0]["input_ids"].device
-    n_pairs = max(all_reduce_sum({"pairs": sum(b["input_ids"].size(0) // 2 for b in batches)}, device)["pairs"], 1.0)
+    n_pairs = max(all_reduce_sum({"pairs": sum(b["answer_tokens"].numel() // 2 for b in batches)}, device)["pairs"], 1.0)
     sums = {}  # metric name -> its sum over this rank's pairs
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
@@ -202,7 +200,7 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
                     "logps/rejected": rejected, "nll_loss": nll}
         for name, values in per_pair.items():
             sums[name] = sums.get(name, 0.0) + values.detach().sum().double()
-        sums["tokens"] = sums.get("tokens", 0.0) + batch["attention_mask"].sum().double()  # non-padding tokens
+        sums["tokens"] = sums.get("tokens", 0.0) + batch["attention_mask"].ne(0).sum().double()  # non-padding tokens
     totals = all_reduce_sum(sums, device)  # every metric in one collective
     tokens = totals.pop("tokens")
     metrics = {name: total / n_pairs for name, total in totals.items()}
@@ -227,8 +225,8 @@ def chosen_nll(chosen: torch.Tensor, chosen_tokens: torch.Tensor, average: bool)
 
 
 def answer_tokens(batch: dict) -> torch.Tensor:
-    """The number of answer tokens of each chosen row [B] (the first B rows of a collate_preferences batch)."""
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1).chunk(2)[0]
+    """The number of answer tokens of each chosen answer [B] (the first B sequences of a collate_preferences batch)."""
+    return batch["answer_tokens"].chunk(2)[0]
 
 
 # ---------------------------------------------------------------- validation
@@ -350,7 +348,8 @@ def main(argv=None) -> None:
         for step in tqdm(range(start + 1, steps + 1), desc="dpo", initial=start, total=steps, disable=rank != 0,
                          file=sys.stderr):
             tick = time.perf_counter()
-            batches = [to_device(D.collate_preferences(b, D.pad_id(tok)), device) for b in
+            batches = [to_device(D.collate_preferences(b, D.pad_id(tok), args.max_length if args.packing else None),
+                                 device) for b in
                        micro_batches(train, step - 1, args.batch_size, args.grad_accum, args.seed, rank, world)]
             lr = scheduler.get_last_lr()[0]
             try:

@@ -567,13 +567,16 @@ def load_preferences(path: str | Path, tok: Tokenizer, max_length: int, max_prom
     return encode_preferences(records, tok, max_length, max_prompt_length, truncation, chat, name=str(path))
 
 
-def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Encoded preference pairs as one (2B, T) batch, so that the policy scores both sides in one forward.
+def collate_preferences(examples: Sequence[dict], pad_id: int, pack_length: int | None = None) -> dict[str, torch.Tensor]:
+    """Encoded preference pairs as one batch, so that the policy scores both sides in one forward.
 
-    Rows 0..B-1 are the chosen sides and rows B..2B-1 the rejected ones, in the examples' order, so the
-    per-row log-probs split as logps[:B], logps[B:]. All rows are right-padded to one width by collate.
+    The answers are 2B sequences: the chosen sides 0..B-1, then the rejected ones B..2B-1, in the examples'
+    order, so per-sequence log-probs split as logps[:B], logps[B:]. Without pack_length each is a row of a
+    (2B, T) batch, right-padded by collate. With it the sequences are packed (best-fit decreasing) into rows of
+    pack_length tokens, and "sequence_ids" (R, T) says whose each token is (-1 on padding). "answer_tokens"
+    (2B,) counts each sequence's labelled tokens (its length gives B without a look at the device).
     When the caller has attached "reference_logps" (a pair [chosen, rejected] of floats, precomputed with the
-    reference model) to every example, the batch also has them as float32 (2B,) in the same row order;
+    reference model) to every example, the batch also has them as float32 (2B,) in the same order;
     some examples with and some without is an error, as the batch would need the reference model after all.
     """
     if not examples:
@@ -582,9 +585,14 @@ def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torc
     if with_reference not in (0, len(examples)):
         raise ValueError(f"collate_preferences: {with_reference} of {len(examples)} examples have reference_logps; "
                          "precompute them for every example or for none")
-    rows = [{"input_ids": example[side]["input_ids"], "labels": example[side]["labels"]}
-            for side in ("chosen", "rejected") for example in examples]
-    batch = collate(rows, pad_id)
+    sequences = [{"input_ids": example[side]["input_ids"], "labels": example[side]["labels"]}
+                 for side in ("chosen", "rejected") for example in examples]
+    if pack_length is None:
+        batch = collate(sequences, pad_id)
+    else:
+        batch = collate(pack([{**seq, "sequence_id": i} for i, seq in enumerate(sequences)], pack_length), pad_id)
+    batch["answer_tokens"] = torch.tensor([sum(label != IGNORE_INDEX for label in seq["labels"][1:])
+                                           for seq in sequences])  # (2B,): the first label is never a target
     if with_reference:
         pairs = [example["reference_logps"] for example in examples]
         for i, pair in enumerate(pairs):
@@ -637,6 +645,8 @@ def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, 
     }
     if with_positions:
         batch["position_ids"] = _pad([example["position_ids"] for example in examples], length, 0)
+    if "sequence_ids" in examples[0]:  # packed preference sequences (collate_preferences)
+        batch["sequence_ids"] = _pad([example["sequence_ids"] for example in examples], length, -1)
     batch["cu_seqlens"] = sequence_bounds(batch["attention_mask"])
     return batch
 
@@ -699,6 +709,8 @@ def _pack_row(examples: list[dict[str, list[int]]]) -> dict[str, list[int]]:
         row["labels"] += [IGNORE_INDEX] + example["labels"][1:]
         row["attention_mask"] += [segment] * n
         row["position_ids"] += range(n)
+        if "sequence_id" in example:  # whose tokens these are (collate_preferences)
+            row.setdefault("sequence_ids", []).extend([example["sequence_id"]] * n)
     return row
 
 

@@ -19,7 +19,7 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torc
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                    attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                   reduction: str = "mean") -> torch.Tensor:
+                   reduction: str = "mean", cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy of `model` on a batch, without materialising the logits.
 
     labels [B, T] are aligned with input_ids, as in Hugging Face (`labels=input_ids` trains on every
@@ -38,8 +38,9 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor | None =
         labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     if labels.shape != input_ids.shape:
         raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}  # a collated batch's bounds (see collate)
     return model(input_ids, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                 reduction=reduction)
+                 reduction=reduction, **extra)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -61,10 +62,20 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor, attenti
 
 def preference_logps(model, batch: dict[str, torch.Tensor], average: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) log-probabilities [B] of a `data.collate_preferences` batch, whose first B rows
-    are the chosen answers and last B the rejected ones: one forward over 2B rows rather than two, so
-    the weights are read (and, under FSDP, gathered) once per micro-batch."""
-    logps = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], average)
+    """(chosen, rejected) log-probabilities [B] of a `data.collate_preferences` batch: its 2B sequences, the
+    first B the chosen answers and the last B the rejected ones, in one forward rather than two, so the
+    weights are read (and, under FSDP, gathered) once per micro-batch. In a packed batch each token's loss
+    goes to its sequence (`sequence_ids`), padding adding a 0; unpacked, each row is one sequence."""
+    if "sequence_ids" not in batch:
+        logps = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], average)
+        return logps.chunk(2)
+    token_losses = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                  batch["position_ids"], reduction="none", cu_seqlens=batch.get("cu_seqlens"))
+    n = batch["answer_tokens"].numel()  # 2B, from a shape: nothing read back
+    owner = batch["sequence_ids"].clamp(min=0).flatten()  # padding (-1) adds its loss of 0 to sequence 0
+    logps = -torch.zeros(n, device=token_losses.device).scatter_add(0, owner, token_losses.flatten())  # (2B,)
+    if average:
+        logps = logps / batch["answer_tokens"].clamp(min=1)
     return logps.chunk(2)
 
 

@@ -86,9 +86,13 @@ def test_a_run_logs_trl_metrics_starts_at_the_reference_and_saves_the_model(stra
 
 def test_rpo_adds_the_chosen_answers_nll_per_token():
     dpo = example_module("dpo.py")
-    batch = {"labels": torch.tensor([[-100, 5, 6, 7], [-100, -100, 5, -100], [-100, 8, 9, -100], [-100, 1, 2, 3]])}
-    tokens = dpo.answer_tokens(batch)  # the chosen rows are the first two
-    assert tokens.tolist() == [3, 1]
+    pairs = [{"chosen": {"input_ids": [4, 5, 6, 7], "labels": [-100, 5, 6, 7]},
+              "rejected": {"input_ids": [4, 8, 9, 3], "labels": [-100, 8, 9, -100]}},
+             {"chosen": {"input_ids": [4, 4, 5, 3], "labels": [-100, -100, 5, -100]},
+              "rejected": {"input_ids": [4, 1, 2, 3], "labels": [-100, 1, 2, 3]}}]
+    for pack_length in (None, 8):  # rows, or the four answers packed into rows of 8
+        tokens = dpo.answer_tokens(mt.data.collate_preferences(pairs, 0, pack_length))  # the chosen answers'
+        assert tokens.tolist() == [3, 1]
     chosen = torch.tensor([-6.0, -3.0])  # their summed (or, with average, mean) log-probabilities
     torch.testing.assert_close(dpo.chosen_nll(chosen, tokens, average=False), torch.tensor([2.0, 3.0]))
     torch.testing.assert_close(dpo.chosen_nll(chosen, tokens, average=True), torch.tensor([6.0, 3.0]))
@@ -153,7 +157,6 @@ def test_flags_resolve_and_refuse_what_dpo_cannot_do(capsys):
     assert (args.reference, args.average_logps) == ("lora-disabled", True)  # IPO's length-normalised form
     assert dpo.parse_args(["--model", str(TINY), "--loss-type", "ipo", "--no-average-logps"]).average_logps is False
     for flags, message in ((["--reference", "lora-disabled"], "needs LoRA"),
-                           (["--packing"], "--packing is not supported"),
                            (["--lora-r", "4", "--lora-dropout", "0.1"], "DPO trains without dropout"),
                            (["--loss-type", "hinge", "--label-smoothing", "0.1"], "not to hinge"),
                            (["--quantize", "nf4"], "--quantize nf4 holds the base in 4 bits, which cannot be trained")):
@@ -208,3 +211,13 @@ def test_compiled_blocks_give_the_eager_dpo_losses(tmp_path, small):
     for a, b in zip(without_timing(eager), without_timing(compiled), strict=True):
         for key in a:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
+
+
+def test_packed_pairs_train_as_padded_ones(tmp_path, small):
+    """--packing: each micro-batch's answers packed into rows (best-fit decreasing) instead of a row each; the same
+    pairs a step, so the same metrics (the reference: LoRA disabled, through the same packed rows)."""
+    flags = [*small, "--max-steps", "2", "--lora-r", "4"]
+    padded, packed = run(tmp_path / "padded", *flags), run(tmp_path / "packed", *flags, "--packing")
+    for a, b in zip(without_timing(padded), without_timing(packed), strict=True):
+        for key in a:  # log-probabilities near -700 agree to ~1e-5 of them: rewards, their differences, to ~1e-5
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-4), (key, a, b)

@@ -303,3 +303,36 @@ def test_compiled_blocks_train_as_eager_ones(tmp_path, small_data):
         for key in ("loss", "val_loss", "grad_norm"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (key, a, b)
+
+
+def test_a_packed_step_trains_as_the_padded_one(small_data):
+    """The same 12 chats in two micro-batches, padded or packed (best-fit decreasing, rows of 256): train_step gives
+    the same loss and gradient norm, and the same weights after an SGD update (so the same gradients)."""
+    import functools
+
+    import minitune as mt
+    from minitune import data as D
+    from minitune.optim import make_scheduler
+    from minitune.train import autocast
+
+    sft = example_module("finetune_mistral.py")
+    args = sft.parse_args(["--data", str(small_data), "--device", "cpu", "--val-fraction", "0.1"])
+    tok = mt.load_tokenizer(args.model)
+    train, _, _ = sft.load_examples(args, tok)
+    halves = [train[:len(train) // 2], train[len(train) // 2:]]
+    layouts = {"padded": [D.collate(half, D.pad_id(tok)) for half in halves],
+               "packed": [D.collate(D.pack(half, 256), D.pad_id(tok)) for half in halves]}
+    assert sum(b["input_ids"].size(0) for b in layouts["packed"]) < len(train)  # several chats share a row
+    results = {}
+    for name, batches in layouts.items():
+        model = mt.load_model(args.model).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # weights after = weights - gradient: compared whole
+        scheduler = make_scheduler(optimizer, "constant", 0, 1)
+        step = sft.train_step(model, batches, optimizer, scheduler, functools.partial(autocast, torch.device("cpu"), "float32"))
+        results[name] = step, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    (padded, padded_weights), (packed, packed_weights) = results["padded"], results["packed"]
+    assert packed["loss"] == pytest.approx(padded["loss"], rel=1e-5)
+    assert packed["grad_norm"] == pytest.approx(padded["grad_norm"], rel=1e-4)
+    assert packed["tokens"] == padded["tokens"]
+    for key, weight in padded_weights.items():
+        torch.testing.assert_close(packed_weights[key], weight, rtol=1e-4, atol=1e-6)

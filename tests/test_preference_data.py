@@ -411,13 +411,51 @@ def pair(chosen: list[int], rejected: list[int], prompt: int = 1, **extra) -> di
 def test_collate_preferences_layout():
     examples = [pair([5, 6, 7], [5, 8]), pair([9, 10], [9, 11, 12, 13])]
     batch = collate_preferences(examples, pad_id=0)
-    assert set(batch) == {"input_ids", "labels", "attention_mask", "cu_seqlens"}
-    assert all(batch[k].dtype == torch.long and batch[k].shape == (4, 4) for k in batch if k != "cu_seqlens")
+    assert set(batch) == {"input_ids", "labels", "attention_mask", "cu_seqlens", "answer_tokens"}
+    assert all(batch[k].dtype == torch.long and batch[k].shape == (4, 4) for k in ("input_ids", "labels", "attention_mask"))
+    assert batch["answer_tokens"].tolist() == [2, 1, 1, 3]  # each answer's labelled tokens, chosen then rejected
     # chosen rows first, in the examples' order, then the rejected rows
     assert batch["input_ids"].tolist() == [[5, 6, 7, 0], [9, 10, 0, 0], [5, 8, 0, 0], [9, 11, 12, 13]]
     assert batch["labels"].tolist() == [[X, 6, 7, X], [X, 10, X, X], [X, 8, X, X], [X, 11, 12, 13]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
     assert batch["cu_seqlens"].tolist() == [0, 3, 4, 6, 8, 10, 12, 16]  # each side and each padding run
+
+
+def test_collate_preferences_packed_layout():
+    """pack_length: the 2B answers by best-fit decreasing into rows; sequence_ids say whose each token is."""
+    examples = [pair([5, 6, 7], [5, 8]), pair([9, 10], [9, 11, 12, 13])]
+    batch = collate_preferences(examples, pad_id=0, pack_length=6)
+    # sequences 0..3 = chosen 0, chosen 1, rejected 0, rejected 1: lengths 3, 2, 2, 4
+    assert batch["input_ids"].tolist() == [[9, 11, 12, 13, 9, 10], [5, 6, 7, 5, 8, 0]]
+    assert batch["sequence_ids"].tolist() == [[3, 3, 3, 3, 1, 1], [0, 0, 0, 2, 2, -1]]
+    assert batch["labels"].tolist() == [[X, 11, 12, 13, X, 10], [X, 6, 7, X, 8, X]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1], [0, 1, 2, 0, 1, 0]]
+    assert batch["answer_tokens"].tolist() == [2, 1, 1, 3]  # as unpacked
+
+
+@pytest.mark.parametrize("average", [False, True], ids=["sum", "average"])
+def test_packed_pairs_give_the_unpacked_logps_and_gradients(average):
+    from minitune.losses import preference_logps
+    from minitune.models import Mistral, MistralConfig
+    torch.manual_seed(0)
+    model = Mistral(MistralConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, sliding_window=5))
+    examples = []
+    for prompt, chosen, rejected in [(4, 5, 9), (7, 3, 2), (2, 8, 6), (5, 1, 4)]:
+        head = torch.randint(3, 60, (prompt,)).tolist()
+        examples.append(pair(head + torch.randint(3, 60, (chosen,)).tolist(),
+                             head + torch.randint(3, 60, (rejected,)).tolist(), prompt=prompt))
+    results = []
+    for pack_length in (None, 16):
+        model.zero_grad()
+        chosen, rejected = preference_logps(model, collate_preferences(examples, 0, pack_length), average)
+        (chosen - 2 * rejected).sum().backward()
+        results.append((chosen.detach(), rejected.detach(), [p.grad.clone() for p in model.parameters()]))
+    (c0, r0, g0), (c1, r1, g1) = results
+    torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_collate_preferences_reference_logps():
