@@ -6,8 +6,9 @@ and the DPO example's LoRA step with each of its three reference models, against
     python benchmarks/bench_train.py --configs qlora-mistral-small --out /tmp/bench_qlora   # QLoRA against bitsandbytes, CPU
     python benchmarks/bench_train.py --configs sft-tiny-mistral --out /tmp/bench_sft    # the SFT step alone
     python benchmarks/bench_train.py --configs dpo-lora-mistral-small --out /tmp/bench_dpo  # the DPO references
+    python benchmarks/bench_train.py --configs packed-mistral-small --out /tmp/bench_packed  # packed, realistic lengths
 
-Four kinds of config, all full optimizer steps of each library on the same weights and data:
+Five kinds of config, all full optimizer steps of each library on the same weights and data:
 
 - random token batches (gpt2-small, mistral-small; mistral-1b on a GPU): a random transformers model
   is built from the config with a fixed seed and saved (config.json + model.safetensors) to a
@@ -51,6 +52,15 @@ Four kinds of config, all full optimizer steps of each library on the same weigh
   skipping one: both call SDPA with is_causal=True (the flash kernel on a GPU). 2 x 2048 tokens a step; the
   7B configs time transformers against minitune only (no minitune-torch model: the time budget of one GPU
   run; bench_kernels.py's nf4_dequantize rows show the Triton kernel against the PyTorch reference).
+
+- packed (issue 20; packed-mistral-small on the CPU, packed-mistral-1b full fine-tuning in 8 x 2048, and
+  packed-lora- and packed-qlora-mistral-7b in 2 x 4096 with checkpointing on a GPU): one step of examples of
+  realistic lengths (see PACKED), best-fit decreasing into the rows. minitune trains the collated rows (segment
+  ids, positions from 0 per example; on a GPU in bf16 variable-length flash attention within cu_seqlens, no mask);
+  transformers the same rows with a block-causal 4-D mask (its padding-free layout needs flash-attn to keep the
+  examples apart); on a GPU also transformers patched by Liger Kernel (RMSNorm, SwiGLU, RoPE, the fused linear
+  cross-entropy), when its wheel is there. The report adds MFU (step_flops / time / PEAK_TFLOPS) and judges
+  PACKED_GOALS on a GPU.
 
 - the SFT step of examples/finetune_mistral.py (sft-tiny-mistral: the bundled tiny-mistral folder
   itself; sft-mistral-1b on a GPU: mistral-1b's random checkpoint, written in float32): the first
@@ -138,6 +148,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -210,7 +221,33 @@ LORA_CONFIGS = {
     "lora-mistral-1b": ("mistral-1b", 16, None, False, "cuda"),
     "lora-mistral-7b": ("mistral-7b", 16, None, True, "cuda"),
     "qlora-mistral-7b": ("mistral-7b", 16, "nf4", True, "cuda"),
+    # packed (PACKED below): realistic-length examples laid end to end; r = 0: full fine-tuning
+    "packed-mistral-small": ("mistral-small", 0, None, False, "cpu"),
+    "packed-mistral-1b": ("mistral-1b", 0, None, False, "cuda"),
+    "packed-lora-mistral-7b": ("mistral-7b", 16, None, True, "cuda"),
+    "packed-qlora-mistral-7b": ("mistral-7b", 16, "nf4", True, "cuda"),
 }
+# Packed configs, name: (rows, tokens per row). One step's examples have lengths drawn from a log-normal
+# distribution (median PACKED_MEDIAN tokens, sigma PACKED_SIGMA; 16 to a row's length), random ids, the first
+# third of each without loss (a prompt), kept while best-fit decreasing fits them all in the rows (one that
+# would not is set aside; PACKED_MISSES of those in a row end the drawing). minitune trains the rows (collate:
+# segment ids, positions from 0 per example, cu_seqlens: variable-length attention on a GPU); transformers the
+# same rows with a (rows, 1, T, T) block-causal mask and the same positions (sdpa takes a 4-D mask as it is).
+# Its padding-free layout (DataCollatorWithFlattening: one (1, N) row, positions restarting, no mask) is not
+# used: with sdpa, transformers 5.25 lets each example attend to the ones before it (measured: 0.28 in the
+# logits of a second example of a tiny Mistral); it keeps them apart only under flash-attn, not installed here.
+# The same tokens and targets: the first-step losses agree.
+PACKED = {"packed-mistral-small": (2, 1024), "packed-mistral-1b": (8, 2048), "packed-lora-mistral-7b": (2, 4096),
+          "packed-qlora-mistral-7b": (2, 4096)}
+PACKED_MEDIAN, PACKED_SIGMA = 600, 0.9
+PACKED_MISSES = 50  # draws in a row that fit nowhere: the rows are full
+PEAK_TFLOPS = 989.0  # bf16 dense peak of an H100 or H200 (SXM), for MFU
+# issue 20's GPU goals per packed config: minitune's tokens/s at least `vs_transformers` x transformers' (+ PEFT,
+# + bitsandbytes) and `vs_liger` x transformers + Liger's, its peak at most `peak_ratio` x transformers', its MFU
+# at least `mfu`
+PACKED_GOALS = {"packed-mistral-1b": {"vs_transformers": 1.5, "mfu": 0.45},
+                "packed-lora-mistral-7b": {"vs_transformers": 1.5, "vs_liger": 1.2, "peak_ratio": 0.8},
+                "packed-qlora-mistral-7b": {"vs_transformers": 1.8}}
 NF4_BLOCKSIZE = 64  # QLoRA's: bitsandbytes' default, and minitune's
 QLORA_PEAK_RATIO, QLORA_PEAK_BYTES = 0.65, 10e9  # GPU goals of a QLoRA step: peak vs transformers + PEFT + bnb, and alone
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -233,7 +270,17 @@ LIBRARIES = ("transformers", "minitune", "minitune-torch")  # minitune-torch: mi
 
 @contextmanager
 def kernels_env(library: str):
-    """MINITUNE_KERNELS=torch while minitune-torch runs (minitune reads it at each kernel call); else nothing."""
+    """MINITUNE_KERNELS=torch while minitune-torch runs (minitune reads it at each kernel call); Liger's RoPE in
+    transformers' Mistral while transformers-liger runs; else nothing."""
+    if library == "transformers-liger":
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+        from transformers.models.mistral import modeling_mistral
+        plain, modeling_mistral.apply_rotary_pos_emb = modeling_mistral.apply_rotary_pos_emb, liger_rotary_pos_emb
+        try:
+            yield
+        finally:
+            modeling_mistral.apply_rotary_pos_emb = plain
+        return
     if library != "minitune-torch":
         yield
         return
@@ -275,6 +322,10 @@ class Data:
                                                       (0, None, False))
         self.grad_ckpt = {"config": self.grad_ckpt, "on": True, "off": False}[grad_ckpt]
         self.big = name in LORA_CONFIGS and LORA_CONFIGS[name][0] in BIG_BASES  # loaded straight onto the device
+        if name in PACKED:
+            self.init_packed(name, CONFIGS[LORA_CONFIGS[name][0]][1]["vocab_size"], device)
+            self.weights_dtype = getattr(torch, dtype_name)
+            return
         if not self.sft:
             _, config_args, batch, seq, _ = CONFIGS[LORA_CONFIGS[name][0] if self.lora_r else name]
             gen = torch.Generator().manual_seed(SEED)
@@ -303,6 +354,36 @@ class Data:
                          "example_args": {k: getattr(args, k) for k in ("lr", "weight_decay", "schedule", "warmup",
                                                                         "max_grad_norm", "max_length", "seed")},
                          "total_steps": self.total_steps}
+
+    def init_packed(self, name: str, vocab: int, device) -> None:
+        """One step of a packed config (see PACKED): `steps` minitune's rows, `hf_steps` transformers' flat row."""
+        import torch
+
+        from minitune.data import collate, pack, packing_efficiency
+        from minitune.models.common import attention_bias
+        rows, row_len = PACKED[name]
+        gen = torch.Generator().manual_seed(SEED)
+        examples, packed, misses = [], [], 0
+        while misses < PACKED_MISSES:  # each drawn example kept if best-fit decreasing still fits all in the rows
+            n = int(torch.empty(1).log_normal_(math.log(PACKED_MEDIAN), PACKED_SIGMA, generator=gen).clamp(16, row_len))
+            ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            candidate = examples + [{"input_ids": ids, "labels": [-100] * (n // 3) + ids[n // 3:]}]
+            if len(rows_of := pack(candidate, row_len)) <= rows:
+                examples, packed, misses = candidate, rows_of, 0
+            else:
+                misses += 1
+        batch = collate(packed, pad_id=0)
+        self.steps = [{k: v.to(device) for k, v in batch.items()}]
+        real = batch["attention_mask"] != 0  # (rows, T)
+        T = batch["input_ids"].size(1)
+        hf = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "labels": batch["labels"],
+              "attention_mask": attention_bias(batch["attention_mask"], T, 0, None, "cpu")}  # (rows, 1, T, T)
+        self.hf_steps = [{k: v.to(device) for k, v in hf.items()}]
+        lengths = [row["attention_mask"].count(s) for row in packed for s in range(1, row["attention_mask"][-1] + 1)]
+        self.tokens = [int(real.sum())]
+        self.describe = {"rows": rows, "row_len": row_len, "examples": len(lengths), "tokens": self.tokens[0],
+                         "slots_filled": packing_efficiency(packed, row_len), "example_lengths": lengths,
+                         "targets": int((batch["labels"][:, 1:] != -100).sum())}
 
     def init_dpo(self, name: str, dtype_name: str, device, folder: str) -> None:
         """The DPO example's args (its defaults, LoRA on), pairs and first DPO_STEPS steps; the pairs of each
@@ -376,9 +457,14 @@ def device_index(device):
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def have_liger() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 def checkpoint_layers(library: str, model) -> None:
     """Activation checkpointing, one decoder layer per checkpoint, non-reentrant, in either library."""
-    if library != "transformers":
+    if not library.startswith("transformers"):
         model.gradient_checkpointing = True
         return
     model.config.use_cache = False  # as transformers would under checkpointing (with a warning)
@@ -389,9 +475,18 @@ def checkpoint_layers(library: str, model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def with_liger(model) -> None:
+    """Liger Kernel on transformers' Mistral, its defaults (RMSNorm, SwiGLU, the fused linear cross-entropy, RoPE): on
+    this instance, before LoRA. Its RoPE replaces a module-level function, so it is swapped in only around this
+    library's steps (kernels_env); its RMSNorm and SwiGLU classes replace transformers' for models made after this
+    one, so the plain transformers model is made first (LIBRARIES order)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_mistral
+    apply_liger_kernel_to_mistral(rope=False, model=model)
+
+
 def with_lora(library: str, model, r: int):
     """LoRA r (alpha 2r) on LORA_TARGETS, the rest frozen: peft on transformers' model, mt.lora on ours."""
-    if library == "transformers":
+    if library.startswith("transformers"):
         import peft
         config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
         return peft.get_peft_model(model, config)
@@ -407,7 +502,7 @@ class Trainer:
         self.library, self.data, self.on_gpu, self.done = library, data, device.type == "cuda", 0
         self.steps = data.steps
         quantize = getattr(data, "quantize", None)
-        if library == "transformers":
+        if library.startswith("transformers"):
             import transformers
             transformers.logging.set_verbosity_error()
             if quantize:
@@ -418,11 +513,21 @@ class Trainer:
             else:
                 self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=data.weights_dtype).to(device)
             self.compute_loss = lambda model, ids: model(input_ids=ids, labels=ids).loss
+            if library == "transformers-liger":
+                with_liger(self.model)
+            if hasattr(data, "hf_steps"):  # packed: the same rows, a block-causal 4-D mask
+                self.steps = data.hf_steps
+                self.compute_loss = lambda model, b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                                           position_ids=b["position_ids"], labels=b["labels"]).loss
         else:
             import minitune
             from minitune.losses import causal_lm_loss
             self.model = minitune.load_model(folder, dtype=data.weights_dtype, device=device, quantize=quantize)
             self.compute_loss = lambda model, ids: causal_lm_loss(model, ids, labels=ids)
+            if hasattr(data, "hf_steps"):  # packed rows: segments, positions, and on a GPU their bounds
+                self.compute_loss = lambda model, b: causal_lm_loss(model, b["input_ids"], b["labels"],
+                                                                    b["attention_mask"], b["position_ids"],
+                                                                    cu_seqlens=b["cu_seqlens"])
         self.model.train()
         if getattr(data, "grad_ckpt", False):
             checkpoint_layers(library, self.model)
@@ -472,7 +577,7 @@ class Trainer:
                "dtypes": tensor_dtypes(self.model)}
         with kernels_env(self.library):
             out["MINITUNE_KERNELS"] = os.environ.get("MINITUNE_KERNELS", "auto")
-            if self.library == "transformers":
+            if self.library.startswith("transformers"):
                 out["attn_implementation"] = self.model.config._attn_implementation
             else:
                 from minitune import kernels
@@ -678,6 +783,9 @@ def config_entry(name: str) -> dict:
         if quantize:
             entry["quantization"] = {"quant_type": "nf4", "blocksize": NF4_BLOCKSIZE, "double_quant": True,
                                      "compute_dtype": "--dtype", "prepare_model_for_kbit_training": False}
+        if name in PACKED:
+            entry.update(kind="packed", rows=PACKED[name][0], row_len=PACKED[name][1],
+                         lengths={"distribution": "log-normal", "median": PACKED_MEDIAN, "sigma": PACKED_SIGMA})
         return entry
     if name in DPO_CONFIGS:
         base, r, batch, accum, _ = DPO_CONFIGS[name]
@@ -789,6 +897,8 @@ def bench_config(name: str, args, save) -> dict:
     libraries = list(LIBRARIES if args.device.startswith("cuda") else LIBRARIES[:2])
     if name in LORA_CONFIGS and LORA_CONFIGS[name][0] in BIG_BASES:
         libraries = list(LIBRARIES[:2])  # one GPU run's time: no minitune-torch model
+    if name in PACKED and args.device.startswith("cuda") and have_liger():  # issue 20: Liger at its best too
+        libraries = ["transformers", "transformers-liger", "minitune"]
     if name in DPO_CONFIGS:
         libraries = list(DPO_REFERENCES)
     entry = {"config": name, **config_entry(name), "runs": [{"library": library} for library in libraries]}
@@ -867,6 +977,9 @@ def bench_config(name: str, args, save) -> dict:
             if entry["kind"] == "dpo":
                 dpo_losses(entry, rows, LOSS_RTOL[args.dtype], echo=library == libraries[-1])
             save(entry)
+    if name in PACKED_GOALS and args.device.startswith("cuda"):
+        entry["packed_goals"] = packed_goals(name, entry, rows)
+        save(entry)
     if entry.get("quantize") and all("peak_bytes" in rows[lib] for lib in ("minitune", "transformers")):
         ours, theirs = rows["minitune"]["peak_bytes"], rows["transformers"]["peak_bytes"]  # GPU: weights included
         entry["peak_ratio"] = ours / theirs
@@ -875,12 +988,67 @@ def bench_config(name: str, args, save) -> dict:
     return entry
 
 
+def packed_goals(name: str, entry: dict, rows: dict) -> list[dict]:
+    """issue 20's goals for a packed config on a GPU, each {"goal", "met" (None: not measured), "detail"}."""
+    want, ours, out = PACKED_GOALS[name], rows["minitune"], []
+    if "vs_transformers" in want:
+        speed = ours.get("speed_ratio")
+        out.append({"goal": f"tokens/s at least {want['vs_transformers']}x transformers'",
+                    "met": None if speed is None else speed >= want["vs_transformers"],
+                    "detail": "not measured" if speed is None else f"{speed:.2f}x"})
+    if "vs_liger" in want:
+        liger = rows.get("transformers-liger", {})
+        if "time_ratios" in ours and "time_ratios" in liger:
+            speed = 1 / statistics.median(m / l for m, l in zip(ours["time_ratios"], liger["time_ratios"]))
+            out.append({"goal": f"tokens/s at least {want['vs_liger']}x transformers + Liger's",
+                        "met": speed >= want["vs_liger"], "detail": f"{speed:.2f}x (per-round median)"})
+        else:
+            out.append({"goal": f"tokens/s at least {want['vs_liger']}x transformers + Liger's", "met": None,
+                        "detail": "Liger Kernel not installed" if not have_liger() else "not measured"})
+    if "peak_ratio" in want:
+        if "peak_bytes" in ours and "peak_bytes" in rows["transformers"]:
+            ratio = ours["peak_bytes"] / rows["transformers"]["peak_bytes"]
+            out.append({"goal": f"peak at most {want['peak_ratio']}x transformers'", "met": ratio <= want["peak_ratio"],
+                        "detail": f"{ratio:.2f}x"})
+        else:
+            out.append({"goal": f"peak at most {want['peak_ratio']}x transformers'", "met": None,
+                        "detail": "not measured"})
+    if "mfu" in want:
+        flops = step_flops(entry)
+        if flops and "median_step_s" in ours:
+            mfu = flops / ours["median_step_s"] / (PEAK_TFLOPS * 1e12)
+            out.append({"goal": f"MFU at least {want['mfu']:.0%}", "met": mfu >= want["mfu"], "detail": f"{mfu:.1%}"})
+        else:
+            out.append({"goal": f"MFU at least {want['mfu']:.0%}", "met": None, "detail": "not measured"})
+    return out
+
+
+def step_flops(e: dict) -> float | None:
+    """Model FLOPs of one step of a packed config: the matmuls, 2 per weight and token forward, 2 for the input's
+    gradient and (full fine-tuning) 2 for the weight's; causal attention 6 x layers x width x n^2 per example
+    (QK^T and PV, half the square, forward and backward). Recomputation under checkpointing is not counted, as MFU
+    does not; LoRA's adapters (under 1% of the work) are left out."""
+    data = e.get("data")
+    if e.get("kind") != "packed" or not data:
+        return None
+    c = e["config_args"]
+    h, layers, heads, kv = c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"]
+    hs = h // heads
+    per_layer = h * heads * hs * 2 + h * kv * hs * 2 + 3 * h * c["intermediate_size"]  # q, o; k, v; gate, up, down
+    weights = layers * per_layer + h * c["vocab_size"]  # and the head
+    per_token = (6 if not e.get("lora_r") else 4) * weights
+    attention = 6 * layers * heads * hs * sum(n * n for n in data["example_lengths"])
+    return per_token * data["tokens"] + attention
+
+
 def fmt_spread(s: dict) -> str:
     return f"{s['median']:.3f} [{s['q1']:.3f}–{s['q3']:.3f}] ({s['min']:.3f}–{s['max']:.3f})"
 
 
 def shape(e: dict) -> str:
     """batch x seq; for SFT, micro-batches x examples x the longest padded micro-batch."""
+    if e["kind"] == "packed":
+        return f"{e['rows']} x {e['row_len']} packed"
     if e["kind"] != "sft":
         return f"{e['batch']} x {e['seq']}"
     longest = max(padded_lengths(e["data"]), default=0) if "data" in e else "?"
@@ -1011,6 +1179,20 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
     if any(dtypes):
         lines += ["", "What each library holds, in which dtype (decoder-block linear weights: uint8 = packed 4-bit):",
                   ""] + [d for d in dtypes if d]
+    packed = [e for e in configs if e.get("kind") == "packed" and "data" in e]
+    if packed:
+        lines += ["", "Packed steps (issue 20): what each holds, and the model FLOPs utilisation on a GPU (model FLOPs "
+                      f"per step / step time / {PEAK_TFLOPS:g} TFLOPS, the bf16 dense peak of an H100 or H200; see "
+                      "step_flops):", ""]
+        for e in packed:
+            d, flops = e["data"], step_flops(e)
+            mfu = [f"{r['library']} {flops / r['median_step_s'] / (PEAK_TFLOPS * 1e12):.1%}"
+                   for r in e["runs"] if "median_step_s" in r] if flops and not on_cpu else []
+            lines.append(f"- {e['config']}: {d['examples']} examples (lengths {min(d['example_lengths'])} to "
+                         f"{max(d['example_lengths'])}, median {statistics.median(d['example_lengths']):.0f}), "
+                         f"{d['tokens']} tokens in {d['rows']} rows of {d['row_len']} ({d['slots_filled']:.1%} of the "
+                         f"slots filled), {d['targets']} targets; {flops / 1e12:.1f} TFLOP a step"
+                         + (f"; MFU: {', '.join(mfu)}" if mfu else ""))
     lines += failed_runs(configs)
     lines += ["", "First-step losses (the same model trained by both; from the timing process):", ""]
     for e in configs:
@@ -1035,6 +1217,10 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
                          f"{'**met**' if e['at_least_as_fast'] else '**NOT met**'}")
         else:
             lines.append(f"- {e['config']}: n/a (the timing run failed or has not finished)")
+    for e in configs:
+        for g in e.get("packed_goals", []):
+            verdict = "n/a" if g["met"] is None else "**met**" if g["met"] else "**NOT met**"
+            lines.append(f"- {e['config']} (GPU goal): {g['goal']}: {g['detail']} -> {verdict}")
     for e in configs:
         if "qlora_memory_goal_met" in e:
             ours = next(r for r in e["runs"] if r["library"] == "minitune")["peak_bytes"]
@@ -1242,6 +1428,7 @@ def main() -> None:
             result["configs"].append(entry)
         verdicts = [e["at_least_as_fast"] for e in result["configs"] if "at_least_as_fast" in e]
         memory = [e["qlora_memory_goal_met"] for e in result["configs"] if "qlora_memory_goal_met" in e]  # GPU
+        memory += [g["met"] for e in result["configs"] for g in e.get("packed_goals", []) if g["met"] is not None]
         goals = [n for n in names if n not in DPO_CONFIGS]  # a DPO config compares references: no speed goal
         result["goal_met"] = all(verdicts + memory) if verdicts and len(verdicts) == len(goals) else None
         result["seconds"] = time.perf_counter() - t_start

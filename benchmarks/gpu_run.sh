@@ -22,6 +22,10 @@
 # the RoPE and SwiGLU kernels compiled), speed-kernels (bench_kernels.py's rope and swiglu at Mistral-7B's shapes
 # against eager, torch.compile and Liger), packing (bench_packing.py: the SFT step padded and packed, bf16).
 # Output: speed/bench_kernels.{json,md}, packing/bench_packing.{json,md}.
+# `bash benchmarks/gpu_run.sh scale` (at most 10 minutes by its limits): bench_train.py's packed configs at scale,
+# minitune against transformers (+ PEFT, + bitsandbytes) and transformers + Liger (its wheel carried): scale-1b
+# (packed-mistral-1b, full fine-tuning, 8 x 2048) and scale-7b (packed-lora- and packed-qlora-mistral-7b, 2 x 4096,
+# checkpointing; the 7B checkpoint in /tmp/minitune-bench-train, written by the first). Output: scale-1b/, scale-7b/.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out}"
@@ -32,7 +36,8 @@ work=/tmp/minitune-bench-train  # the 7B checkpoint: not under $OUT, which comes
 
 steps=" ${*:-tests kernels train sft dpo} "
 steps=${steps/ qlora / qlora-tests nf4 qlora-7b lora-7b }  # the QLoRA set
-steps=${steps/ speed / speed-tests speed-kernels packing }  # issue 20's parts so far
+steps=${steps/ speed / speed-tests speed-kernels packing }  # issue 20: tests, kernels, packing
+steps=${steps/ scale / scale-1b scale-7b }  # issue 20: the packed steps at scale
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print its exit status and time
   local name=$1 limit=$2
@@ -78,6 +83,10 @@ install_wheel() {  # install_wheel WHEEL: pip without dependencies or index, els
   step speed-tests 90 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_kernels.py -k "test_cuda or rope or swiglu"
   step speed-kernels 150 python3 benchmarks/bench_kernels.py --kernels rope,swiglu --out "$out/speed"
   step packing 60 python3 benchmarks/bench_packing.py --device cuda --out "$out/packing"
+  step scale-1b 200 python3 benchmarks/bench_train.py --configs packed-mistral-1b --steps 6 --warmup 1 --mem-warmup 1 \
+    --mem-steps 1 --timeout 150 --out "$out/scale-1b"
+  step scale-7b 380 python3 benchmarks/bench_train.py --configs packed-lora-mistral-7b,packed-qlora-mistral-7b \
+    --work "$work" --steps 5 --warmup 1 --mem-warmup 1 --mem-steps 1 --timeout 170 --out "$out/scale-7b"
 
   step qlora-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py
   step nf4 90 python3 benchmarks/bench_kernels.py --kernels nf4_dequantize --out "$out/nf4"
