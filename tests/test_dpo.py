@@ -208,9 +208,14 @@ def test_compiled_blocks_give_the_eager_dpo_losses(tmp_path, small):
     """--compile with LoRA and the disabled-adapter reference: the compiled blocks run with the adapters on and off."""
     flags = [*small, "--max-steps", "2", "--lora-r", "4", "--reference", "lora-disabled"]
     eager, compiled = run(tmp_path / "eager", *flags), run(tmp_path / "compiled", *flags, "--compile")
+    # the continuous metrics; accuracies and greedy answers count ties and argmaxes, which a rounding can flip
+    # (at step 0 the policy is the reference: every reward is a tie)
+    continuous = ("loss", "val_loss", "grad_norm", "nll_loss", "logps/chosen", "logps/rejected", "rewards/chosen",
+                  "rewards/rejected", "rewards/margins")
     for a, b in zip(without_timing(eager), without_timing(compiled), strict=True):
-        for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
+        for key in continuous:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (key, a, b)
 
 
 def test_packed_pairs_train_as_padded_ones(tmp_path, small):
