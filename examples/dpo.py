@@ -279,7 +279,7 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
 
 # Flags a resumed run may change (see finetune_mistral.py); --model may not: it is the reference.
 RESUMABLE = {"data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every", "keep_last",
-             "win_rate_samples", "grad_checkpointing"}
+             "win_rate_samples", "grad_checkpointing", "compile"}
 REFERENCE_CACHE = "reference_logps.safetensors"  # --reference precomputed's log-probabilities, in --out
 LOSSES = ("loss", ("loss", "val_loss"), None)
 SHARES = ("share of held-out pairs / prompts", ("val_preference_accuracy", "val_win_rate", "rewards/accuracies"),

@@ -205,7 +205,7 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
 # Flags a resumed run may change: they alter neither the data a step sees nor the update it makes
 # (--lr excepted, which is rescaled on purpose). The data's paths may change: its content is compared.
 RESUMABLE = {"model", "data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every",
-             "keep_last", "exact_match_samples", "grad_checkpointing"}
+             "keep_last", "exact_match_samples", "grad_checkpointing", "compile"}
 
 
 def main(argv=None) -> None:

@@ -128,3 +128,21 @@ def test_variable_length_flash_attention_gives_the_masked_loss(packed, tmp_path)
     torch.testing.assert_close(varlen, masked, rtol=2e-2, atol=2e-2)
     for a, b in zip(varlen_grads, masked_grads):
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
+
+
+def test_full_fine_tuning_under_autocast_takes_the_variable_length_path(tmp_path):
+    """float32 weights under bf16 autocast (the examples' full fine-tuning): q and k come out of RoPE in float32
+    (float32 cos), and varlen_attn, a custom op autocast does not cast, needs them in bf16."""
+    save_hf(CONFIGS["mistral_gqa_window"](), tmp_path)
+    model = mt.load_model(tmp_path, dtype=torch.float32, device="cuda").train()
+    examples = [{"input_ids": torch.randint(3, 101, (n,)).tolist()} for n in (70, 40, 90, 30)]
+    for example in examples:
+        example["labels"] = example["input_ids"]
+    batch = {k: v.cuda() for k, v in mt.data.collate(mt.data.pack(examples, 160), pad_id=0).items()}
+    losses = []
+    for cu_seqlens in (None, batch["cu_seqlens"]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(model(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                position_ids=batch["position_ids"], labels=batch["labels"], cu_seqlens=cu_seqlens))
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1].float(), losses[0].float(), rtol=2e-2, atol=2e-2)

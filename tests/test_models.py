@@ -188,9 +188,10 @@ def reference_varlen_attn(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=No
     return out
 
 
-@pytest.mark.parametrize("family", ["gpt2", "mistral"])
+@pytest.mark.parametrize("family, gqa_keyword", [("gpt2", True), ("mistral", True), ("mistral", False)],
+                         ids=["gpt2", "mistral", "mistral-torch-2.11"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_the_variable_length_path_gives_the_masked_logits_loss_and_gradients(family, packed, monkeypatch):
+def test_the_variable_length_path_gives_the_masked_logits_loss_and_gradients(family, gqa_keyword, packed, monkeypatch):
     """On a GPU a collated batch's cu_seqlens replace the mask (varlen_attn); here the CPU runs that path with an
     SDPA oracle in place of the CUDA kernel: the plumbing (bounds, flattening, the window's count) is the same."""
     import minitune.models.common as common
@@ -214,7 +215,14 @@ def test_the_variable_length_path_gives_the_masked_logits_loss_and_gradients(fam
 
     masked = run()
     calls = []
-    monkeypatch.setattr(common, "varlen_attn", lambda *a, **k: calls.append(1) or reference_varlen_attn(*a, **k))
+
+    def oracle(q, k, v, *args, **kwargs):  # torch 2.10 and 2.11 take no enable_gqa: their k and v have q's heads
+        assert ("enable_gqa" in kwargs) == (gqa_keyword and k.size(1) != q.size(1))
+        calls.append(1)
+        return reference_varlen_attn(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(common, "VARLEN_GQA", gqa_keyword)
+    monkeypatch.setattr(common, "varlen_attn", oracle)
     monkeypatch.setattr(sys.modules[type(model).__module__], "use_varlen", lambda *a: True)  # as on a GPU in bf16
     varlen = run()
     assert calls, "the variable-length path did not run"

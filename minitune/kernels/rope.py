@@ -94,6 +94,7 @@ rope_op = torch.library.custom_op("minitune::rope", _rope, mutates_args=())
 
 @rope_op.register_fake
 def _(q, k, cos, sin, backward):
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))  # as _rope: its outputs' layout
     dtype = torch.promote_types(q.dtype, cos.dtype)
     return torch.empty_like(q, dtype=dtype), torch.empty_like(k, dtype=dtype)
 

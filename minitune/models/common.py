@@ -13,6 +13,7 @@ the mask: flash attention's variable-length kernel keeps each sequence to itself
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ try:
     from torch.nn.attention.varlen import varlen_attn  # flash attention over sequences laid end to end
 except ImportError:  # torch before 2.10: masks everywhere
     varlen_attn = None
+# torch 2.10 and 2.11's varlen_attn has no enable_gqa: shared KV heads are repeated for it
+VARLEN_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 # config.json's activation names -> functions. GPT-2's "gelu_new" is the tanh approximation.
 ACTIVATIONS = {
@@ -102,8 +105,9 @@ def attention_bias(attention_mask: torch.Tensor | None, q_len: int, past_len: in
     never read; it must see some key, or SDPA returns NaN). Indices are positions in the padded row;
     since an example's tokens are contiguous, index distance equals position distance, as in the
     reference. One rule for padded and packed rows, so nothing about the mask's values is read back
-    from the device: the forward never waits for the GPU. Without a mask (a batch with no padding),
-    attention is plain causal, and SDPA may take its flash kernels.
+    from the device: the forward never waits for the GPU. Without a mask, attention is plain causal,
+    and SDPA may take its flash kernels; a collated batch always has a mask (on a GPU in bf16 its
+    cu_seqlens replace it: see Varlen).
     """
     k_len = past_len + q_len
     window = sliding_window if sliding_window is not None and k_len > sliding_window else None  # does it bite?
@@ -149,10 +153,16 @@ def use_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor | None, dropout_p: floa
 def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Varlen, scale: float) -> torch.Tensor:
     """q (B, nh, T, hs), k and v (B, n_kv, T, hs) as the flattened batch's sequences: (B, nh, T, hs)."""
     B, nh, T, hs = q.shape
-    flat = [t.transpose(1, 2).reshape(B * T, t.size(1), hs) for t in (q, k, v)]  # (B * T, heads, hs)
+    # varlen_attn is a custom op, which autocast does not cast: float32 q and k (RoPE with float32 cos) go to bf16
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+    shared = k.size(1) != nh
+    if shared and not VARLEN_GQA:
+        k, v = (t.repeat_interleave(nh // t.size(1), dim=1) for t in (k, v))  # (B, nh, T, hs)
+    flat = [t.transpose(1, 2).reshape(B * T, t.size(1), hs).to(dtype) for t in (q, k, v)]  # (B * T, heads, hs)
     window = (-1, 0) if seqs.window is None else (seqs.window - 1, 0)  # causal; W keys, the query's own included
+    gqa = {"enable_gqa": True} if shared and VARLEN_GQA else {}
     y = varlen_attn(*flat, seqs.cu_seqlens, seqs.cu_seqlens, seqs.max_seqlen, seqs.max_seqlen, scale=scale,
-                    window_size=window, enable_gqa=True)  # (B * T, nh, hs)
+                    window_size=window, **gqa)  # (B * T, nh, hs)
     return y.view(B, T, nh, hs).transpose(1, 2)
 
 
