@@ -22,12 +22,14 @@ streaming the checkpoint, and also reads the checkpoints transformers writes wit
 On bitsandbytes' CPU backend: its C++ library rounds the 8-bit block-maxima codes through a
 65,536-entry lookup table, which picks the second-nearest level for about 0.15% of them; its CUDA
 kernels and its PyTorch reference backend round to the nearest, as this file does (tests/test_quant.py
-checks both facts). Its CUDA quantization kernel (csrc/kernels.cu, as read; the CPU machines here cannot
-run it) parts from its own reference in two corners, where this file follows the reference: an all-zero
-block (0 x 1/0 is NaN there and stores code 0, -1 times the block's near-zero maximum, not 0.0), and a
-last, shorter block (scaled by the reciprocal of its maximum there, divided by it in the reference: a
-value within one rounding of a boundary between levels can land one code apart). Neither occurs in a
-trained weight whose rows are whole blocks; test_quant.py compares against the CUDA kernels on a GPU.
+checks both facts). Its CUDA quantization kernel (csrc/kernels.cu) parts from its own reference where
+this file follows the reference: it is built with --use_fast_math, so its 1/absmax is an approximate
+division, and a float32 value within a rounding or two of a boundary between levels can land one level
+apart (on an H200, float32 weights' codes were not all bitsandbytes'; bf16 and fp16 weights' were,
+byte for byte); an all-zero block (0 x 1/0 is NaN there and stores code 0, -1 times the block's near-zero
+maximum); and a last, shorter block (scaled by a reciprocal there, divided in the reference). Dequantizing
+is bit for bit either way, so a `*-bnb-4bit` checkpoint made on a GPU loads exactly
+(test_quant.py compares against the CUDA kernels on a GPU).
 """
 
 from __future__ import annotations
