@@ -161,7 +161,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # minitune from this checkout, installed or not
 
-from bench_load import child_env, proc_status, reset_peak  # benchmarks/ is on sys.path
+from bench_load import child_env, count_values, proc_status, reset_peak  # benchmarks/ is on sys.path
 
 SEED = 0
 LR = 1e-4
@@ -573,7 +573,7 @@ class Trainer:
 
     def info(self) -> dict:
         params = {id(p): p for p in self.model.parameters()}.values()
-        out = {"params": count_params(self.model), "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+        out = {"params": count_values(self.model), "trainable_params": sum(p.numel() for p in params if p.requires_grad),
                "dtypes": tensor_dtypes(self.model)}
         with kernels_env(self.library):
             out["MINITUNE_KERNELS"] = os.environ.get("MINITUNE_KERNELS", "auto")
@@ -583,21 +583,6 @@ class Trainer:
                 from minitune import kernels
                 out["backend"] = kernels.backend(next(self.model.parameters()))  # triton or torch
         return out
-
-
-def count_params(model) -> int:
-    """The model's parameters, a 4-bit weight counted by the values it holds (minitune's NF4Weight is a module of
-    frozen tensors: codes and state; bitsandbytes' Params4bit a parameter of packed bytes whose quant_state knows
-    the shape)."""
-    import math
-    nf4 = [m for m in model.modules() if type(m).__name__ == "NF4Weight"]  # its tensors: codes and state
-    inside = {id(t) for m in nf4 for t in (*m.parameters(), *m.buffers())}
-    total = sum(m.numel() for m in nf4)
-    for p in {id(p): p for p in model.parameters()}.values():
-        state = getattr(p, "quant_state", None)
-        if id(p) not in inside:
-            total += math.prod(state.shape) if state is not None else p.numel()
-    return total
 
 
 def tensor_dtypes(model) -> dict:

@@ -66,15 +66,15 @@ def preference_logps(model, batch: dict[str, torch.Tensor], average: bool = Fals
     first B the chosen answers and the last B the rejected ones, in one forward rather than two, so the
     weights are read (and, under FSDP, gathered) once per micro-batch. In a packed batch each token's loss
     goes to its sequence (`sequence_ids`), padding adding a 0; unpacked, each row is one sequence."""
-    if "sequence_ids" not in batch:
-        logps = sequence_logps(model, batch["input_ids"], batch["labels"], batch["attention_mask"], average)
-        return logps.chunk(2)
     token_losses = causal_lm_loss(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
-                                  batch["position_ids"], reduction="none", cu_seqlens=batch.get("cu_seqlens"))
-    n = batch["answer_tokens"].numel()  # 2B, from a shape: nothing read back
-    owner = batch["sequence_ids"].clamp(min=0).flatten()  # padding (-1) adds its loss of 0 to sequence 0
-    logps = -torch.zeros(n, device=token_losses.device).scatter_add(0, owner, token_losses.flatten())  # (2B,)
-    if average:
+                                  batch.get("position_ids"), reduction="none", cu_seqlens=batch.get("cu_seqlens"))
+    if "sequence_ids" in batch:  # packed: 2B sequences (a shape, nothing read back), padding (-1) adds 0 to the first
+        owner = batch["sequence_ids"].clamp(min=0).flatten()
+        logps = -torch.zeros(batch["answer_tokens"].numel(), device=token_losses.device).scatter_add(
+            0, owner, token_losses.flatten())  # (2B,)
+    else:
+        logps = -token_losses.sum(-1)  # (2B,): a row per sequence
+    if average:  # per labelled token (IPO, SimPO)
         logps = logps / batch["answer_tokens"].clamp(min=1)
     return logps.chunk(2)
 

@@ -141,20 +141,34 @@ class Varlen:
     window: int | None
 
 
+def _cuda_compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype CUDA matmuls run in: autocast's, or the tensor's own."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else t.dtype
+
+
 def use_varlen(x: torch.Tensor, cu_seqlens: torch.Tensor | None, dropout_p: float) -> bool:
     """Whether attention can run as variable-length flash attention: a CUDA batch in bf16 or fp16 (under autocast
     or not) whose collate gave its sequences' bounds, and no attention dropout (the kernel has none)."""
     if cu_seqlens is None or varlen_attn is None or not x.is_cuda or dropout_p:
         return False
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-    return dtype in (torch.bfloat16, torch.float16)
+    return _cuda_compute_dtype(x) in (torch.bfloat16, torch.float16)
+
+
+def attention_masks(x: torch.Tensor, attention_mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None,
+                    q_len: int, past_len: int, windows: set, dropout_p: float, cached: bool) -> dict:
+    """What each layer's attention takes, one entry per sliding window in use (None: no window): the batch's
+    sequence bounds (Varlen) where variable-length flash attention can run (no KV cache), else
+    attention_bias's mask, or None for plain causal attention."""
+    if not cached and use_varlen(x, cu_seqlens, dropout_p):
+        return {window: Varlen(cu_seqlens, q_len, window) for window in windows}
+    return {window: attention_bias(attention_mask, q_len, past_len, window, x.device) for window in windows}
 
 
 def attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: Varlen, scale: float) -> torch.Tensor:
     """q (B, nh, T, hs), k and v (B, n_kv, T, hs) as the flattened batch's sequences: (B, nh, T, hs)."""
     B, nh, T, hs = q.shape
     # varlen_attn is a custom op, which autocast does not cast: float32 q and k (RoPE with float32 cos) go to bf16
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+    dtype = _cuda_compute_dtype(v)
     shared = k.size(1) != nh
     if shared and not VARLEN_GQA:
         k, v = (t.repeat_interleave(nh // t.size(1), dim=1) for t in (k, v))  # (B, nh, T, hs)

@@ -21,8 +21,7 @@ from .. import kernels
 from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
-from .common import (ACTIVATIONS, KVCache, Varlen, attend, attention_bias, check_inputs, embedding,
-                     position_ids_from_mask, use_varlen)
+from .common import ACTIVATIONS, KVCache, attend, attention_masks, check_inputs, embedding, position_ids_from_mask
 
 
 @dataclass
@@ -172,10 +171,8 @@ class GPT2(CausalLM):
                             f"config.json (GPT-2 learned no more): feed at most {self.config.n_positions} tokens "
                             f"per row, cached ones included; got {past} cached + {T} new")
         x = self.transformer.wte(input_ids) + self.transformer.wpe(position_ids)  # (B, T, C)
-        if cache is None and use_varlen(x, cu_seqlens, self.config.attn_pdrop if self.training else 0.0):
-            mask = Varlen(cu_seqlens, T, None)  # no mask: the sequences' bounds
-        else:
-            mask = attention_bias(attention_mask, T, past, None, input_ids.device)  # None: plain causal
+        mask = attention_masks(x, attention_mask, cu_seqlens, T, past, {None},  # no sliding window
+                               self.config.attn_pdrop if self.training else 0.0, cache is not None)[None]
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward

@@ -30,8 +30,8 @@ from .. import kernels
 from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
-from .common import (ACTIVATIONS, KVCache, Varlen, attend, attention_bias, check_inputs, embedding,
-                     position_ids_from_mask, use_varlen, warn_past_trained_length)
+from .common import (ACTIVATIONS, KVCache, attend, attention_masks, check_inputs, embedding, position_ids_from_mask,
+                     warn_past_trained_length)
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -295,12 +295,8 @@ class Mistral(CausalLM):
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, T, past, input_ids.device)  # (B or 1, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        windows = {layer.window for layer in self.model.layers}  # one mask per sliding window in use
-        if cache is None and use_varlen(x, cu_seqlens, c.attention_dropout if self.training else 0.0):
-            masks = {window: Varlen(cu_seqlens, T, window) for window in windows}  # no mask: the bounds
-        else:
-            masks = {window: attention_bias(attention_mask, T, past, window, input_ids.device)  # None: plain causal
-                     for window in windows}
+        masks = attention_masks(x, attention_mask, cu_seqlens, T, past, {layer.window for layer in self.model.layers},
+                                c.attention_dropout if self.training else 0.0, cache is not None)  # per window
         cos, sin = rope_cos_sin(position_ids, c, x.dtype)  # (B, T, hs), once for all layers
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
