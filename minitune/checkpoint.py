@@ -43,7 +43,10 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +148,32 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
     `keep_last=K` then deletes all but the K highest-step complete checkpoints up to this one
     (checkpoints with a higher step, left by another run in the same folder, are not "older").
     Under torch.distributed every process calls this; it returns once the checkpoint is in place.
+    A Ctrl-C during the save takes effect once the checkpoint is complete, so it is the one to resume from.
     """
+    with _ctrl_c_after():
+        return _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, keep_last)
+
+
+@contextmanager
+def _ctrl_c_after():
+    """Hold SIGINT back until the block ends, then raise the KeyboardInterrupt it would have raised.
+
+    Cut short inside torch.save, Ctrl-C surfaces as the writer's RuntimeError, not as an interrupt."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not \
+            signal.default_int_handler:
+        yield  # signals reach only the main thread; a handler someone else installed stays theirs
+        return
+    pressed = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, keep_last) -> Path:
     if keep_last is not None and keep_last < 1:
         raise UserError(f"keep_last must be at least 1 (or None to keep every checkpoint), got {keep_last}")
     rank, world = _rank_and_world()

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -173,6 +174,27 @@ def test_killed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert all(torch.equal(v, weights[k]) for k, v in fresh.state_dict().items())
     save_checkpoint(tmp_path, 2, model, optimizer, scheduler)  # the next save clears what the killed one left
     assert not stale.exists() and latest_checkpoint(tmp_path).name == "step-2"
+
+
+def test_ctrl_c_during_a_save_stops_after_it_with_the_checkpoint_complete(tmp_path, monkeypatch):
+    """A real SIGINT inside torch.save: cut short there it surfaced as the zip writer's RuntimeError."""
+    model, optimizer, scheduler = new_run("mistral")
+    train_step(model, optimizer, scheduler)
+    real_save = ckpt._torch_save
+
+    def pressed_while_writing(obj, path):
+        if path.name == ckpt.OPTIMIZER_FILE:
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, path)
+
+    monkeypatch.setattr(ckpt, "_torch_save", pressed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before afterwards
+    fresh, optimizer2, scheduler2 = new_run("mistral", seed=1)
+    assert load_checkpoint(tmp_path / "checkpoints" / "step-1", fresh, optimizer2, scheduler2)["step"] == 1
+    assert_same_weights(model, fresh)
 
 
 def test_overwriting_a_step_always_leaves_a_valid_checkpoint(tmp_path, monkeypatch):
