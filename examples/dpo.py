@@ -6,6 +6,7 @@
     python examples/dpo.py --loss-type ipo --average-logps --beta 0.5  # IPO on per-token average log-probs
     python examples/dpo.py --model HuggingFaceH4/mistral-7b-sft-beta --data pairs.jsonl --lora-r 16 --max-length 1024
     torchrun --nproc_per_node=2 examples/dpo.py                       # data parallel (DDP), the same script
+    torchrun --nproc_per_node=8 examples/dpo.py --fsdp                # policy and reference sharded (FSDP2)
 
 The data: preference pairs ({"prompt", "chosen", "rejected"} as text or message lists, or Anthropic HH
 strings); text prompts go through the chat template as a user turn (--prompt-format chat), the form the
@@ -27,7 +28,6 @@ of about 0.5), while the NLL term makes the model say the chosen answers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
@@ -41,6 +41,7 @@ from tqdm import tqdm
 import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import save_checkpoint
+from minitune.distributed import even_share, shard_model, sync_gradients
 from minitune.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, preference_logps
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
@@ -58,6 +59,7 @@ from minitune.train import (
     ArgumentParser,
     MetricsLog,
     add_common_args,
+    add_distributed_args,
     add_lora_args,
     all_reduce_sum,
     apply_lora_args,
@@ -104,6 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
     p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm; 0: never")
     add_lora_args(p, quantize=True)  # --lora-r 0 (the default): full fine-tuning; --quantize nf4: QLoRA
+    add_distributed_args(p)  # --fsdp: under torchrun, policy and reference sharded over the processes
     # the DPO loss and its reference
     p.add_argument("--beta", type=positive_float, default=0.1, help="strength of the pull towards the reference")
     p.add_argument("--loss-type", default="sigmoid", choices=DPO_LOSS_TYPES)
@@ -183,8 +186,8 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
     sums = {}  # metric name -> its sum over this rank's pairs
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        # DDP all-reduces the gradients in the backward: only once, in the last micro-batch's
-        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+        # DDP all-reduces the gradients in the backward (FSDP reduce-scatters them): once, in the last micro-batch's
+        with sync_gradients(model, last):
             with amp():  # bf16 compute on CUDA, over float32 weights
                 ref_chosen, ref_rejected = reference.logps(batch, args.average_logps)  # (B,) each, no graph
                 chosen, rejected = preference_logps(model, batch, args.average_logps)  # one forward over 2B rows
@@ -192,7 +195,7 @@ def dpo_step(model, reference: Reference, batches: list[dict], optimizer, schedu
                 chosen, rejected, ref_chosen, ref_rejected, args.beta, args.loss_type, args.label_smoothing)
             nll = chosen_nll(chosen, answer_tokens(batch), args.average_logps)  # (B,): RPO's term
             loss = losses + args.rpo_alpha * nll  # (B,)
-            # DDP averages the gradients over the ranks, and n_pairs counts every rank's: scale back by world
+            # DDP and FSDP average the gradients over the ranks, and n_pairs counts every rank's: scale back by world
             (loss.sum() * (world / n_pairs)).backward()
         per_pair = {"loss": loss, "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                     "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
@@ -240,32 +243,33 @@ def greedy_answers(model, tok, judged: list[dict], args, max_new_tokens: int, am
 
 
 @torch.no_grad()
-def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: list[dict], sft_answers: list[str],
-             args, max_new_tokens: int, amp) -> dict:
+def validate(model, tok, val: list[dict], val_real: int, val_reference: torch.Tensor, judged: list[dict],
+             sft_answers: list[str], args, max_new_tokens: int, amp) -> dict:
     """On held-out pairs: val_loss (the training objective: the DPO loss, plus the RPO term when
     --rpo-alpha > 0), val_preference_accuracy (the share of pairs whose
     chosen answer gets the higher implicit reward β·log(π/π_ref); a tie counts one half, so the SFT model
     itself scores 0.5), and on the judged prompts val_win_rate (greedy answers against the SFT model's,
     by the records' rules; a tie counts one half) and val_rule_score (the share of answers that satisfy
-    their rule). Under torch.distributed `val` and `val_reference` are this rank's share of the pairs, and each
-    rank answers every W-th prompt; the sums are added up, so every rank returns the numbers of one process."""
+    their rule). Under torch.distributed `val` and `val_reference` are this rank's share of the pairs (its first
+    `val_real` real, the rest padding: see even_share), and each rank answers every W-th prompt; the sums are
+    added up, so every rank returns the numbers of one process."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     policy = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)  # (N, 2)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], val_reference[:, 0],
-                                                        val_reference[:, 1], args.beta, args.loss_type,
-                                                        args.label_smoothing)
+    policy, reference = policy[:val_real], val_reference[:val_real]  # the real pairs
+    losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
+                                                        args.beta, args.loss_type, args.label_smoothing)
     agreed = 0.0
-    if val:  # (a small validation set leaves some ranks without pairs)
-        losses = losses + args.rpo_alpha * chosen_nll(policy[:, 0], answer_tokens(D.collate_preferences(val, 0)),
-                                                      args.average_logps)
-        agreed = len(val) * mt.evaluate.preference_accuracy(chosen_rewards.tolist(), rejected_rewards.tolist())
-    mine = list(range(rank, len(judged), world))
+    if val_real:  # (a small validation set leaves some ranks without pairs)
+        chosen_tokens = answer_tokens(D.collate_preferences(val[:val_real], 0))
+        losses = losses + args.rpo_alpha * chosen_nll(policy[:, 0], chosen_tokens, args.average_logps)
+        agreed = val_real * mt.evaluate.preference_accuracy(chosen_rewards.tolist(), rejected_rewards.tolist())
+    mine, asked = even_share(range(len(judged)), rank, world)  # as many prompts on every rank, padded
     model.eval()
-    answers = greedy_answers(model, tok, [judged[i] for i in mine], args, max_new_tokens, amp)
+    answers = greedy_answers(model, tok, [judged[i] for i in mine], args, max_new_tokens, amp)[:asked]
     model.train()
-    scores = [mt.evaluate.rule_score(judged[i]["check"], a) for i, a in zip(mine, answers, strict=True)]
-    sft_scores = [mt.evaluate.rule_score(judged[i]["check"], sft_answers[i]) for i in mine]
+    scores = [mt.evaluate.rule_score(judged[i]["check"], a) for i, a in zip(mine, answers)]
+    sft_scores = [mt.evaluate.rule_score(judged[i]["check"], sft_answers[i]) for i in mine[:asked]]
     wins = mt.evaluate.win_rate(scores, sft_scores) * len(scores) if scores else 0.0
     total = all_reduce_sum({"loss": losses.sum(), "agreed": agreed, "pairs": len(losses), "wins": wins,
                             "hits": sum(scores), "asked": len(scores)}, device)
@@ -279,7 +283,7 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
 
 # Flags a resumed run may change (see finetune_mistral.py); --model may not: it is the reference.
 RESUMABLE = {"data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every", "keep_last",
-             "win_rate_samples", "grad_checkpointing", "compile"}
+             "win_rate_samples", "grad_checkpointing", "compile", "fsdp_offload"}
 REFERENCE_CACHE = "reference_logps.safetensors"  # --reference precomputed's log-probabilities, in --out
 LOSSES = ("loss", ("loss", "val_loss"), None)
 SHARES = ("share of held-out pairs / prompts", ("val_preference_accuracy", "val_win_rate", "rewards/accuracies"),
@@ -318,7 +322,7 @@ def main(argv=None) -> None:
 
     train, val, judged = load_pairs(args, tok)
     new_tokens = answer_length(train)
-    val = val[rank::world]  # this rank's held-out pairs, scored in the same batches before and during training
+    val, val_real = even_share(val, rank, world)  # this rank's held-out pairs, in the same batches before and during
     # Everything the reference gives, taken before training moves the policy:
     val_reference = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)
     sft_answers = greedy_answers(model, tok, judged, args, new_tokens, amp)
@@ -326,20 +330,25 @@ def main(argv=None) -> None:
         train = attach_logps(train, reference_logps_for(model, train, tok, args, out, amp))
     reference = Reference(args.reference, model)  # "copy" copies the weights now, before LoRA and training
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
-    if args.compile:
-        compile_blocks(model)  # each decoder block through torch.compile (the policy; with LoRA off, the reference)
 
     steps = total_steps(args, len(train), world)
+    if args.fsdp:  # each rank keeps 1/world of every weight, gradient and optimizer state
+        compute_dtype = torch.bfloat16 if args.dtype == "bfloat16" else None
+        shard_model(model, compute_dtype, offload=args.fsdp_offload)
+        if args.reference == "copy":
+            shard_model(reference.model, compute_dtype, offload=args.fsdp_offload)  # the frozen copy too
+    if args.compile:
+        compile_blocks(model)  # each decoder block through torch.compile (the policy; with LoRA off, the reference)
     optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
     raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    if world > 1 and not args.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(model)  # a whole copy on each rank
     run = run_settings(args, train, world, steps, RESUMABLE, start_weights)
     start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
-    evaluate = functools.partial(validate, raw_model, tok, val, val_reference, judged, sft_answers, args, new_tokens,
-                                 amp)
+    evaluate = functools.partial(validate, raw_model, tok, val, val_real, val_reference, judged, sft_answers, args,
+                                 new_tokens, amp)
 
     step = start
     try:
@@ -366,8 +375,8 @@ def main(argv=None) -> None:
                                 state={"run": run, "lr": args.lr, "metrics": log.records})
     except KeyboardInterrupt:
         raise interrupted(step, steps, out) from None
+    saved = save_final(raw_model, tok, out, args)  # every rank: a sharded model is gathered for rank 0 to write
     if rank == 0:
-        saved = save_final(raw_model, tok, out, args)
         chart = plot_training(log.records, out / "training.png",
                               title=f"DPO of {'/'.join(Path(args.model).parts[-2:])}", panels=(LOSSES, SHARES, REWARDS))
         finished(*saved, log.path, chart)

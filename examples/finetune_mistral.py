@@ -3,6 +3,7 @@
     python examples/finetune_mistral.py                                # bundled tiny-mistral, valley chats
     python examples/finetune_mistral.py --model mistralai/Mistral-7B-v0.1 --data chats.jsonl --max-length 2048
     torchrun --nproc_per_node=2 examples/finetune_mistral.py           # data parallel (DDP), the same script
+    torchrun --nproc_per_node=8 examples/finetune_mistral.py --fsdp    # the model sharded over the GPUs (FSDP2)
     python examples/finetune_mistral.py --resume auto                  # continue the run in --out
     python examples/finetune_mistral.py --lora-r 8 --lora-targets all-linear   # LoRA: <out>/adapter and a merged final
 
@@ -18,7 +19,6 @@ and the final model in the Hugging Face layout in <out>/final).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
@@ -32,6 +32,7 @@ from tqdm import tqdm
 import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import save_checkpoint
+from minitune.distributed import even_share, shard_model, sync_gradients
 from minitune.errors import UserError
 from minitune.losses import IGNORE_INDEX
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
@@ -41,6 +42,7 @@ from minitune.train import (
     ArgumentParser,
     MetricsLog,
     add_common_args,
+    add_distributed_args,
     add_lora_args,
     all_reduce_sum,
     apply_lora_args,
@@ -86,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW decay of weight matrices only")
     p.add_argument("--max-grad-norm", type=non_negative_float, default=1.0, help="clip the gradient norm; 0: never")
     add_lora_args(p, quantize=True)  # --lora-r 0 (the default): full fine-tuning; --quantize nf4: QLoRA
+    add_distributed_args(p)  # --fsdp: under torchrun, the model sharded over the processes
     # the data and validation
     p.add_argument("--val-data", default=str(HERE / "data" / "sft" / "validation.jsonl"),
                    help="held-out chats; empty: split --val-fraction off --data")
@@ -132,9 +135,12 @@ def question_and_answer(record: dict, where: str) -> tuple[str | list[dict], str
 def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: int, amp) -> dict:
     """val_loss (mean over the answer tokens), val_ppl, val_token_acc (argmax = target) and
     val_exact_match (greedy answers to `questions`). Under torch.distributed each rank takes every
-    W-th example and the sums are added up, so every rank returns the numbers of one process."""
+    W-th example and the sums are added up, so every rank returns the numbers of one process; every rank
+    runs as many batches (a sharded model needs all of them in each forward), the short ones padded."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    val, questions = val[rank::world], questions[rank::world]
+    val, real = even_share(val, rank, world)  # the rows past `real` are padding, counted nowhere
+    longest = max((len(tok.encode(answer)) for _, answer in questions), default=1)  # the same on every rank
+    questions, asked = even_share(questions, rank, world)
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(val), batch_size):
@@ -143,18 +149,18 @@ def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: in
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
         targets = mt.losses.shift_labels(batch["labels"])  # (B, T): the next token, -100 off the answers
         keep = targets != IGNORE_INDEX
+        keep[max(real - i, 0):] = False  # padding rows
         answer_logits, answer_targets = logits[keep].float(), targets[keep]  # (N, V), (N,): the answers only
         loss_sum += torch.nn.functional.cross_entropy(answer_logits, answer_targets, reduction="sum").item()
         correct += int((answer_logits.argmax(-1) == answer_targets).sum())
         count += int(keep.sum())
     answers = [answer for _, answer in questions]
-    longest = max((len(tok.encode(a)) for a in answers), default=1)
     with amp():
         replies = mt.evaluate.generate_answers(model, tok, [q for q, _ in questions], batch_size, longest + 8)
-    hits = sum(mt.evaluate.exact_match(reply, answer) for reply, answer in zip(replies, answers, strict=True))
+    hits = sum(mt.evaluate.exact_match(reply, answer) for reply, answer in zip(replies[:asked], answers[:asked]))
     model.train()
-    total = all_reduce_sum({"loss": loss_sum, "correct": correct, "targets": count, "hits": hits,
-                            "asked": len(questions)}, next(model.parameters()).device)
+    total = all_reduce_sum({"loss": loss_sum, "correct": correct, "targets": count, "hits": hits, "asked": asked},
+                           next(model.parameters()).device)
     val_loss = total["loss"] / max(total["targets"], 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
             "val_token_acc": total["correct"] / max(total["targets"], 1),
@@ -180,13 +186,13 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
     loss_sum = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        # DDP all-reduces the gradients in the backward: only once, in the last micro-batch's
-        with model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext():
+        # DDP all-reduces the gradients in the backward (FSDP reduce-scatters them): once, in the last micro-batch's
+        with sync_gradients(model, last):
             with amp():  # bf16 compute on CUDA, over float32 weights
                 loss = model(batch["input_ids"], attention_mask=batch["attention_mask"],
                              position_ids=batch.get("position_ids"), labels=batch["labels"], reduction="sum",
                              cu_seqlens=batch["cu_seqlens"])  # on a GPU: attention within bounds, no mask
-            # DDP averages the gradients over the ranks, and n_targets counts every rank's: scale back by world
+            # DDP and FSDP average the gradients over the ranks, and n_targets counts every rank's: scale back by world
             (loss * (world / n_targets)).backward()
         loss_sum += loss.detach()
     loss = all_reduce_sum({"loss": loss_sum}, device)["loss"] / n_targets
@@ -205,7 +211,7 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
 # Flags a resumed run may change: they alter neither the data a step sees nor the update it makes
 # (--lr excepted, which is rescaled on purpose). The data's paths may change: its content is compared.
 RESUMABLE = {"model", "data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every",
-             "keep_last", "exact_match_samples", "grad_checkpointing", "compile"}
+             "keep_last", "exact_match_samples", "grad_checkpointing", "compile", "fsdp_offload"}
 
 
 def main(argv=None) -> None:
@@ -220,8 +226,6 @@ def main(argv=None) -> None:
     start_weights = fingerprint(model, [], False)  # a resumed run must start from the same weights
     model.gradient_checkpointing = args.grad_checkpointing
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
-    if args.compile:
-        compile_blocks(model)  # each decoder block through torch.compile
     amp = functools.partial(autocast, device, args.dtype)
 
     train, val, questions = load_examples(args, tok)
@@ -229,11 +233,16 @@ def main(argv=None) -> None:
         print(f"packing: {len(train)} rows of at most {args.max_length} tokens, "
               f"{D.packing_efficiency(train, args.max_length):.1%} of their slots filled", file=sys.stderr)
     steps = total_steps(args, len(train), world)
-    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    if args.fsdp:  # each rank keeps 1/world of every weight, gradient and optimizer state
+        shard_model(model, compute_dtype=torch.bfloat16 if args.dtype == "bfloat16" else None,
+                    offload=args.fsdp_offload)
+    if args.compile:
+        compile_blocks(model)  # each decoder block through torch.compile
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)  # over the shards under FSDP
     scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
     raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+    if world > 1 and not args.fsdp:
+        model = torch.nn.parallel.DistributedDataParallel(model)  # a whole copy on each rank
 
     run = run_settings(args, train, world, steps, RESUMABLE, start_weights)
     start, history = resume(args, out, model, optimizer, scheduler, run)
@@ -263,8 +272,8 @@ def main(argv=None) -> None:
                                 state={"run": run, "lr": args.lr, "metrics": log.records})
     except KeyboardInterrupt:
         raise interrupted(step, steps, out) from None
+    saved = save_final(raw_model, tok, out, args)  # every rank: a sharded model is gathered for rank 0 to write
     if rank == 0:
-        saved = save_final(raw_model, tok, out, args)
         chart = plot_training(log.records, out / "training.png", title=f"SFT of {Path(args.model).name}")
         finished(*saved, log.path, chart)
     del model  # DDP's reducer first: the process group freed from inside it can hang at exit (pytorch#56297)

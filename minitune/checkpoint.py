@@ -32,6 +32,11 @@ writes its own RNG file, and barriers keep them in step (a rank that fails leave
 one until torchrun stops them). Every process reads the shared files on load, so the folder must be on
 a file system that all of them see.
 
+A model sharded with FSDP2 (`minitune.distributed.shard_model`) is saved sharded instead: `sharded/`, a
+torch.distributed.checkpoint folder in which every process writes its own shards of the weights and the
+optimizer state (`__<rank>_0.distcp`, and `.metadata`), nothing gathered. It resumes on the same number of
+processes (torch.distributed.checkpoint can also reshard it onto another number).
+
 Nothing here unpickles code: tensors come from safetensors, everything else from
 `torch.load(..., weights_only=True)` or JSON.
 """
@@ -62,6 +67,8 @@ from .hub import mismatch, save_safetensors
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+NF4_STATE = ".quant_state.bitsandbytes__nf4"  # a 4-bit weight's JSON state, in its state dict
+SHARDED_DIR = "sharded"  # an FSDP2 model's weights and optimizer state, each process's shards in its own files
 SCHEDULER_FILE = "scheduler.pt"
 TRAINER_STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -183,8 +190,10 @@ def _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, keep_las
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_checkpoint: `state` must be JSON-serialisable: {e}") from None
     rng = rng_state()  # first: nothing below should be able to move a stream before it is recorded
-    weights = _state_dict_api().get_model_state_dict(model, options=_full())  # collective under FSDP
-    optim = _optimizer_state_dict(model, optimizer)        # collective under FSDP
+    sharded = _is_sharded(model)
+    if not sharded:
+        weights = _state_dict_api().get_model_state_dict(model, options=_full())  # whole tensors, on rank 0
+        optim = _optimizer_state_dict(model, optimizer, _full())
 
     root = Path(out_dir) / "checkpoints"
     tmp = root / f".tmp-step-{step}"  # the same name on every rank, so all of them write into it
@@ -193,9 +202,12 @@ def _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, keep_las
         tmp.mkdir(parents=True)
     _barrier()
     _torch_save(rng, tmp / _rng_file(rank, world))
+    if sharded:  # collective: each process writes its shards
+        _save_sharded(model, optimizer, tmp / SHARDED_DIR)
     if rank == 0:
-        _save_weights(weights, _aliases(model), tmp / MODEL_FILE)
-        _torch_save(optim, tmp / OPTIMIZER_FILE)
+        if not sharded:
+            _save_weights(weights, _aliases(model), tmp / MODEL_FILE)
+            _torch_save(optim, tmp / OPTIMIZER_FILE)
         if scheduler is not None:
             _torch_save(scheduler.state_dict(), tmp / SCHEDULER_FILE)
     _barrier()  # every rank's RNG file is in before the marker says the checkpoint is complete
@@ -270,8 +282,46 @@ def _save_weights(weights: dict[str, torch.Tensor], aliases: dict[str, str], pat
     _fsync(path)
 
 
-def _optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's full state dict, keyed by parameter name.
+def _is_sharded(model: nn.Module) -> bool:
+    from .distributed import is_sharded
+    return is_sharded(model)
+
+
+def _save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """torch.distributed.checkpoint.save of the sharded weights and optimizer state (no optimizer state before
+    the first step; see _optimizer_state_dict): every process writes its own file, rank 0 the metadata."""
+    import torch.distributed.checkpoint as dcp
+    state = {"model": _sharded_model_state(model)}
+    optim = _optimizer_state_dict(model, optimizer, _state_dict_api().StateDictOptions())
+    if optim["state"]:
+        state["optimizer"] = optim
+    dcp.save(state, checkpoint_id=folder)
+    for path in [*folder.iterdir(), folder]:
+        if _rank_wrote(path):
+            _fsync(path)
+
+
+def _sharded_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict of shards, each 4-bit weight's `offset` in place of its JSON state (which is made from
+    the offset, and whose length varies with it)."""
+    from .quant import NF4Weight
+    state = {k: v for k, v in _state_dict_api().get_model_state_dict(model).items() if not k.endswith(NF4_STATE)}
+    state.update({f"{name}.offset": m.offset for name, m in model.named_modules()
+                  if isinstance(m, NF4Weight) and m.offset is not None})
+    return state
+
+
+def _rank_wrote(path: Path) -> bool:
+    """Whether this process wrote `path` of a sharded checkpoint (its own shard file; rank 0 the metadata and the
+    folder), so that each file is synced by the process that wrote it."""
+    rank, _ = _rank_and_world()
+    shard = re.match(r"^__(\d+)_\d+\.distcp$", path.name)
+    return int(shard.group(1)) == rank if shard else rank == 0
+
+
+def _optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, options) -> dict:
+    """The optimizer's state dict (whole tensors or this process's shards, as `options` say), keyed by parameter
+    name.
 
     get_optimizer_state_dict initialises the state of an optimizer that has not stepped yet by taking a
     step with zero gradients and lr 0, which leaves AdamW with step=1 and zero moments. Its first real
@@ -279,7 +329,7 @@ def _optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     saved. That state is undone here, and saved as what it is: none.
     """
     fresh = not optimizer.state
-    optim = _state_dict_api().get_optimizer_state_dict(model, optimizer, options=_full())
+    optim = _state_dict_api().get_optimizer_state_dict(model, optimizer, options=options)
     if fresh:
         optimizer.state.clear()
         if optim:  # ranks other than 0 get {}
@@ -334,9 +384,12 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     """
     path = Path(path)
     trainer_state = _read_trainer_state(path / TRAINER_STATE_FILE)
-    _load_weights(path / MODEL_FILE, model)
-    if optimizer is not None:
-        _load_optimizer(path / OPTIMIZER_FILE, model, optimizer)
+    if (path / SHARDED_DIR).is_dir():
+        _load_sharded(path / SHARDED_DIR, model, optimizer)
+    else:
+        _load_weights(path / MODEL_FILE, model)
+        if optimizer is not None:
+            _load_optimizer(path / OPTIMIZER_FILE, model, optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(_torch_load(path / SCHEDULER_FILE))
     if restore_rng:
@@ -411,6 +464,36 @@ def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         for p, name in zip(group["params"], saved_group["params"], strict=True):
             if name not in saved["state"]:
                 optimizer.state.pop(p, None)
+
+
+def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """torch.distributed.checkpoint.load into the model's (and optimizer's) own state dicts: each process reads the
+    shards it holds. A checkpoint saved before the first step holds no optimizer state: the optimizer starts
+    from none, as that run's did."""
+    import torch.distributed.checkpoint as dcp
+    api = _state_dict_api()
+    try:
+        saved = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    except Exception as e:  # a missing or damaged .metadata
+        raise UserError(f"{folder}: not a readable torch.distributed.checkpoint folder ({type(e).__name__}: {e})") \
+            from None
+    state = {"model": _sharded_model_state(model)}  # the model's own shards: dcp.load reads into them
+    stored = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    problems = [f"missing tensor {k!r}" for k in state["model"] if k not in stored]
+    problems += [f"unexpected tensor {k!r}" for k in sorted(stored - state["model"].keys())]
+    if problems:
+        raise mismatch(str(folder), model, problems)
+    with_optimizer = optimizer is not None and any(k.startswith("optimizer.") for k in saved)
+    if with_optimizer:
+        betas = [{k: v for k, v in group.items() if isinstance(v, tuple)} for group in optimizer.param_groups]
+        state["optimizer"] = api.get_optimizer_state_dict(model, optimizer)
+    dcp.load(state, checkpoint_id=folder)
+    if with_optimizer:
+        api.set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        for group, tuples in zip(optimizer.param_groups, betas, strict=True):
+            group.update(tuples)  # saved as lists; AdamW's betas are a tuple
+    elif optimizer is not None:
+        optimizer.state.clear()
 
 
 def _torch_load(path: Path):

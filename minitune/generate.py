@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from .distributed import all_ranks, is_sharded
 from .errors import UserError, is_int, is_number
 from .models.base import CausalLM
 from .models.common import warn_past_trained_length
@@ -136,7 +137,8 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temp
     A row stops at its first EOS (any of `eos_token_id`); later positions of that row hold
     `pad_token_id` (default: the first EOS id), and decoding ends early once every row has
     stopped. Pass `attention_mask` for left-padded batches; pass a seeded `generator` for
-    repeatable sampling.
+    repeatable sampling. A model sharded with FSDP2 decodes until every rank's rows have stopped
+    (each rank must call generate as many times, with the same max_new_tokens).
     """
     _check_args(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, pad_token_id)
     _check_ids(model, input_ids)
@@ -156,6 +158,7 @@ def generate(model: CausalLM, input_ids: torch.Tensor, max_new_tokens: int, temp
 
 
 def _decode(model, tokens, mask, max_new_tokens, eos, pad, pick):
+    lockstep = is_sharded(model)  # FSDP2: every rank must run every forward, so all stop together
     cache = model.make_cache(tokens.size(0), tokens.size(1) + max_new_tokens)
     step_input = tokens  # the whole prompt first (prefill), then one token per row
     done = torch.zeros(tokens.size(0), dtype=torch.bool, device=tokens.device)
@@ -166,7 +169,7 @@ def _decode(model, tokens, mask, max_new_tokens, eos, pad, pick):
         tokens = torch.cat([tokens, next_ids[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(next_ids)[:, None]], dim=1)
         done = done | torch.isin(next_ids, eos)
-        if bool(done.all()):
+        if all_ranks(bool(done.all()), tokens.device) if lockstep else bool(done.all()):
             break
         step_input = next_ids[:, None]
     return tokens

@@ -116,7 +116,7 @@ class NF4Weight(nn.Module):
         self._set("quant_map", nf4_code(device))  # (16,)
         self._set("nested_absmax", nested_absmax)  # (ceil(blocks / 256),) float32
         self._set("nested_quant_map", dynamic_code(device) if double else None)  # (256,)
-        self._set("offset", offset.float().reshape(()) if double else None)  # () float32
+        self._set("offset", offset.float().reshape(1) if double else None)  # (1,) float32: FSDP shards no scalar
 
     def _set(self, name: str, value: torch.Tensor | None) -> None:
         self.register_parameter(name, None if value is None else nn.Parameter(value, requires_grad=False))
@@ -150,7 +150,7 @@ class NF4Weight(nn.Module):
                  "shape": list(self.shape)}
         if self.double_quant:
             state.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
-                          "nested_offset": 0.0 if self.offset.is_meta else self.offset.item()})  # meta: no value yet
+                          "nested_offset": 0.0 if self.offset.is_meta else _whole(self.offset).item()})  # meta: no value yet
         return state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -222,6 +222,11 @@ def pass_bytes_down(layer: nn.Module, state_dict: dict, prefix: str) -> None:
     to "<layer>.weight.codes", where the NF4Weight finds them."""
     if isinstance(layer.weight, NF4Weight) and prefix + "weight" in state_dict:
         state_dict[prefix + "weight.codes"] = state_dict.pop(prefix + "weight")
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A tensor FSDP2 has sharded, gathered whole (every rank must call this); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -82,6 +82,16 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, o
     return parser
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--fsdp and --fsdp-offload: under torchrun, FSDP2 instead of DDP (minitune.distributed.shard_model)."""
+    p = parser.add_argument
+    p("--fsdp", action="store_true",
+      help="under torchrun: shard the weights, gradients and optimizer state over the processes (FSDP2) instead "
+           "of a whole copy on each (DDP)")
+    p("--fsdp-offload", action="store_true", help="with --fsdp: keep the shards and the optimizer step on the CPU")
+    return parser
+
+
 def compile_blocks(model: torch.nn.Module) -> None:
     """--compile: each decoder block through torch.compile, in place. Regional compilation: the blocks share one
     compiled graph (their parameters are its inputs), compiled in seconds where the whole model takes minutes;
@@ -162,8 +172,13 @@ def apply_lora_args(model: torch.nn.Module, args: argparse.Namespace) -> bool:
 def save_final(model: torch.nn.Module, tok, out: Path, args: argparse.Namespace) -> list[Path]:
     """The run's result: <out>/final (HF layout, with the tokenizer) and, when the model has LoRA layers,
     <out>/adapter (PEFT's format) beside it; the full model is then the merged one, or absent with
-    --lora-final none. Returns the folders written."""
+    --lora-final none. Returns the folders written. Under torch.distributed every process calls it and the
+    first writes (a sharded model is gathered to its CPU first, a tensor at a time); the others return []."""
     from . import lora
+    from .distributed import consolidated
+    model = consolidated(model)  # FSDP2: rank 0 gets the whole model on its CPU, the others None
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return []
     saved = []
     if any(True for _ in lora.lora_layers(model)):
         lora.save_adapter(model, out / "adapter", base_model_name_or_path=args.model)
@@ -193,6 +208,11 @@ def parse_common_args(parser: argparse.ArgumentParser, argv: Iterable[str] | Non
         if (path := getattr(args, flag, None)) and not Path(path).is_file():
             what = "is a folder, not a JSONL file" if Path(path).is_dir() else "no such file"
             parser.error(f"--{flag.replace('_', '-')} {path}: {what}")
+    if getattr(args, "fsdp_offload", False) and not args.fsdp:
+        parser.error("--fsdp-offload offloads FSDP's shards: add --fsdp")
+    if getattr(args, "fsdp", False) and "RANK" not in os.environ:
+        parser.error("--fsdp shards the model over torchrun's processes: run the script under torchrun "
+                     "(torchrun --nproc_per_node=N, N=1 on one GPU)")
     if args.overwrite and args.resume:
         parser.error("--overwrite starts the run again and --resume continues it: pass one of them")
     if getattr(args, "quantize", None) and not getattr(args, "lora_r", 0):

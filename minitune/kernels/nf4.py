@@ -6,7 +6,7 @@ A weight of n values is stored as bitsandbytes stores it (minitune/quant.py make
     absmax   (ceil(n / bs),)            each block of bs (64) values' absolute maximum: float32, or with
                                         double quantization uint8 indices into the 8-bit dynamic code,
     nested_absmax (ceil(blocks / 256),) float32: one scale per 256 block maxima,
-    offset   ()                         float32: the mean of the block maxima, taken out before their quantization
+    offset   (1,)                       float32: the mean of the block maxima, taken out before their quantization
 
     absmax[b] = nested_code[absmax_q[b]] * nested_absmax[b // 256] + offset     (float32, double quantization)
     w[i]      = (nf4_code[code[i]] * absmax[i // bs]).to(dtype)                 (the product in float32)
