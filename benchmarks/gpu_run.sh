@@ -26,6 +26,9 @@
 # minitune against transformers (+ PEFT, + bitsandbytes) and transformers + Liger (its wheel carried): scale-1b
 # (packed-mistral-1b, full fine-tuning, 8 x 2048) and scale-7b (packed-lora- and packed-qlora-mistral-7b, 2 x 4096,
 # checkpointing; the 7B checkpoint in /tmp/minitune-bench-train, written by the first). Output: scale-1b/, scale-7b/.
+# `bash benchmarks/gpu_run.sh fsdp` (at most 4 minutes): fsdp-qlora-7b, bench_fsdp.py --qlora under torchrun with one
+# process: the QLoRA step of issue 19 (Mistral-7B shape, random weights made on the GPU) plain, then sharded with
+# FSDP2 over a world of one: the same losses, tokens/s and peak of each. Output: fsdp/bench_fsdp_qlora.{json,md}.
 set -u
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/out}"
@@ -38,6 +41,7 @@ steps=" ${*:-tests kernels train sft dpo} "
 steps=${steps/ qlora / qlora-tests nf4 qlora-7b lora-7b }  # the QLoRA set
 steps=${steps/ speed / speed-tests speed-kernels packing }  # issue 20: tests, kernels, packing
 steps=${steps/ scale / scale-1b scale-7b }  # issue 20: the packed steps at scale
+steps=${steps/ fsdp / fsdp-qlora-7b }  # issue 21: FSDP2 on one GPU
 
 step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit; print its exit status and time
   local name=$1 limit=$2
@@ -87,6 +91,8 @@ install_wheel() {  # install_wheel WHEEL: pip without dependencies or index, els
     --mem-steps 1 --timeout 150 --out "$out/scale-1b"
   step scale-7b 380 python3 benchmarks/bench_train.py --configs packed-lora-mistral-7b,packed-qlora-mistral-7b \
     --work "$work" --steps 5 --warmup 1 --mem-warmup 1 --mem-steps 1 --timeout 170 --out "$out/scale-7b"
+  step fsdp-qlora-7b 240 python3 -m torch.distributed.run --standalone --nproc_per_node=1 benchmarks/bench_fsdp.py \
+    --qlora --device cuda --out "$out/fsdp"
 
   step qlora-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py
   step nf4 90 python3 benchmarks/bench_kernels.py --kernels nf4_dequantize --out "$out/nf4"
