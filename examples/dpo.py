@@ -243,16 +243,17 @@ def greedy_answers(model, tok, judged: list[dict], args, max_new_tokens: int, am
 
 
 @torch.no_grad()
-def validate(model, tok, val: list[dict], val_real: int, val_reference: torch.Tensor, judged: list[dict],
-             sft_answers: list[str], args, max_new_tokens: int, amp) -> dict:
+def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: list[dict], sft_answers: list[str],
+             args, max_new_tokens: int, amp, val_real: int | None = None) -> dict:
     """On held-out pairs: val_loss (the training objective: the DPO loss, plus the RPO term when
     --rpo-alpha > 0), val_preference_accuracy (the share of pairs whose
     chosen answer gets the higher implicit reward β·log(π/π_ref); a tie counts one half, so the SFT model
     itself scores 0.5), and on the judged prompts val_win_rate (greedy answers against the SFT model's,
     by the records' rules; a tie counts one half) and val_rule_score (the share of answers that satisfy
     their rule). Under torch.distributed `val` and `val_reference` are this rank's share of the pairs (its first
-    `val_real` real, the rest padding: see even_share), and each rank answers every W-th prompt; the sums are
-    added up, so every rank returns the numbers of one process."""
+    `val_real` real, the rest padding: see even_share; default all), and each rank answers every W-th prompt; the
+    sums are added up, so every rank returns the numbers of one process."""
+    val_real = len(val) if val_real is None else val_real
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
     policy = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)  # (N, 2)
@@ -347,8 +348,8 @@ def main(argv=None) -> None:
     run = run_settings(args, train, world, steps, RESUMABLE, start_weights)
     start, history = resume(args, out, model, optimizer, scheduler, run)
     log = MetricsLog(out / "metrics.jsonl", history, enabled=rank == 0, echo=True)
-    evaluate = functools.partial(validate, raw_model, tok, val, val_real, val_reference, judged, sft_answers, args,
-                                 new_tokens, amp)
+    evaluate = functools.partial(validate, raw_model, tok, val, val_reference, judged, sft_answers, args, new_tokens,
+                                 amp, val_real)
 
     step = start
     try:
