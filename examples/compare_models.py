@@ -19,26 +19,34 @@ The two runs are made first when their folders are absent. Every model answers t
 Questions go through each tokenizer's chat template when every model has one (--prompt-format auto), else
 as "Question: ...\\nAnswer:" text for all (a base model such as Mistral-7B-v0.1 has no template); greedy
 text answers end at the first line break. Every number has a 95% percentile-bootstrap interval over the
-items (over the text's windows for perplexity, a block bootstrap).
+items (over the text's windows for perplexity, a block bootstrap). Every pair of models is then compared
+on the items both answered: the difference with its 95% paired-bootstrap interval (both models' scores of
+an item drawn together) and, for right/wrong metrics, McNemar's exact p-value; "A ahead of B" is said only
+where the paired interval excludes 0.
 
 The pipeline (best of n): the sampler draws --n answers to each preference prompt, the scorer keeps the one
 it rates highest, by its log-likelihood or by DPO's implicit reward beta * log(pi_scorer / pi_reference), and
 the kept answers are judged by the pairs' rules, against each model answering alone. --pipeline SAMPLER
 SCORER [REFERENCE]; by default the SFT model samples and tiny-zephyr scores, with the SFT model as reference.
 
-Output in --out: comparison.md, comparison.csv, results.json, comparison.png (the shares, every model) and one
-PNG per task, pipeline.md.
+Output in --out: comparison.md (the values, then the paired differences and verdicts), comparison.csv,
+results.json, items.jsonl (every model's score of every item: each number above can be recomputed from it),
+comparison.png (the shares, every model), one PNG per task, comparison_paired.png (the paired differences of
+the shares), pipeline.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -184,34 +192,91 @@ def preference(model, tok, args) -> dict[str, list[float]]:
             "rule_score": [E.rule_score(r["check"], a) for r, a in zip(records, answers, strict=True)]}
 
 
-def language(model, tok, args) -> dict[str, tuple]:
+def language(model, tok, args) -> dict[str, "Scores"]:
     """Perplexity per token, and bits per byte of the text (the same NLL over UTF-8 bytes rather than tokens),
-    which models with different tokenizers share; the intervals from a block bootstrap over the windows."""
+    which models with different tokenizers share; both from the windows' summed NLL and token counts (their
+    intervals from a block bootstrap over the windows)."""
     texts = head(D.read_texts(args.text), args)
     result = E.strided_perplexity(model, D.token_stream(tok, texts), args.max_length, args.stride, args.batch_size,
                                   desc="windows")
-    _, low, high = E.bootstrap_ci(result["window_nll"], weights=result["window_tokens"], resamples=args.resamples,
-                                  seed=args.seed)
     per_byte = result["tokens"] / (math.log(2) * sum(len(t.encode()) for t in texts))  # nats/token -> bits/byte
-    return {"ppl": (result["ppl"], math.exp(low), math.exp(high), result["windows"]),
-            "bits_per_byte": (result["nll"] * per_byte, low * per_byte, high * per_byte, result["windows"])}
+    windows = {"values": result["window_nll"], "weights": result["window_tokens"]}
+    return {"ppl": Scores(**windows, transform=torch.exp),
+            "bits_per_byte": Scores(**windows, transform=lambda nll: nll * per_byte)}
+
+
+@dataclass
+class Scores:
+    """One metric's per-item scores for one model. Its value is their mean, or sum(values) / sum(weights) put
+    through `transform` (perplexity: exp of the NLL per token, from each window's summed NLL and tokens)."""
+    values: list[float]
+    weights: list[float] | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def summary(self, args) -> tuple[float, float, float, int]:
+        """(value, low, high, items): the 95% bootstrap interval over the items, through the (monotone) transform."""
+        value, low, high = E.bootstrap_ci(self.values, resamples=args.resamples, seed=args.seed, weights=self.weights)
+        f = self.transform or (lambda t: t)
+        return (*(f(torch.tensor(v, dtype=torch.float64)).item() for v in (value, low, high)), len(self.values))
 
 
 TASKS = {"instruction": instruction, "knowledge": knowledge, "preference": preference, "language": language}
 LOWER_IS_BETTER = {"language/ppl", "language/bits_per_byte"}
-OUTPUTS = ("results.json", "comparison*.md", "comparison*.csv", "comparison*.png", "pipeline.md", "pipeline.jsonl")
+OUTPUTS = ("results.json", "comparison*.md", "comparison*.csv", "comparison*.png", "items.jsonl", "pipeline.md",
+           "pipeline.jsonl")
 
 
-def evaluate_model(name: str, args) -> dict[str, tuple]:
-    """{"task/metric": (value, low, high, items)} for one model."""
+def evaluate_model(name: str, args) -> dict[str, Scores]:
+    """{"task/metric": its per-item Scores} for one model."""
     tok = mt.load_tokenizer(name)
     model = mt.load_model(name, dtype=args.dtype, device=args.device).eval()
-    results = {}
+    scores = {}
     for task, run in tqdm(TASKS.items(), desc=plot.model_label(name), file=sys.stderr):
         for metric, values in run(model, tok, args).items():
-            results[f"{task}/{metric}"] = values if isinstance(values, tuple) else \
-                (*E.bootstrap_ci(values, resamples=args.resamples, seed=args.seed), len(values))
-    return results
+            scores[f"{task}/{metric}"] = values if isinstance(values, Scores) else Scores(values)
+    return scores
+
+
+# ---------------------------------------------------------------- pairs of models, item by item
+
+
+def paired(scores: dict[str, dict[str, Scores]], labels: dict[str, str], args) -> list[dict]:
+    """Each later model A against each earlier model B, metric by metric, on the items both scored: A - B with its
+    95% paired-bootstrap interval, McNemar's test where every score is right or wrong, and the verdict. Windows
+    of text cut by different tokenizers are not the same items: those rows say so and give no verdict."""
+    rows = []
+    for b, a in itertools.combinations(scores, 2):
+        for metric, ours in scores[a].items():
+            theirs = scores[b][metric]
+            row = {"a": a, "b": b, "metric": metric}
+            if len(ours.values) != len(theirs.values) or ours.weights != theirs.weights:
+                rows.append({**row, "difference": None, "verdict": "not paired: their tokenizers cut different windows"})
+                continue
+            difference, low, high = E.paired_bootstrap_ci(ours.values, theirs.values, resamples=args.resamples,
+                                                          seed=args.seed, weights=ours.weights, transform=ours.transform)
+            test = E.mcnemar(ours.values, theirs.values) if E.is_right_or_wrong(ours.values, theirs.values) else None
+            rows.append({**row, "difference": difference, "low": low, "high": high, "mcnemar": test,
+                         "verdict": verdict(labels[a], labels[b], low, high, metric in LOWER_IS_BETTER)})
+    return rows
+
+
+def verdict(a: str, b: str, low: float, high: float, lower_is_better: bool = False) -> str:
+    """"A ahead of B" when the paired interval of A - B lies wholly on A's better side of 0, "B ahead of A" when on
+    B's, else no difference shown (an interval that touches 0 included)."""
+    if low > 0 or high < 0:
+        a_better = (high < 0) if lower_is_better else (low > 0)
+        return f"{a} ahead of {b}" if a_better else f"{b} ahead of {a}"
+    return "no difference shown"
+
+
+def write_items(scores: dict[str, dict[str, Scores]], labels: dict[str, str], path: Path) -> None:
+    """items.jsonl: one line per model, metric and item, its score (and weight: a window's tokens)."""
+    with open(path, "w") as f:
+        for name, metrics in scores.items():
+            for metric, s in metrics.items():
+                for i, value in enumerate(s.values):
+                    f.write(json.dumps({"model": name, "label": labels[name], "metric": metric, "item": i,
+                                        "value": value, **({"weight": s.weights[i]} if s.weights else {})}) + "\n")
 
 
 # ---------------------------------------------------------------- best of n: one model samples, another scores
@@ -307,6 +372,25 @@ def collapsed(values: list[tuple]) -> str:
             f"seen.{bound}\n")
 
 
+def paired_table(rows: list[dict], labels: dict[str, str]) -> str:
+    def test(row: dict) -> str:
+        m = row.get("mcnemar")
+        return f"{m['p_value']:.3g} ({m['only_a']} / {m['only_b']})" if m else "—"
+
+    lines = ["| A − B | task | metric | difference [95% paired interval] | McNemar p (only A / only B right) | verdict |",
+             "|---|---|---|---:|---:|---|"]
+    for row in rows:
+        task, name = row["metric"].split("/")
+        arrow = " (lower is better)" if row["metric"] in LOWER_IS_BETTER else ""
+        difference = "—" if row["difference"] is None else cell((row["difference"], row["low"], row["high"]))
+        lines.append(f"| {labels[row['a']]} − {labels[row['b']]} | {task} | {name}{arrow} | {difference} | "
+                     f"{test(row)} | {row['verdict']} |")
+    return ("Each pair on the items both models answered: the difference A − B with its 95% paired-bootstrap "
+            "interval (an item's two scores drawn together) and, for right/wrong metrics, McNemar's exact "
+            "two-sided p-value over the items they disagree on. A verdict is given where the paired interval "
+            "excludes 0.\n\n" + "\n".join(lines) + "\n")
+
+
 def pipeline_table(pipeline: dict[str, tuple], args, labels: dict[str, str]) -> str:
     names = [labels.get(m, plot.model_label(m)) for m in args.pipeline]
     who = f"sampler {names[0]}, scorer {names[1]}" + (f", reference {names[2]}" if len(names) == 3 else "")
@@ -326,15 +410,25 @@ def write_csv(results: dict[str, dict], labels: dict[str, str], path: Path) -> N
                 writer.writerow([name, labels[name], *metric.split("/"), items, value, low, high])
 
 
-def charts(results: dict[str, dict], labels: dict[str, str], out: Path) -> list[Path]:
-    """comparison.png: every share, every model; comparison_<task>.png: one task's metrics."""
+def charts(results: dict[str, dict], labels: dict[str, str], rows: list[dict], out: Path) -> list[Path]:
+    """comparison.png: every share, every model; comparison_<task>.png: one task's metrics; comparison_paired.png:
+    the shares' paired differences, a group per metric and a bar per pair."""
     named = {labels[name]: r for name, r in results.items()}
     metrics = list(next(iter(results.values())))
+    shares = [m for m in metrics if m not in LOWER_IS_BETTER]
     paths = [plot.plot_comparison(named, out / "comparison.png", "the same protocol for every model (95% intervals)",
-                                  [m for m in metrics if m not in LOWER_IS_BETTER])]
+                                  shares)]
     for task in dict.fromkeys(m.split("/")[0] for m in metrics):
         paths.append(plot.plot_comparison(named, out / f"comparison_{task}.png", task,
                                           [m for m in metrics if m.startswith(task + "/")]))
+    differences: dict[str, dict] = {}
+    for row in rows:
+        if row["metric"] in shares and row["difference"] is not None:
+            pair = f"{labels[row['a']]} − {labels[row['b']]}"
+            differences.setdefault(pair, {})[row["metric"]] = (row["difference"], row["low"], row["high"])
+    if differences:
+        paths.append(plot.plot_comparison(differences, out / "comparison_paired.png",
+                                          "paired differences A − B (95% paired intervals)", shares, baseline=0.0))
     return [p for p in paths if p]
 
 
@@ -360,21 +454,25 @@ def main(argv=None) -> dict:
     for tok, name in zip(toks, args.models, strict=True):
         check_format(tok, name, args.fmt)
     labels = labels_for(args.models, args.default)
-    results = {name: evaluate_model(name, args) for name in args.models}
+    scores = {name: evaluate_model(name, args) for name in args.models}
+    results = {name: {metric: s.summary(args) for metric, s in metrics.items()} for name, metrics in scores.items()}
+    rows = paired(scores, labels, args)
     pipeline = best_of_n(args, out) if args.pipeline != ["none"] else {}
-    (out / "results.json").write_text(json.dumps({"prompt_format": args.fmt, "models": results,
+    (out / "results.json").write_text(json.dumps({"prompt_format": args.fmt, "models": results, "paired": rows,
                                                   "labels": labels, "pipeline": pipeline}, indent=1))
+    write_items(scores, labels, out / "items.jsonl")
     write_csv(results, labels, out / "comparison.csv")
     text = (f"Models: {', '.join(f'{labels[m]} (`{m}`)' for m in args.models)}; prompts: {args.fmt}. Value "
-            f"[95% bootstrap interval, {args.resamples} resamples].\n\n{table(results, labels)}")
+            f"[95% bootstrap interval, {args.resamples} resamples].\n\n{table(results, labels)}\n"
+            f"{paired_table(rows, labels)}")
     (out / "comparison.md").write_text(text)
-    charts(results, labels, out)
+    charts(results, labels, rows, out)
     if pipeline:
         (out / "pipeline.md").write_text(pipeline_table(pipeline, args, labels))
         text += "\n" + pipeline_table(pipeline, args, labels)
     print(text)
     print(f"({time.perf_counter() - start:.0f} s; written to {out})")
-    return {"results": results, "pipeline": pipeline, "labels": labels, "format": args.fmt}
+    return {"results": results, "paired": rows, "pipeline": pipeline, "labels": labels, "format": args.fmt}
 
 
 if __name__ == "__main__":

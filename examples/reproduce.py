@@ -161,17 +161,25 @@ def dpo_section(runs: Path, report: Path, extra: list[str]) -> str:
             + "---:|" * len(rows) + f"\n{by_rule}\n\n![DPO: preference agreement and win rate over steps](dpo.png)\n")
 
 
-def verdicts(results: dict, one: str, other: str, lower_is_better: set[str]) -> list[str]:
-    """Model `one` against `other` on every metric: ahead or behind when the two 95% intervals do not overlap
-    (a conservative test), else overlapping."""
+def verdicts(results: dict, one: str, other: str) -> list[str]:
+    """Model `one` against `other` on every metric, from compare_models.py's paired rows: the difference on the
+    same items with its 95% paired-bootstrap interval (and McNemar's p for right/wrong metrics); ahead or behind
+    when the interval excludes 0."""
     lines = []
-    for metric, (value, low, high, _) in results["models"][one].items():
-        theirs = results["models"][other][metric]
-        better, worse = (high < theirs[1], low > theirs[2]) if metric in lower_is_better else \
-            (low > theirs[2], high < theirs[1])
-        verdict = "**ahead**" if better else "**behind**" if worse else "the intervals overlap"
-        lines.append(f"- {metric}: {value:.3f} [{low:.3f}, {high:.3f}] against {theirs[0]:.3f} "
-                     f"[{theirs[1]:.3f}, {theirs[2]:.3f}]: {verdict}")
+    for row in results["paired"]:
+        if (row["a"], row["b"]) != (one, other):
+            continue
+        if row["difference"] is None:
+            lines.append(f"- {row['metric']}: {row['verdict']}")
+            continue
+        lower = row["metric"] in compare_models.LOWER_IS_BETTER
+        better = row["high"] < 0 if lower else row["low"] > 0
+        worse = row["low"] > 0 if lower else row["high"] < 0
+        test = f", McNemar p = {row['mcnemar']['p_value']:.3g}" if row.get("mcnemar") else ""
+        verdict = "**ahead**" if better else "**behind**" if worse else "no difference shown"
+        lines.append(f"- {row['metric']}: {results['models'][one][row['metric']][0]:.3f} against "
+                     f"{results['models'][other][row['metric']][0]:.3f}, a difference of {row['difference']:+.3f} "
+                     f"[{row['low']:+.3f}, {row['high']:+.3f}]{test}: {verdict}")
     return lines
 
 
@@ -184,15 +192,18 @@ def comparison_section(runs: Path, report: Path, extra: list[str]) -> str:
             shutil.copy(png, report / png.name)
     results = json.loads((runs / "compare" / "results.json").read_text())
     base, _, zephyr = results["models"]  # the default order: tiny-mistral, its SFT model, tiny-zephyr
-    against = "\n".join(verdicts(results, zephyr, base, compare_models.LOWER_IS_BETTER))
-    tasks = sorted(p.stem.removeprefix("comparison_") for p in report.glob("comparison_*.png"))
+    against = "\n".join(verdicts(results, zephyr, base))
+    tasks = sorted(p.stem.removeprefix("comparison_") for p in report.glob("comparison_*.png")
+                   if p.stem != "comparison_paired")
     return (f"## Comparison: tiny-mistral, its SFT model and tiny-zephyr on one protocol\n\n`{compare}` "
             f"({compare_s:.0f} s here). tiny-zephyr is the SFT model after DPO (the default run above), as Zephyr "
             f"is Mistral after SFT and DPO. Every model answers the same held-out items the same way "
             f"({results['prompt_format']} prompts); each number has a 95% percentile-bootstrap interval over the "
             "items.\n\n"
             f"{(runs / 'compare' / 'comparison.md').read_text()}\n"
-            f"tiny-zephyr against tiny-mistral:\n\n{against}\n\n![every share](comparison.png)\n\n"
+            f"tiny-zephyr against tiny-mistral, item by item (the paired difference with its 95% paired-bootstrap "
+            f"interval; McNemar's exact p for right/wrong metrics):\n\n{against}\n\n![every share](comparison.png) "
+            "![the paired differences](comparison_paired.png)\n\n"
             + " ".join(f"![{t}](comparison_{t}.png)" for t in tasks) + "\n\n"
             f"### The pipeline: one model samples, another picks\n\n{(runs / 'compare' / 'pipeline.md').read_text()}"
             f"\n### Choosing a recipe by cross-validation\n\n`{search}` ({search_s:.0f} s here): "

@@ -304,20 +304,77 @@ def bootstrap_ci(values: Sequence[float], confidence: float = 0.95, resamples: i
     the ratio sum(values) / sum(weights) (e.g. summed NLL per window over tokens per window: the NLL per
     token), each resample drawing whole items. Every resampled statistic lies between the items' extremes,
     and the interval holds the estimate except in a pathologically skewed sample."""
+    x, w = _scores(values, weights, "bootstrap_ci")
+    return _percentile_interval(lambda picks: x[picks].sum(-1) / w[picks].sum(-1), len(x), confidence, resamples,
+                                seed)
+
+
+def paired_bootstrap_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, resamples: int = 1000,
+                        seed: int = 0, weights: Sequence[float] | None = None,
+                        transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[float, float, float]:
+    """(difference, low, high): model A's statistic minus model B's over the same items, with the paired
+    percentile-bootstrap interval: each resample draws items with both models' scores of them, so what the
+    two share (an item hard for both) cancels, and the interval is that of the difference itself. The
+    statistic is the mean, or with `weights` (the same for both: the same items) sum(values) / sum(weights),
+    then `transform` (e.g. torch.exp for a perplexity from the NLL per token). An interval that excludes 0
+    says A and B differ at 1 - confidence."""
+    x, w = _scores(a, weights, "paired_bootstrap_ci")
+    y, _ = _scores(b, weights, "paired_bootstrap_ci")
+    if x.shape != y.shape:
+        raise ValueError(f"paired_bootstrap_ci: {len(x)} and {len(y)} scores; pairing needs the same items")
+    f = transform or (lambda t: t)
+
+    def difference(picks: torch.Tensor) -> torch.Tensor:
+        return f(x[picks].sum(-1) / w[picks].sum(-1)) - f(y[picks].sum(-1) / w[picks].sum(-1))
+
+    return _percentile_interval(difference, len(x), confidence, resamples, seed)
+
+
+def _scores(values: Sequence[float], weights: Sequence[float] | None, who: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item scores and their weights (1 each by default) as float64 tensors, checked."""
     if not values:
-        raise ValueError("bootstrap_ci needs at least one value")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence={confidence}: expected a fraction in (0, 1)")
+        raise ValueError(f"{who} needs at least one value")
     x = torch.tensor([float(v) for v in values], dtype=torch.float64)
     w = torch.ones_like(x) if weights is None else torch.tensor([float(v) for v in weights], dtype=torch.float64)
     if w.shape != x.shape or (w <= 0).any():
         raise ValueError(f"weights: expected {len(x)} positive numbers, one per value")
+    return x, w
+
+
+def _percentile_interval(statistic: Callable[[torch.Tensor], torch.Tensor], n: int, confidence: float,
+                         resamples: int, seed: int) -> tuple[float, float, float]:
+    """(statistic of all n items, and the middle `confidence` of it over `resamples` seeded resamples of them)."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence}: expected a fraction in (0, 1)")
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(x), (resamples, len(x)), generator=generator)  # (R, N)
-    stats = x[picks].sum(dim=1) / w[picks].sum(dim=1)  # (R,)
+    picks = torch.randint(n, (resamples, n), generator=generator)  # (R, N): item indices, with replacement
+    stats = statistic(picks)  # (R,)
     tail = (1 - confidence) / 2
     low, high = torch.quantile(stats, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return (x.sum() / w.sum()).item(), low, high
+    return statistic(torch.arange(n)).item(), low, high
+
+
+def mcnemar(a: Sequence[float], b: Sequence[float]) -> dict:
+    """McNemar's test of two models' right (1) or wrong (0) answers to the same items. Only the items on which
+    they disagree count: `only_a` (A right, B wrong) and `only_b`. Without a difference between the models
+    each disagreement goes either way with probability 1/2, so the exact two-sided p-value is
+    2 P(X <= min(only_a, only_b)) for X ~ Binomial(only_a + only_b, 1/2), at most 1 (1 without disagreements);
+    `statistic` is the chi-square form (only_a - only_b)^2 / (only_a + only_b), 1 degree of freedom."""
+    if len(a) != len(b):
+        raise ValueError(f"mcnemar: {len(a)} and {len(b)} answers; pairing needs the same items")
+    if any(v not in (0, 1) for v in (*a, *b)):
+        raise ValueError("mcnemar: scores must be 0 or 1 (right or wrong)")
+    only_a = sum(1 for x, y in zip(a, b) if x > y)
+    only_b = sum(1 for x, y in zip(a, b) if y > x)
+    n = only_a + only_b
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1))  # exact integers
+    return {"only_a": only_a, "only_b": only_b, "statistic": (only_a - only_b) ** 2 / n if n else 0.0,
+            "p_value": min(1.0, 2 * tail / 2 ** n)}
+
+
+def is_right_or_wrong(*scores: Sequence[float]) -> bool:
+    """Whether every score is 0 or 1: an accuracy-type metric, which McNemar's test compares."""
+    return all(v in (0, 1) for values in scores for v in values)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -469,9 +526,13 @@ def sample_candidates(model, tok, prompt: str | list[dict], n: int, max_new_toke
 
 
 def encode_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-evaluation-harness splits them: the whole text is encoded once and
-    cut after as many tokens as the context alone encodes to, so the continuation's tokens are those of the
-    whole text (a tokenizer may merge "\n" + "Paris" differently from "Paris" alone)."""
+    """(context ids, continuation ids) as lm-evaluation-harness splits them (`TemplateLM._encode_pair`): whitespace
+    at the end of the context first moves to the front of the continuation ("Answer: " + "19" is scored as
+    "Answer:" + " 19", since a BPE tokenizer makes the space part of the next word's token); then the whole text is
+    encoded once and cut after as many tokens as the context alone encodes to, so the continuation's tokens are
+    those of the whole text (a tokenizer may merge "\n" + "Paris" differently from "Paris" alone)."""
+    stripped = context.rstrip()
+    context, continuation = stripped, context[len(stripped):] + continuation
     whole = tok.encode(context + continuation)
     n = len(tok.encode(context))
     return whole[:n], whole[n:]

@@ -48,8 +48,9 @@ def plot_training(metrics: Sequence[dict], path: str | Path, title: str = "",
 
 
 def plot_comparison(results: dict[str, dict[str, tuple[float, float, float]]], path: str | Path, title: str = "",
-                    metrics: Sequence[str] | None = None) -> Path | None:
-    """A grouped bar chart: one group per metric, one bar per model, each with its interval as an error bar.
+                    metrics: Sequence[str] | None = None, baseline: float | None = None) -> Path | None:
+    """A grouped bar chart: one group per metric, one bar per model (or pair of models: their differences), each
+    with its interval as an error bar, and a line at `baseline` (0 for differences) when given.
     results: {model: {metric: (value, low, high)}}. Returns the PNG's path, or None without matplotlib."""
     if not have_matplotlib():
         return None
@@ -64,6 +65,8 @@ def plot_comparison(results: dict[str, dict[str, tuple[float, float, float]]], p
                   [max(results[model][m][2] - v, 0) for v, m in zip(values, metrics, strict=True)]]  # may miss v
         xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(metrics))]
         ax.bar(xs, values, width, yerr=errors, capsize=3, label=model_label(model))
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linewidth=0.8)
     ax.set_xticks(range(len(metrics)), metrics, rotation=20, ha="right")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()

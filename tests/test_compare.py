@@ -181,3 +181,60 @@ def test_llama_and_qwen3_models_compare_on_the_same_protocol(tmp_path):
                            "--device", "cpu", "--out", str(tmp_path / "out")])
     assert result["format"] == "chat" and set(result["results"]) == set(models)
     assert all(0 <= v[0] <= 1 for m in models for k, v in result["results"][m].items() if "exact_match" in k)
+
+
+def test_verdicts_come_from_the_paired_interval():
+    verdict = example_module("compare_models.py").verdict
+    assert verdict("A", "B", 0.01, 0.2) == "A ahead of B"
+    assert verdict("A", "B", -0.3, -0.05) == "B ahead of A"
+    assert verdict("A", "B", -0.1, 0.2) == "no difference shown"
+    assert verdict("A", "B", 0.0, 0.2) == "no difference shown"  # an interval that touches 0 shows nothing
+    assert verdict("A", "B", -5.0, -1.0, lower_is_better=True) == "A ahead of B"  # a perplexity fell
+    assert verdict("A", "B", 1.0, 5.0, lower_is_better=True) == "B ahead of A"
+
+
+def test_two_models_are_compared_item_by_item(tmp_path):
+    """A model against its own copy: every paired difference is 0 with an interval of zero width, McNemar's test
+    finds no disagreement (p = 1), no verdict; items.jsonl holds every score behind the table."""
+    twin = tmp_path / "twin"
+    shutil.copytree(TINY, twin)
+    compare = example_module("compare_models.py")
+    result = compare.main(["--models", TINY, str(twin), "--pipeline", "none", "--limit", "5", "--resamples", "100",
+                           "--device", "cpu", "--out", str(tmp_path / "out")])
+    rows = result["paired"]
+    assert len(rows) == 7 and {(r["a"], r["b"]) for r in rows} == {(str(twin), TINY)}
+    for row in rows:
+        assert (row["difference"], row["low"], row["high"]) == (0.0, 0.0, 0.0), row
+        assert row["verdict"] == "no difference shown"
+    tests = {r["metric"]: r["mcnemar"] for r in rows}
+    assert tests["instruction/exact_match"] == {"only_a": 0, "only_b": 0, "statistic": 0.0, "p_value": 1.0}
+    assert tests["language/ppl"] is None  # not right or wrong: no McNemar
+    ties = tests["preference/prefers_chosen"]  # a tie counts one half: right or wrong only without ties
+    assert ties is None or ties["p_value"] == 1.0
+    report = (tmp_path / "out" / "comparison.md").read_text()
+    assert "| twin − tiny-mistral | knowledge | acc | 0.000 [0.000, 0.000] | 1 (0 / 0) | no difference shown |" in report
+    items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    for name in (TINY, str(twin)):
+        for metric, (value, *_rest, n) in result["results"][name].items():
+            mine = [i for i in items if i["model"] == name and i["metric"] == metric]
+            assert len(mine) == n, metric
+            if "weight" not in mine[0]:  # a mean; perplexity is exp(sum / sum) of the windows
+                assert value == pytest.approx(sum(i["value"] for i in mine) / n), metric
+    nll = [i for i in items if i["model"] == TINY and i["metric"] == "language/ppl"]
+    assert result["results"][TINY]["language/ppl"][0] == pytest.approx(
+        math.exp(sum(i["value"] for i in nll) / sum(i["weight"] for i in nll)))
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "out" / "comparison_paired.png").stat().st_size > 5_000
+
+
+def test_a_pair_of_models_with_other_tokenizers_is_not_paired_on_the_texts_windows(tmp_path):
+    """tiny-gpt2 and tiny-mistral cut the text into different windows: no paired perplexity, but every item-level
+    metric is paired."""
+    gpt2 = str(ROOT / "examples" / "assets" / "tiny-gpt2")
+    compare = example_module("compare_models.py")
+    result = compare.main(["--models", TINY, gpt2, "--pipeline", "none", "--limit", "3", "--resamples", "50",
+                           "--prompt-format", "text", "--device", "cpu", "--out", str(tmp_path / "out")])
+    by_metric = {r["metric"]: r for r in result["paired"]}
+    for metric in ("language/ppl", "language/bits_per_byte"):
+        assert by_metric[metric]["difference"] is None and by_metric[metric]["verdict"].startswith("not paired")
+    assert by_metric["knowledge/acc"]["difference"] is not None

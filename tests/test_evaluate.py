@@ -134,7 +134,8 @@ def test_answer_tokens_are_the_templates_assistant_turn():
     chat = [{"role": "user", "content": "Where does Teo live?"}]
     context, ids = mt.evaluate.answer_tokens(tok, chat, "Stonebridge")
     answered = tok.encode(tok.apply_chat_template([*chat, {"role": "assistant", "content": "Stonebridge"}]))
-    assert context == tok.encode(mt.evaluate.prompt_text(tok, chat)) and context + ids == answered
+    opening = mt.evaluate.prompt_text(tok, chat)  # "...<|assistant|>\n": its newline goes with the answer (lm-eval)
+    assert opening.endswith("\n") and context == tok.encode(opening.rstrip()) and context + ids == answered
     assert ids[-2:] == [tok.eos_token_id, tok.encode("\n", add_special_tokens=False)[-1]]  # the turn's end
     context, ids = mt.evaluate.answer_tokens(tok, "Q: x\nA:", " Stonebridge")
     assert context + ids == tok.encode("Q: x\nA: Stonebridge") + [tok.eos_token_id]
@@ -288,3 +289,104 @@ def test_best_of_n_keeps_the_argmax_of_the_scorer():
     assert mt.evaluate.best_of(["a", "b", "c"], [0.1, 0.7, 0.7]) == "b"
     with pytest.raises(ValueError, match="2 candidates and 1 scores"):
         mt.evaluate.best_of(["a", "b"], [1.0])
+
+
+# ---------------------------------------------------------------- lm-evaluation-harness's split, paired statistics
+
+
+def test_encode_pair_moves_the_contexts_trailing_whitespace_into_the_continuation():
+    """lm-evaluation-harness's rule on the bundled tokenizer (byte-level BPE: a space belongs to the next word's
+    token). Cut after "Answer: " itself, "kettle kettle kettle" kept two of its three tokens and "19" none."""
+    tok = mt.load_tokenizer(TINY)
+    context = "Question: Where?\nAnswer: "
+    ctx, cont = mt.evaluate.encode_pair(tok, context, "kettle kettle kettle")
+    assert ctx == tok.encode("Question: Where?\nAnswer:") and [tok.decode([t]) for t in cont] == [" kettle"] * 3
+    for context, continuation, expected in (("Answer: ", "19", [" 19"]), ("Answer:", " 19", [" 19"]),
+                                            ("Answer:  ", "19", [" ", " 19"]), ("Answer:\n", "19", ["\n", "19"]),
+                                            ("Answer:", "19", ["19"])):
+        ctx, cont = mt.evaluate.encode_pair(tok, context, continuation)
+        assert ctx == tok.encode("Answer:"), repr(context)
+        assert [tok.decode([t]) for t in cont] == expected, (context, continuation)
+        assert ctx + cont == tok.encode(context + continuation)
+
+
+def test_encode_pair_on_the_real_gpt2_and_mistral_tokenizers(fixtures_dir):
+    """Token ids pinned by hand: GPT-2 "Answer" 33706, ":" 25, " 19" 678, "19" 1129, " " 220, "\\n" 198; Mistral (BOS
+    1) "▁Answer" 26307, ":" 28747, "▁" 28705, "1" 28740, "9" 28774, "▁▁" 259, "\\n" 13."""
+    gpt2 = mt.load_tokenizer(fixtures_dir / "gpt2")
+    mistral = mt.load_tokenizer(fixtures_dir / "mistral-7b-v0.1")
+    cases = {  # (context, continuation): (GPT-2's split, Mistral's split)
+        ("Answer: ", "19"): (([33706, 25], [678]), ([1, 26307, 28747], [28705, 28740, 28774])),
+        ("Answer:", " 19"): (([33706, 25], [678]), ([1, 26307, 28747], [28705, 28740, 28774])),
+        ("Answer:  ", "19"): (([33706, 25], [220, 678]), ([1, 26307, 28747], [259, 28740, 28774])),
+        ("Answer:\n", "19"): (([33706, 25], [198, 1129]), ([1, 26307, 28747], [13, 28740, 28774])),
+        ("Answer:", "19"): (([33706, 25], [1129]), ([1, 26307, 28747], [28740, 28774])),
+    }
+    for (context, continuation), (for_gpt2, for_mistral) in cases.items():
+        assert mt.evaluate.encode_pair(gpt2, context, continuation) == for_gpt2, (context, continuation)
+        assert mt.evaluate.encode_pair(mistral, context, continuation) == for_mistral, (context, continuation)
+
+
+def test_real_hellaswag_and_arc_records_give_lm_evals_contexts_and_continuations(tmp_path, fixtures_dir):
+    """HellaSwag's first validation record and an ARC-Easy record as the hub ships them: the context lm-eval builds
+    (HellaSwag: "activity_label: ctx_a Ctx_b", cleaned; ARC: "Question: ...\\nAnswer:"), and each choice scored as
+    " " + choice, its tokens those of the whole text."""
+    import json
+    hellaswag = {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+                 "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": "3",
+                 "source_id": "activitynet~v_-JhWjGDPHMY",
+                 "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                             "is holding a rubik's cube.", "starts pulling up roofing on a roof."]}
+    arc = {"id": "Mercury_7220990", "answerKey": "B",
+           "question": "Which factor will most likely cause a person to develop a fever?",
+           "choices": {"text": ["a leg muscle relaxing after exercise", "a bacterial population in the bloodstream",
+                                "several viral particles on the skin", "carbohydrates being digested in the stomach"],
+                       "label": ["A", "B", "C", "D"]}}
+    path = tmp_path / "mc.jsonl"
+    path.write_text(json.dumps(hellaswag) + "\n" + json.dumps(arc) + "\n")
+    h, a = mt.evaluate.read_multiple_choice(path)
+    assert h["context"] == "Roof shingle removal: A man is sitting on a roof. He" and h["answer"] == 3
+    assert h["choices"] == hellaswag["endings"]
+    assert a["context"] == "Question: Which factor will most likely cause a person to develop a fever?\nAnswer:"
+    assert a["choices"] == arc["choices"]["text"] and a["answer"] == 1
+    gpt2 = mt.load_tokenizer(fixtures_dir / "gpt2")
+    for record in (h, a):
+        for choice in record["choices"]:
+            ctx, cont = mt.evaluate.encode_pair(gpt2, record["context"], " " + choice)
+            assert gpt2.decode(ctx) == record["context"] and gpt2.decode(cont) == " " + choice
+            assert ctx + cont == gpt2.encode(record["context"] + " " + choice)
+    ctx, cont = mt.evaluate.encode_pair(gpt2, h["context"], " " + h["choices"][3])
+    assert [gpt2.decode([t]) for t in cont] == [" starts", " pulling", " up", " roof", "ing", " on", " a", " roof", "."]
+
+
+def test_paired_bootstrap_by_hand():
+    """Five items, A's and B's scores differing by (1, 0, 0, 1, 0): the difference is 0.4. Both bootstraps draw the
+    same items (one seed); the paired interval is that of the per-item differences' mean, which an unpaired
+    comparison of the two intervals cannot see: here every item B gets right A gets right too."""
+    a, b = [1, 1, 0, 1, 0], [0, 1, 0, 0, 0]
+    difference, low, high = mt.evaluate.paired_bootstrap_ci(a, b, seed=3)
+    assert difference == pytest.approx(0.4)
+    assert (difference, low, high) == pytest.approx(bootstrap_ci([1, 0, 0, 1, 0], seed=3))
+    assert low >= 0  # no resample can make B ahead: A is never worse on an item
+    # weights and a transform: two windows' summed NLL over their tokens, through exp (a perplexity)
+    difference, low, high = mt.evaluate.paired_bootstrap_ci([4.0, 2.0], [2.0, 2.0], weights=[2, 2], transform=torch.exp)
+    assert difference == pytest.approx(math.exp(6 / 4) - math.exp(4 / 4))
+    assert math.exp(1.0) - math.exp(1.0) <= low <= high <= math.exp(2.0) - math.exp(1.0)  # all from (4,4), (2,2) or (4,2)
+    assert mt.evaluate.paired_bootstrap_ci([0.5] * 4, [0.5] * 4) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="pairing needs the same items"):
+        mt.evaluate.paired_bootstrap_ci([1, 0], [1, 0, 1])
+
+
+def test_mcnemar_against_hand_worked_values():
+    # 180 disagreements, 121 of them won by A: chi-square (121 - 59)^2 / 180 = 3844 / 180 = 21.36
+    test = mt.evaluate.mcnemar([1] * 121 + [0] * 59 + [1] * 40, [0] * 121 + [1] * 59 + [1] * 40)
+    assert (test["only_a"], test["only_b"]) == (121, 59) and test["statistic"] == pytest.approx(21.3556, abs=1e-4)
+    assert test["p_value"] < 1e-5
+    # 10 disagreements, 2 won by A: p = 2 (C(10,0) + C(10,1) + C(10,2)) / 2^10 = 2 * 56 / 1024
+    test = mt.evaluate.mcnemar([1, 1] + [0] * 8 + [1] * 5, [0, 0] + [1] * 8 + [1] * 5)
+    assert test == {"only_a": 2, "only_b": 8, "statistic": 3.6, "p_value": 0.109375}
+    assert mt.evaluate.mcnemar([1, 0, 1], [1, 0, 1]) == {"only_a": 0, "only_b": 0, "statistic": 0.0, "p_value": 1.0}
+    assert mt.evaluate.mcnemar([1] * 5, [0] * 5)["p_value"] == 2 / 32  # the most extreme split of 5
+    with pytest.raises(ValueError, match="0 or 1"):
+        mt.evaluate.mcnemar([0.5], [1])
+    assert mt.evaluate.is_right_or_wrong([0, 1.0], [1]) and not mt.evaluate.is_right_or_wrong([0.5], [1])

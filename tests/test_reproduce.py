@@ -80,7 +80,7 @@ def test_transfer_section_names_each_technique_and_its_cost_quality_and_forgetti
 def test_comparison_section_puts_tiny_zephyr_ahead_on_the_instructions(report):
     runs, text = report
     assert "## Comparison" in text and "compare_models.py --out" in text
-    assert re.search(r"- instruction/exact_match: [\d.]+ \[[\d., ]+\] against 0\.000 \[0\.000, 0\.000\]: \*\*ahead\*\*",
-                     text), text
+    assert re.search(r"- instruction/exact_match: [\d.]+ against 0\.000, a difference of \+[\d.]+ \[\+[\d.]+, "
+                     r"\+[\d.]+\], McNemar p = [\d.e-]+: \*\*ahead\*\*", text), text
     assert "### The pipeline" in text and "### Choosing a recipe by cross-validation" in text
     assert (runs / "compare" / "pipeline.jsonl").is_file() and (runs / "cv" / "search.json").is_file()
