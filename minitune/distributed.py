@@ -130,6 +130,9 @@ def consolidated(model: nn.Module) -> nn.Module | None:
     back as it is."""
     if not is_sharded(model):
         return model
+    if model not in _SKELETONS:
+        raise UserError(f"consolidated: this {type(model).__name__} was sharded by fully_shard itself; shard it with "
+                        "minitune.distributed.shard_model, which keeps the structure to rebuild it from")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:

@@ -122,7 +122,11 @@ def test_the_consolidated_model_is_the_unsharded_one(group, kind):
     assert all(torch.equal(got[k], expected[k]) for k in expected)
     with torch.no_grad():
         assert torch.equal(whole(x), logits)
-    assert consolidated(tiny()) is not None  # an unsharded model comes back as it is
+    plain = tiny()
+    assert consolidated(plain) is plain  # an unsharded model comes back as it is
+    from torch.distributed.fsdp import fully_shard
+    with pytest.raises(UserError, match="shard it with minitune.distributed.shard_model"):
+        consolidated(fully_shard(tiny()))
 
 
 def test_mixed_precision_casts_only_all_float32_weights(group):
