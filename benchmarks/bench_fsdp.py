@@ -220,18 +220,22 @@ def main() -> None:
     lines = [f"Full fine-tuning of a {params / 1e6:.0f}M-parameter Mistral ({CONFIG['num_hidden_layers']} blocks of "
              f"{CONFIG['hidden_size']}), global batch {args.batch} x {args.seq_len}, {args.device}; "
              f"{environment_line(env)}", "",
-             "| processes | sharded state per process | x of 1 process | 1/W | peak per process | x of 1 process | step |",
+             "| processes | sharded state per process | x of 1 process | 1/W | peak per process | x of 1 process "
+             "| step |",
              "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['world']} | {r['state_bytes'] / 2**20:.0f} MiB | {r['state_bytes'] / first['state_bytes']:.3f} | "
+        lines.append(f"| {r['world']} | {r['state_bytes'] / 2**20:.0f} MiB | "
+                     f"{r['state_bytes'] / first['state_bytes']:.3f} | "
                      f"{first['world'] / r['world']:.3f} | {r['peak_bytes'] / 2**20:.0f} MiB | "
                      f"{r['peak_bytes'] / first['peak_bytes']:.3f} | {r['step_s']:.2f} s |")
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_fsdp.json").write_text(json.dumps({"environment": env, "parameters": params, "config": CONFIG, "args": {
-            k: v for k, v in vars(args).items() if k != "out"}, "results": results}, indent=2, default=str) + "\n")
+        settings = {k: v for k, v in vars(args).items() if k != "out"}
+        (args.out / "bench_fsdp.json").write_text(json.dumps({"environment": env, "parameters": params, "config": CONFIG,
+                                                              "args": settings, "results": results},
+                                                             indent=2, default=str) + "\n")
         (args.out / "bench_fsdp.md").write_text(report)
 
 

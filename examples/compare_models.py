@@ -250,10 +250,12 @@ def paired(scores: dict[str, dict[str, Scores]], labels: dict[str, str], args) -
             theirs = scores[b][metric]
             row = {"a": a, "b": b, "metric": metric}
             if len(ours.values) != len(theirs.values) or ours.weights != theirs.weights:
-                rows.append({**row, "difference": None, "verdict": "not paired: their tokenizers cut different windows"})
+                rows.append({**row, "difference": None,
+                             "verdict": "not paired: their tokenizers cut different windows"})
                 continue
             difference, low, high = E.paired_bootstrap_ci(ours.values, theirs.values, resamples=args.resamples,
-                                                          seed=args.seed, weights=ours.weights, transform=ours.transform)
+                                                          seed=args.seed, weights=ours.weights,
+                                                          transform=ours.transform)
             test = E.mcnemar(ours.values, theirs.values) if E.is_right_or_wrong(ours.values, theirs.values) else None
             rows.append({**row, "difference": difference, "low": low, "high": high, "mcnemar": test,
                          "verdict": verdict(labels[a], labels[b], low, high, metric in LOWER_IS_BETTER)})
@@ -377,8 +379,8 @@ def paired_table(rows: list[dict], labels: dict[str, str]) -> str:
         m = row.get("mcnemar")
         return f"{m['p_value']:.3g} ({m['only_a']} / {m['only_b']})" if m else "—"
 
-    lines = ["| A − B | task | metric | difference [95% paired interval] | McNemar p (only A / only B right) | verdict |",
-             "|---|---|---|---:|---:|---|"]
+    lines = ["| A − B | task | metric | difference [95% paired interval] | McNemar p (only A / only B right) "
+             "| verdict |", "|---|---|---|---:|---:|---|"]
     for row in rows:
         task, name = row["metric"].split("/")
         arrow = " (lower is better)" if row["metric"] in LOWER_IS_BETTER else ""

@@ -41,7 +41,7 @@ from tqdm import tqdm
 import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import save_checkpoint
-from minitune.distributed import even_share, shard_model, sync_gradients
+from minitune.distributed import even_share, model_device, shard_model, sync_gradients
 from minitune.losses import DPO_LOSS_TYPES, IGNORE_INDEX, dpo_loss, preference_logps
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
 from minitune.plot import plot_training
@@ -255,7 +255,7 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
     sums are added up, so every rank returns the numbers of one process."""
     val_real = len(val) if val_real is None else val_real
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = next(model.parameters()).device
+    device = model_device(model)
     policy = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)  # (N, 2)
     policy, reference = policy[:val_real], val_reference[:val_real]  # the real pairs
     losses, chosen_rewards, rejected_rewards = dpo_loss(policy[:, 0], policy[:, 1], reference[:, 0], reference[:, 1],
@@ -269,7 +269,7 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
     model.eval()
     answers = greedy_answers(model, tok, [judged[i] for i in mine], args, max_new_tokens, amp)[:asked]
     model.train()
-    scores = [mt.evaluate.rule_score(judged[i]["check"], a) for i, a in zip(mine, answers)]
+    scores = [mt.evaluate.rule_score(judged[i]["check"], a) for i, a in zip(mine[:asked], answers, strict=True)]
     sft_scores = [mt.evaluate.rule_score(judged[i]["check"], sft_answers[i]) for i in mine[:asked]]
     wins = mt.evaluate.win_rate(scores, sft_scores) * len(scores) if scores else 0.0
     total = all_reduce_sum({"loss": losses.sum(), "agreed": agreed, "pairs": len(losses), "wins": wins,
@@ -308,7 +308,7 @@ def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp) 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, cpu_collectives=args.fsdp_offload)  # offload: gloo too
     out = check_out(args)  # a finished run needs --resume auto or --overwrite (the fingerprinted cache may stay)
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 import minitune as mt
 from minitune import data as D
 from minitune.checkpoint import save_checkpoint
-from minitune.distributed import even_share, shard_model, sync_gradients
+from minitune.distributed import even_share, model_device, shard_model, sync_gradients
 from minitune.errors import UserError
 from minitune.losses import IGNORE_INDEX
 from minitune.optim import SCHEDULES, make_optimizer, make_scheduler
@@ -144,7 +144,7 @@ def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: in
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(val), batch_size):
-        batch = to_device(D.collate(val[i:i + batch_size], D.pad_id(tok)), next(model.parameters()).device)
+        batch = to_device(D.collate(val[i:i + batch_size], D.pad_id(tok)), model_device(model))
         with amp():
             logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])  # (B, T, V)
         targets = mt.losses.shift_labels(batch["labels"])  # (B, T): the next token, -100 off the answers
@@ -160,7 +160,7 @@ def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: in
     hits = sum(mt.evaluate.exact_match(reply, answer) for reply, answer in zip(replies[:asked], answers[:asked]))
     model.train()
     total = all_reduce_sum({"loss": loss_sum, "correct": correct, "targets": count, "hits": hits, "asked": asked},
-                           next(model.parameters()).device)
+                           model_device(model))
     val_loss = total["loss"] / max(total["targets"], 1)
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)),
             "val_token_acc": total["correct"] / max(total["targets"], 1),
@@ -216,7 +216,7 @@ RESUMABLE = {"model", "data", "val_data", "out", "resume", "lr", "device", "dtyp
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
+    rank, world, device = init_distributed(args.device, cpu_collectives=args.fsdp_offload)  # offload: gloo too
     out = check_out(args)  # a folder holding a finished run needs --resume auto or --overwrite
     torch.manual_seed(args.seed)
     tok = mt.load_tokenizer(args.model)

@@ -34,8 +34,9 @@ a file system that all of them see.
 
 A model sharded with FSDP2 (`minitune.distributed.shard_model`) is saved sharded instead: `sharded/`, a
 torch.distributed.checkpoint folder in which every process writes its own shards of the weights and the
-optimizer state (`__<rank>_0.distcp`, and `.metadata`), nothing gathered. It resumes on the same number of
-processes (torch.distributed.checkpoint can also reshard it onto another number).
+optimizer state (`__<rank>_0.distcp`, and `.metadata`), nothing gathered. A training run resumes it on the same
+number of processes (the examples refuse another: the RNG streams and data shards are per process), though
+torch.distributed.checkpoint itself could reshard it.
 
 Nothing here unpickles code: tensors come from safetensors, everything else from
 `torch.load(..., weights_only=True)` or JSON.
@@ -155,7 +156,9 @@ def save_checkpoint(out_dir: str | os.PathLike, step: int, model: nn.Module, opt
     `keep_last=K` then deletes all but the K highest-step complete checkpoints up to this one
     (checkpoints with a higher step, left by another run in the same folder, are not "older").
     Under torch.distributed every process calls this; it returns once the checkpoint is in place.
-    A Ctrl-C during the save takes effect once the checkpoint is complete, so it is the one to resume from.
+    A Ctrl-C during the save takes effect once the checkpoint is complete, so it is the one to resume from
+    (torchrun kills its workers if they outlast its --shutdown-timeout, 30 s by default; the checkpoint then stays
+    incomplete and the previous one is the latest).
     """
     with _ctrl_c_after():
         return _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, keep_last)
@@ -295,10 +298,23 @@ def _save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Pa
     optim = _optimizer_state_dict(model, optimizer, _state_dict_api().StateDictOptions())
     if optim["state"]:
         state["optimizer"] = optim
-    dcp.save(state, checkpoint_id=folder)
+    with _unwrapped_failure():
+        dcp.save(state, checkpoint_id=folder)
     for path in [*folder.iterdir(), folder]:
         if _rank_wrote(path):
             _fsync(path)
+
+
+@contextmanager
+def _unwrapped_failure():
+    """torch.distributed.checkpoint wraps every process's error in one CheckpointException: a full disk or a
+    missing file comes out as the OSError it was (one line from run_main), anything else as it is."""
+    from torch.distributed.checkpoint.api import CheckpointException
+    try:
+        yield
+    except CheckpointException as e:
+        errors = [error for error, _ in e.failures.values()]
+        raise next((error for error in errors if isinstance(error, OSError)), e) from None
 
 
 def _sharded_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -478,16 +494,20 @@ def _load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise UserError(f"{folder}: not a readable torch.distributed.checkpoint folder ({type(e).__name__}: {e})") \
             from None
     state = {"model": _sharded_model_state(model)}  # the model's own shards: dcp.load reads into them
-    stored = {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    stored = {k.removeprefix("model."): entry for k, entry in saved.items() if k.startswith("model.")}
     problems = [f"missing tensor {k!r}" for k in state["model"] if k not in stored]
-    problems += [f"unexpected tensor {k!r}" for k in sorted(stored - state["model"].keys())]
+    problems += [f"unexpected tensor {k!r}" for k in sorted(stored.keys() - state["model"].keys())]
+    problems += [f"tensor {k!r} has shape {list(stored[k].size)}, the model expects {list(v.shape)}"  # whole shapes
+                 for k, v in state["model"].items()
+                 if hasattr(stored.get(k), "size") and tuple(stored[k].size) != tuple(v.shape)]
     if problems:
         raise mismatch(str(folder), model, problems)
     with_optimizer = optimizer is not None and any(k.startswith("optimizer.") for k in saved)
     if with_optimizer:
         betas = [{k: v for k, v in group.items() if isinstance(v, tuple)} for group in optimizer.param_groups]
         state["optimizer"] = api.get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=folder)
+    with _unwrapped_failure():
+        dcp.load(state, checkpoint_id=folder)
     if with_optimizer:
         api.set_optimizer_state_dict(model, optimizer, state["optimizer"])
         for group, tuples in zip(optimizer.param_groups, betas, strict=True):

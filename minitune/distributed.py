@@ -37,15 +37,23 @@ from .freeze import blocks
 
 # the meta-device skeleton of each sharded model, kept from before sharding for `consolidated`
 _SKELETONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# where a model whose shards are offloaded to the CPU computes (its parameters say "cpu")
+_COMPUTE_DEVICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _fsdp():
     try:
-        from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     except ImportError:
         raise UserError(f"--fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); this torch is "
                         f"{torch.__version__}") from None
-    return fully_shard, FSDPModule, MixedPrecisionPolicy, CPUOffloadPolicy
+    return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model computes, so where its inputs go: its parameters' device, or for a model whose shards are
+    offloaded to the CPU (shard_model(offload=True)), the GPU its blocks are gathered to."""
+    return _COMPUTE_DEVICES.get(model) or next(model.parameters()).device
 
 
 def shard_model(model: nn.Module, compute_dtype: torch.dtype | None = None, offload: bool = False) -> nn.Module:
@@ -56,12 +64,16 @@ def shard_model(model: nn.Module, compute_dtype: torch.dtype | None = None, offl
     weights are cast to it for the forward and backward and the gradients reduced in float32
     (MixedPrecisionPolicy). A model holding lower-precision weights (LoRA's frozen bf16 or 4-bit base) is
     gathered as it is: its float32 adapters stay float32, as in PEFT. `offload` keeps the shards, their
-    gradients and the optimizer step on the CPU (CPUOffloadPolicy), the GPU holding what one block needs."""
+    gradients and the optimizer step on the CPU (CPUOffloadPolicy), the GPU holding what one block needs; its
+    process group must reduce CPU tensors too (init_distributed(..., cpu_collectives=True): gloo beside NCCL).
+    Apply LoRA, quantize or resize the embedding before: the structure `consolidated` rebuilds is taken here."""
     if not dist.is_initialized():
         raise UserError("--fsdp shards the model across torchrun's processes: run the script under torchrun "
                         "(torchrun --nproc_per_node=1 ... on one GPU)")
-    fully_shard, _, MixedPrecisionPolicy, CPUOffloadPolicy = _fsdp()
+    fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy = _fsdp()
     _SKELETONS[model] = _meta_copy(model)
+    if offload:
+        _COMPUTE_DEVICES[model] = model_device(model)
     all_float32 = all(p.dtype == torch.float32 for p in model.parameters())
     cast = compute_dtype if all_float32 and compute_dtype not in (None, torch.float32) else None
     options = {"mp_policy": MixedPrecisionPolicy(param_dtype=cast, reduce_dtype=torch.float32)}
@@ -161,5 +173,5 @@ def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     return total
 
 
-__all__ = ["shard_model", "is_sharded", "sync_gradients", "even_share", "all_ranks", "consolidated",
+__all__ = ["shard_model", "is_sharded", "model_device", "sync_gradients", "even_share", "all_ranks", "consolidated",
            "local_state_bytes"]

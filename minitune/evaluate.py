@@ -18,9 +18,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Mapping
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from .data import pad_id
+from .distributed import is_sharded, model_device
 from .errors import UserError
 from .generate import check_length, generate
 
@@ -131,16 +133,26 @@ def generate_answers(model, tok, prompts: Sequence[str | list[dict]], batch_size
     if isinstance(prompts, (str, Mapping)):
         raise TypeError(f"generate_answers expects a list of prompts (texts or chats); "
                         f"got one {type(prompts).__name__}")
-    device = next(model.parameters()).device
+    device = model_device(model)
     pad = pad_id(tok)
     encoded = [tok.encode(p if isinstance(p, str) else tok.apply_chat_template(p, add_generation_prompt=True))
                for p in prompts]
-    for i, row in enumerate(encoded):
-        if not row:
-            raise UserError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens: give it some text")
-    if encoded:
-        longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
-        check_length(model, len(encoded[longest]), max_new_tokens, prompt=f"prompt {longest}")
+    problem = None
+    try:
+        for i, row in enumerate(encoded):
+            if not row:
+                raise UserError(f"prompt {i} ({prompts[i]!r}) encodes to no tokens: give it some text")
+        if encoded:
+            longest = max(range(len(encoded)), key=lambda i: len(encoded[i]))
+            check_length(model, len(encoded[longest]), max_new_tokens, prompt=f"prompt {longest}")
+    except UserError as e:
+        problem = e
+    if is_sharded(model):  # every rank stops, or none: a rank that went on would wait for the others forever
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, None if problem is None else str(problem))
+        problem = problem or next((UserError(p) for p in problems if p), None)
+    if problem is not None:
+        raise problem
     answers = []
     for i in tqdm(range(0, len(encoded), batch_size), desc=desc, disable=desc is None, leave=False, file=sys.stderr):
         rows = encoded[i:i + batch_size]
@@ -160,7 +172,7 @@ def stream_loss(model, stream: torch.Tensor, seq_len: int, batch_size: int = 32)
     from .losses import causal_lm_loss
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     windows = stream[:len(stream) // seq_len * seq_len].view(-1, seq_len)  # (N, T)
     total, count = 0.0, 0
     for batch in windows.split(batch_size):
@@ -203,7 +215,7 @@ def strided_perplexity(model, ids: torch.Tensor, max_length: int, stride: int, b
         scored_to = end
         if end == ids.numel():
             break
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     nll, tokens = [], []
@@ -242,7 +254,7 @@ def continuation_logprobs(model, tok, requests: Sequence[tuple[str | Sequence[in
         prefix = tok.encode(context) if isinstance(context, str) else list(context)
         rows.append({"input_ids": prefix + list(continuation),
                      "labels": [IGNORE_INDEX] * len(prefix) + list(continuation)})
-    device = next(model.parameters()).device
+    device = model_device(model)
     was_training = model.training
     model.eval()
     logps = []
@@ -517,7 +529,7 @@ def prompt_text(tok, prompt: str | list[dict]) -> str:
 def sample_candidates(model, tok, prompt: str | list[dict], n: int, max_new_tokens: int = 32,
                       temperature: float = 1.0, top_p: float | None = 0.95, seed: int = 0) -> list[str]:
     """n sampled answers to one prompt (one batch of n rows of the same prompt), seeded."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     ids = torch.tensor([tok.encode(prompt_text(tok, prompt))] * n, device=device)  # (n, T)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p,

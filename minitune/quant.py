@@ -150,7 +150,8 @@ class NF4Weight(nn.Module):
                  "shape": list(self.shape)}
         if self.double_quant:
             state.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
-                          "nested_offset": 0.0 if self.offset.is_meta else _whole(self.offset).item()})  # meta: no value yet
+                          # meta: no value yet; sharded by FSDP2: gathered
+                          "nested_offset": 0.0 if self.offset.is_meta else _whole(self.offset).item()})
         return state
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import collate_preferences
+from .distributed import model_device
 from .errors import UserError
 from .hub import save_safetensors
 from .losses import preference_logps
@@ -109,7 +110,7 @@ def precompute_logps(model: nn.Module, examples: Sequence[dict], pad_id: int, ba
                      average: bool = False, amp: Callable = contextlib.nullcontext, desc: str | None = None
                      ) -> torch.Tensor:
     """[N, 2] float32 (chosen, rejected) log-probabilities of `model` on encoded preference examples, in batches."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     rows = [torch.zeros(0, 2)]  # so that no examples (a small validation set's share on one rank) gives (0, 2)
     starts = range(0, len(examples), batch_size)
     for i in tqdm(starts, desc=desc, disable=desc is None, leave=False):

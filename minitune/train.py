@@ -238,13 +238,14 @@ def device_problem(name: str) -> str | None:
     return None
 
 
-def init_distributed(device: str) -> tuple[int, int, torch.device]:
+def init_distributed(device: str, cpu_collectives: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world size, this process's device). Under torchrun (RANK set) it also starts the process
-    group: NCCL with one GPU per local rank, or gloo on the CPU."""
+    group: NCCL with one GPU per local rank, or gloo on the CPU. `cpu_collectives` (FSDP's CPU offload, whose
+    shards and gradients live on the CPU) adds gloo for CPU tensors beside NCCL."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device(device)
     on_cuda = torch.device(device).type == "cuda"
-    dist.init_process_group("nccl" if on_cuda else "gloo")
+    dist.init_process_group(("cuda:nccl,cpu:gloo" if cpu_collectives else "nccl") if on_cuda else "gloo")
     if on_cuda:
         local = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local)

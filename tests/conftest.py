@@ -78,6 +78,12 @@ def resumable_copy(run_dir: Path, to: Path, logged_after_the_save: str = "") -> 
     return to
 
 
+def first_lines(source: Path, n: int, to: Path) -> Path:
+    """`to`, holding the first n lines of the JSONL file `source` (a small data set for a quick run)."""
+    to.write_text("\n".join(source.read_text().splitlines()[:n]) + "\n")
+    return to
+
+
 def read_metrics(out: Path) -> list[dict]:
     """A run's metrics.jsonl."""
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -21,7 +21,7 @@ import minitune as mt
 from minitune.errors import UserError
 from minitune.plot import have_matplotlib
 from minitune.train import Interrupted, run_main
-from tests.conftest import example_module, example_stops, read_metrics, run_example
+from tests.conftest import example_module, example_stops, first_lines, read_metrics, run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "assets" / "tiny-mistral"
@@ -30,9 +30,8 @@ SFT = ["--batch-size", "4", "--eval-every", "100", "--exact-match-samples", "1",
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    path.write_text("\n".join((ROOT / "examples" / "data" / "sft" / "train.jsonl").read_text().splitlines()[:8]) + "\n")
-    return path
+    chats = ROOT / "examples" / "data" / "sft" / "train.jsonl"
+    return first_lines(chats, 8, tmp_path_factory.mktemp("data") / "small.jsonl")
 
 
 @pytest.fixture(scope="module")

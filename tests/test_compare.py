@@ -212,7 +212,8 @@ def test_two_models_are_compared_item_by_item(tmp_path):
     ties = tests["preference/prefers_chosen"]  # a tie counts one half: right or wrong only without ties
     assert ties is None or ties["p_value"] == 1.0
     report = (tmp_path / "out" / "comparison.md").read_text()
-    assert "| twin − tiny-mistral | knowledge | acc | 0.000 [0.000, 0.000] | 1 (0 / 0) | no difference shown |" in report
+    assert ("| twin − tiny-mistral | knowledge | acc | 0.000 [0.000, 0.000] | 1 (0 / 0) | no difference shown |"
+            in report)
     items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
     for name in (TINY, str(twin)):
         for metric, (value, *_rest, n) in result["results"][name].items():

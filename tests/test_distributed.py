@@ -100,6 +100,11 @@ def test_a_damaged_or_mismatched_sharded_checkpoint_is_named(tmp_path, group):
     with pytest.raises(UserError, match="missing tensor 'model.layers.0.self_attn.q_proj.lora_A.weight'") as e:
         load_checkpoint(path, other, optimizer2)
     assert str(path / "sharded") in str(e.value)
+    with pytest.raises(UserError, match=r"tensor 'model.embed_tokens.weight' has shape \[64, 64\], the model expects "
+                                        r"\[64, 32\]"):
+        load_checkpoint(path, shard_model(mt.Mistral(mt.MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2))))
     os.remove(path / "sharded" / ".metadata")
     with pytest.raises(UserError, match="not a readable torch.distributed.checkpoint folder") as e:
         load_checkpoint(path, model, optimizer)
@@ -188,3 +193,20 @@ def test_fsdp_flags_are_refused_where_they_cannot_work(script, capsys, monkeypat
         assert message in capsys.readouterr().err
     monkeypatch.setenv("RANK", "0")
     assert parse([*model, "--fsdp", "--fsdp-offload"]).fsdp
+
+
+def test_a_full_disk_during_a_sharded_save_is_the_oserror_it_was(tmp_path, group, monkeypatch):
+    """torch.distributed.checkpoint wraps each process's error in a CheckpointException; run_main reports an OSError
+    such as a full disk in one line, so it comes out unwrapped."""
+    import errno
+
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model, optimizer, scheduler = sharded_run()
+    monkeypatch.setattr(FileSystemWriter, "write_data", disk_full)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path, 1, model, optimizer, scheduler)
+    assert e.value.errno == errno.ENOSPC

@@ -18,6 +18,7 @@ from tests.conftest import (
     TORCHRUN,
     example_module,
     example_stops,
+    first_lines,
     read_metrics,
     resumable_copy,
     run_command,
@@ -39,9 +40,8 @@ def small(tmp_path_factory) -> list[str]:
     folder = tmp_path_factory.mktemp("pairs")
     files = {}
     for split, n in (("train", 24), ("validation", 12)):
-        lines = (ROOT / "examples" / "data" / "preference" / f"{split}.jsonl").read_text().splitlines()[:n]
-        files[split] = folder / f"{split}.jsonl"
-        files[split].write_text("\n".join(lines) + "\n")
+        source = ROOT / "examples" / "data" / "preference" / f"{split}.jsonl"
+        files[split] = first_lines(source, n, folder / f"{split}.jsonl")
     return ["--model", str(TINY), "--data", str(files["train"]), "--val-data", str(files["validation"]),
             "--batch-size", "4", "--warmup", "1", "--eval-every", "2", "--win-rate-samples", "6", "--device", "cpu"]
 

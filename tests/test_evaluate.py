@@ -332,7 +332,8 @@ def test_real_hellaswag_and_arc_records_give_lm_evals_contexts_and_continuations
     (HellaSwag: "activity_label: ctx_a Ctx_b", cleaned; ARC: "Question: ...\\nAnswer:"), and each choice scored as
     " " + choice, its tokens those of the whole text."""
     import json
-    hellaswag = {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
+    hellaswag = {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
+                 "ctx_b": "he",
                  "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain", "label": "3",
                  "source_id": "activitynet~v_-JhWjGDPHMY",
                  "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
@@ -371,7 +372,8 @@ def test_paired_bootstrap_by_hand():
     # weights and a transform: two windows' summed NLL over their tokens, through exp (a perplexity)
     difference, low, high = mt.evaluate.paired_bootstrap_ci([4.0, 2.0], [2.0, 2.0], weights=[2, 2], transform=torch.exp)
     assert difference == pytest.approx(math.exp(6 / 4) - math.exp(4 / 4))
-    assert math.exp(1.0) - math.exp(1.0) <= low <= high <= math.exp(2.0) - math.exp(1.0)  # all from (4,4), (2,2) or (4,2)
+    # every resample draws (4, 4), (2, 2) or both windows: its difference lies between 0 and e^2 - e
+    assert 0.0 <= low <= high <= math.exp(2.0) - math.exp(1.0)
     assert mt.evaluate.paired_bootstrap_ci([0.5] * 4, [0.5] * 4) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="pairing needs the same items"):
         mt.evaluate.paired_bootstrap_ci([1, 0], [1, 0, 1])

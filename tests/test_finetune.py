@@ -17,6 +17,7 @@ from tests.conftest import (
     TORCHRUN,
     example_module,
     example_stops,
+    first_lines,
     read_metrics,
     resumable_copy,
     run_command,
@@ -44,10 +45,8 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     """The first 10 bundled training chats: 8 steps of 4 cross three epoch boundaries."""
-    path = tmp_path_factory.mktemp("data") / "small.jsonl"
-    lines = (ROOT / "examples" / "data" / "sft" / "train.jsonl").read_text().splitlines()[:10]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    chats = ROOT / "examples" / "data" / "sft" / "train.jsonl"
+    return first_lines(chats, 10, tmp_path_factory.mktemp("data") / "small.jsonl")
 
 
 @pytest.fixture(scope="module")

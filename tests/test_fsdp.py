@@ -11,7 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import TORCHRUN, read_metrics, resumable_copy, run_command, run_example, without_timing
+from tests.conftest import (
+    TORCHRUN,
+    first_lines,
+    read_metrics,
+    resumable_copy,
+    run_command,
+    run_example,
+    without_timing,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +52,8 @@ def assert_same_files(one: Path, two: Path, names: tuple[str, ...], atol: float 
 
 @pytest.fixture(scope="module")
 def chats(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("chats") / "train.jsonl"
-    path.write_text("\n".join((ROOT / "examples" / "data" / "sft" / "train.jsonl").read_text().splitlines()[:10]) + "\n")
-    return path
+    source = ROOT / "examples" / "data" / "sft" / "train.jsonl"
+    return first_lines(source, 10, tmp_path_factory.mktemp("chats") / "train.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +61,7 @@ def pairs(tmp_path_factory) -> list[str]:
     """24 training pairs, and 11 held-out ones with 5 prompts answered: shares of 6 and 5, 3 and 2 on two ranks."""
     folder = tmp_path_factory.mktemp("pairs")
     for split, n in (("train", 24), ("validation", 11)):
-        lines = (ROOT / "examples" / "data" / "preference" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        first_lines(ROOT / "examples" / "data" / "preference" / f"{split}.jsonl", n, folder / f"{split}.jsonl")
     return ["--model", str(TINY), "--data", str(folder / "train.jsonl"), "--val-data", str(folder / "validation.jsonl"),
             "--warmup", "1", "--eval-every", "2", "--win-rate-samples", "5", "--device", "cpu"]
 
@@ -76,7 +82,7 @@ def test_full_sft_follows_one_process_and_resumes_from_its_sharded_checkpoint_bi
     resumed = torchrun("finetune_mistral.py", cut, *flags, "--batch-size", "4", "--fsdp", "--resume", "auto",
                        "--fsdp-offload")  # a resumable flag: where the shards live changes no number
     assert without_timing(resumed) == without_timing(two)
-    straight, again = load_file(tmp_path / "two" / "final" / "model.safetensors"), load_file(cut / "final" / "model.safetensors")
+    straight, again = (load_file(run / "final" / "model.safetensors") for run in (tmp_path / "two", cut))
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 

@@ -184,7 +184,8 @@ class CausalLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        from ..distributed import model_device  # the GPU, for a sharded model whose shards live on the CPU
+        return model_device(self)
 
     @property
     def dtype(self) -> torch.dtype:
