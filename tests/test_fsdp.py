@@ -11,15 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import (
-    TORCHRUN,
-    first_lines,
-    read_metrics,
-    resumable_copy,
-    run_command,
-    run_example,
-    without_timing,
-)
+from tests.conftest import TORCHRUN, first_lines, read_metrics, resumable_copy, run_command, run_example, without_timing
 
 pytestmark = pytest.mark.slow
 
