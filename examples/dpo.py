@@ -292,10 +292,15 @@ SHARES = ("share of held-out pairs / prompts", ("val_preference_accuracy", "val_
 REWARDS = ("implicit reward β·log(π/π_ref)", ("rewards/chosen", "rewards/rejected", "rewards/margins"), None)
 
 
-def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp) -> torch.Tensor:
+def reference_key(model, examples: list[dict], args) -> str:
+    """What --reference precomputed's cache depends on: the SFT model's weights, the pairs, the settings (taken
+    before LoRA and sharding change the model's state dict; a sharded bf16 run computes with bf16 weights)."""
+    return fingerprint(model, examples, args.average_logps, args.dtype + (" fsdp" if args.fsdp else ""))
+
+
+def reference_logps_for(model, examples: list[dict], tok, args, out: Path, amp, key: str) -> torch.Tensor:
     """--reference precomputed: the model's log-probabilities on the training pairs, from <out>'s cache when it
-    holds them for this model and data, else computed in one pass (by every rank) and cached by rank 0."""
-    key = fingerprint(model, examples, args.average_logps, args.dtype)
+    holds them under `key` (reference_key), else computed in one pass (by every rank) and cached by rank 0."""
     cache = out / REFERENCE_CACHE
     logps = load_logps(cache, key)
     if logps is None:
@@ -324,11 +329,7 @@ def main(argv=None) -> None:
     train, val, judged = load_pairs(args, tok)
     new_tokens = answer_length(train)
     val, val_real = even_share(val, rank, world)  # this rank's held-out pairs, in the same batches before and during
-    # Everything the reference gives, taken before training moves the policy:
-    val_reference = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)
-    sft_answers = greedy_answers(model, tok, judged, args, new_tokens, amp)
-    if args.reference == "precomputed":
-        train = attach_logps(train, reference_logps_for(model, train, tok, args, out, amp))
+    cache_key = reference_key(model, train, args) if args.reference == "precomputed" else None
     reference = Reference(args.reference, model)  # "copy" copies the weights now, before LoRA and training
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
 
@@ -338,10 +339,16 @@ def main(argv=None) -> None:
         shard_model(model, compute_dtype, offload=args.fsdp_offload)
         if args.reference == "copy":
             shard_model(reference.model, compute_dtype, offload=args.fsdp_offload)  # the frozen copy too
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)  # over the shards, before a forward
+    scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
+    # Everything the reference gives, taken before training moves the policy (LoRA's B is 0: the policy is still the
+    # SFT model) and computed as the policy computes (sharded, its weights in the compute dtype):
+    val_reference = precompute_logps(model, val, D.pad_id(tok), args.batch_size, args.average_logps, amp)
+    sft_answers = greedy_answers(model, tok, judged, args, new_tokens, amp)
+    if args.reference == "precomputed":
+        train = attach_logps(train, reference_logps_for(model, train, tok, args, out, amp, cache_key))
     if args.compile:
         compile_blocks(model)  # each decoder block through torch.compile (the policy; with LoRA off, the reference)
-    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = make_scheduler(optimizer, args.schedule, warmup_steps(args.warmup, steps), steps)
     raw_model = model  # validation, generation and saving use the model itself, not the DDP wrapper
     if world > 1 and not args.fsdp:
         model = torch.nn.parallel.DistributedDataParallel(model)  # a whole copy on each rank

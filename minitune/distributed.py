@@ -58,7 +58,9 @@ def model_device(model: nn.Module) -> torch.device:
 
 def shard_model(model: nn.Module, compute_dtype: torch.dtype | None = None, offload: bool = False) -> nn.Module:
     """FSDP2 over the current process group: `fully_shard` on each decoder block, then on the root. In place;
-    returns the model. Build the optimizer after this, and load checkpoints after the optimizer.
+    returns the model. Build the optimizer right after this, before any forward (after a forward without a
+    backward the root's weights stay gathered, and an optimizer built then would hold the gathered ones), and
+    load checkpoints after the optimizer.
 
     `compute_dtype` (bf16): when every parameter is float32 (full fine-tuning's master weights), the gathered
     weights are cast to it for the forward and backward and the gradients reduced in float32
