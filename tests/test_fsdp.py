@@ -102,3 +102,12 @@ def test_dpo_follows_one_process(tmp_path, pairs, mode):
     # AdamW's m / sqrt(v) turns rounding-level differences of near-zero gradients into up to lr-sized steps: the
     # weights agree to 1% of one step (lr 1e-2)
     assert_same_files(tmp_path / "one", tmp_path / "two", ("final/model.safetensors",), atol=1e-4)
+
+
+def test_compiled_blocks_under_fsdp_follow_one_eager_process(tmp_path, chats):
+    """--compile with --fsdp: each sharded block through torch.compile (compiled after fully_shard), LoRA inside."""
+    flags = ["--data", str(chats), "--eval-every", "3", "--exact-match-samples", "2", "--device", "cpu",
+             "--max-steps", "3", "--lora-r", "4", "--lora-targets", "all-linear"]
+    one = run_example("finetune_mistral.py", tmp_path / "one", *flags, "--batch-size", "8")
+    two = torchrun("finetune_mistral.py", tmp_path / "two", *flags, "--batch-size", "4", "--fsdp", "--compile")
+    assert_follows(one, two)
