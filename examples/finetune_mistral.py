@@ -157,7 +157,8 @@ def validate(model, tok, val: list[dict], questions: list[tuple], batch_size: in
     answers = [answer for _, answer in questions]
     with amp():
         replies = mt.evaluate.generate_answers(model, tok, [q for q, _ in questions], batch_size, longest + 8)
-    hits = sum(mt.evaluate.exact_match(reply, answer) for reply, answer in zip(replies[:asked], answers[:asked]))
+    replies, answers = replies[:asked], answers[:asked]  # the real questions, not the padding
+    hits = sum(mt.evaluate.exact_match(reply, answer) for reply, answer in zip(replies, answers, strict=True))
     model.train()
     total = all_reduce_sum({"loss": loss_sum, "correct": correct, "targets": count, "hits": hits, "asked": asked},
                            model_device(model))
