@@ -262,13 +262,18 @@ def paired(scores: dict[str, dict[str, Scores]], labels: dict[str, str], args) -
     return rows
 
 
-def verdict(a: str, b: str, low: float, high: float, lower_is_better: bool = False) -> str:
-    """"A ahead of B" when the paired interval of A - B lies wholly on A's better side of 0, "B ahead of A" when on
-    B's, else no difference shown (an interval that touches 0 included)."""
+def ahead(low: float, high: float, lower_is_better: bool = False) -> int:
+    """From the paired interval of A - B: 1 when it lies wholly on A's better side of 0, -1 when on B's, else 0 (an
+    interval that touches 0 included)."""
     if low > 0 or high < 0:
-        a_better = (high < 0) if lower_is_better else (low > 0)
-        return f"{a} ahead of {b}" if a_better else f"{b} ahead of {a}"
-    return "no difference shown"
+        return 1 if (high < 0) == lower_is_better else -1
+    return 0
+
+
+def verdict(a: str, b: str, low: float, high: float, lower_is_better: bool = False) -> str:
+    """"A ahead of B", "B ahead of A" or "no difference shown", by `ahead`."""
+    return {1: f"{a} ahead of {b}", -1: f"{b} ahead of {a}", 0: "no difference shown"}[
+        ahead(low, high, lower_is_better)]
 
 
 def write_items(scores: dict[str, dict[str, Scores]], labels: dict[str, str], path: Path) -> None:

@@ -172,11 +172,9 @@ def verdicts(results: dict, one: str, other: str) -> list[str]:
         if row["difference"] is None:
             lines.append(f"- {row['metric']}: {row['verdict']}")
             continue
-        lower = row["metric"] in compare_models.LOWER_IS_BETTER
-        better = row["high"] < 0 if lower else row["low"] > 0
-        worse = row["low"] > 0 if lower else row["high"] < 0
+        side = compare_models.ahead(row["low"], row["high"], row["metric"] in compare_models.LOWER_IS_BETTER)
         test = f", McNemar p = {row['mcnemar']['p_value']:.3g}" if row.get("mcnemar") else ""
-        verdict = "**ahead**" if better else "**behind**" if worse else "no difference shown"
+        verdict = {1: "**ahead**", -1: "**behind**", 0: "no difference shown"}[side]
         lines.append(f"- {row['metric']}: {results['models'][one][row['metric']][0]:.3f} against "
                      f"{results['models'][other][row['metric']][0]:.3f}, a difference of {row['difference']:+.3f} "
                      f"[{row['low']:+.3f}, {row['high']:+.3f}]{test}: {verdict}")

@@ -62,8 +62,10 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from .distributed import is_sharded
 from .errors import UserError
 from .hub import mismatch, save_safetensors
+from .quant import NF4Weight
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
@@ -193,7 +195,7 @@ def _save_checkpoint(out_dir, step, model, optimizer, scheduler, state, keep_las
     except (TypeError, ValueError) as e:
         raise TypeError(f"save_checkpoint: `state` must be JSON-serialisable: {e}") from None
     rng = rng_state()  # first: nothing below should be able to move a stream before it is recorded
-    sharded = _is_sharded(model)
+    sharded = is_sharded(model)
     if not sharded:
         weights = _state_dict_api().get_model_state_dict(model, options=_full())  # whole tensors, on rank 0
         optim = _optimizer_state_dict(model, optimizer, _full())
@@ -285,11 +287,6 @@ def _save_weights(weights: dict[str, torch.Tensor], aliases: dict[str, str], pat
     _fsync(path)
 
 
-def _is_sharded(model: nn.Module) -> bool:
-    from .distributed import is_sharded
-    return is_sharded(model)
-
-
 def _save_sharded(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """torch.distributed.checkpoint.save of the sharded weights and optimizer state (no optimizer state before
     the first step; see _optimizer_state_dict): every process writes its own file, rank 0 the metadata."""
@@ -320,7 +317,6 @@ def _unwrapped_failure():
 def _sharded_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict of shards, each 4-bit weight's `offset` in place of its JSON state (which is made from
     the offset, and whose length varies with it)."""
-    from .quant import NF4Weight
     state = {k: v for k, v in _state_dict_api().get_model_state_dict(model).items() if not k.endswith(NF4_STATE)}
     state.update({f"{name}.offset": m.offset for name, m in model.named_modules()
                   if isinstance(m, NF4Weight) and m.offset is not None})

@@ -152,15 +152,19 @@ def test_mixed_precision_casts_only_all_float32_weights(group):
 
 
 def test_sync_gradients_accumulates_and_restores(group):
+    """Without sync FSDP2 keeps the unsharded gradients to itself (the shards get none yet); the synced backward
+    reduces their sum; afterwards the sync is on again, and the sum equals two plain backwards."""
     model, optimizer, _ = sharded_run()
     x = torch.randint(0, VOCAB, (2, 8))
     for last in (False, True):
         with sync_gradients(model, last):
             model(x, labels=x).backward()
+        assert all((p.grad is not None) == last for p in model.parameters()), last
     accumulated = [p.grad.to_local().clone() for p in model.parameters()]
     optimizer.zero_grad()
     for _ in range(2):
-        model(x, labels=x).backward()
+        model(x, labels=x).backward()  # outside sync_gradients: reduced every time, as restored
+        assert all(p.grad is not None for p in model.parameters())
     assert all(torch.allclose(a, p.grad.to_local(), rtol=1e-6, atol=1e-7)
                for a, p in zip(accumulated, model.parameters(), strict=True))
 
