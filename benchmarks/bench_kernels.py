@@ -34,8 +34,9 @@ has it). Reported:
 Liger's cross_entropy writes the gradient into its input logits. Its logits are restored from a
 copy before each timed call, outside the timed region (through do_bench's grad_to_none hook).
 
---sweep (GPU): cross_entropy forward + backward at M=8192 for V=32000 and 128256 over
-MAX_BLOCK_V x NUM_WARPS (module constants of minitune.kernels.cross_entropy, restored afterwards).
+--sweep (GPU) tunes the module constants of the chosen kernels (restored afterwards): cross_entropy forward +
+backward at M=8192 for V=32000 and 128256 over MAX_BLOCK_V x NUM_WARPS; rms_norm's backward programs per SM;
+nf4_dequantize's NUM_WARPS (a program's bytes grow with it) at each layer shape.
 
 nf4_dequantize (no backward: a frozen weight) at the shapes of Mistral-7B's linear layers (M x N = out x in
 features: q/o 4096 x 4096, k/v 1024 x 4096, gate/up 14336 x 4096, down 4096 x 14336; on the CPU the first
@@ -163,6 +164,7 @@ SWEEP_BLOCKS = (4096, 8192, 16384, 32768)
 SWEEP_WARPS = (8, 16, 32)
 SWEEP_NORM_SIZE = {"M": 16384, "N": 4096}
 SWEEP_PROGRAMS_PER_SM = (1, 2, 4, 8)  # the norm backward's loop-over-rows programs
+SWEEP_NF4_WARPS = (2, 4, 8, 16)  # each thread one 16-byte store: 512 to 4096 bf16 values a program
 
 CPU_WARMUP_S, CPU_TIME_BUDGET_S, CPU_MIN_REPS, CPU_MAX_REPS = 0.5, 1.0, 2, 20
 
@@ -638,6 +640,28 @@ def sweep_norm_programs(dtype: torch.dtype, device: torch.device, copy_gbps: flo
     return rows
 
 
+def sweep_nf4_warps(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
+    """nf4_dequantize at each layer shape over NUM_WARPS (restored after)."""
+    nf4 = importlib.import_module("minitune.kernels.nf4")
+    saved = nf4.NUM_WARPS
+    rows = []
+    try:
+        for size in NF4_SIZES:
+            case = make_case("nf4_dequantize", size, dtype, device)
+            step = Step(kernels.nf4_dequantize, case)
+            for warps in SWEEP_NF4_WARPS:
+                nf4.NUM_WARPS = warps
+                rows.append(sweep_row({**size, "NUM_WARPS": warps}, step, case, device, copy_gbps))
+                row = rows[-1]
+                print(f"  sweep nf4_dequantize {size_label(size)} NUM_WARPS={warps:2d} "
+                      + (f"{row['ms']:.4f} ms" if "ms" in row else row["error"]), flush=True)
+            del case, step
+            free_memory(device)
+    finally:
+        nf4.NUM_WARPS = saved
+    return rows
+
+
 # ---------------------------------------------------------------- the CPU memory goal, one process per variant
 
 def child_cpu_memory(variant: str) -> dict:
@@ -913,6 +937,18 @@ def markdown(result: dict) -> str:
                   + (f"{100 * r['of_copy']:.1f}%" if "of_copy" in r else r.get("error", "—"))
                   + f" | {cell(r, 'kernel_ms', '.3f')} |"
                   for r in result["sweep_norm"]]
+    if result.get("sweep_nf4"):
+        lines += ["", "## nf4_dequantize NUM_WARPS", "",
+                  f"ms (% of the 1 GiB copy's bandwidth) per layer shape (rows) and NUM_WARPS (columns); this run's "
+                  f"constant: {result['constants']['NF4_NUM_WARPS']}; * marks the fastest per shape.", "",
+                  "| size | " + " | ".join(f"{w} warps" for w in SWEEP_NF4_WARPS) + " |",
+                  "|---|" + "---:|" * len(SWEEP_NF4_WARPS)]
+        for size in NF4_SIZES:
+            rows = [r for r in result["sweep_nf4"] if r["M"] == size["M"] and r["N"] == size["N"]]
+            best = min((r["ms"] for r in rows if "ms" in r), default=None)
+            lines.append(f"| {size_label(size)} | " + " | ".join(
+                r["error"] if "error" in r else
+                f"{r['ms']:.4f} ({100 * r['of_copy']:.0f}%){' *' if r['ms'] == best else ''}" for r in rows) + " |")
     lines += ["", "## Goals", ""] + goal_lines(result["goals"])
     lines += ["", f"Reproduce: `{result['command']}`", ""]
     return "\n".join(lines)
@@ -967,7 +1003,8 @@ def main() -> None:
     ap.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated subset of " + ",".join(KERNELS))
     ap.add_argument("--all-sizes", action="store_true", help="GPU: the whole size grid, not the default set")
     ap.add_argument("--no-compile", action="store_true", help="GPU: leave out torch.compile")
-    ap.add_argument("--sweep", action="store_true", help="GPU: also sweep cross_entropy's MAX_BLOCK_V x NUM_WARPS")
+    ap.add_argument("--sweep", action="store_true",
+                    help="GPU: also sweep the chosen kernels' constants (cross_entropy, rms_norm, nf4_dequantize)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per CPU memory child process")
     ap.add_argument("--child-cpu-memory", choices=CPU_MEMORY_VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -987,7 +1024,9 @@ def main() -> None:
     out = Path(args.out)
     ce = importlib.import_module("minitune.kernels.cross_entropy")
     common = importlib.import_module("minitune.kernels._common")
-    constants = {"MAX_BLOCK_V": ce.MAX_BLOCK_V, "NUM_WARPS": ce.NUM_WARPS, "PROGRAMS_PER_SM": common.PROGRAMS_PER_SM}
+    nf4 = importlib.import_module("minitune.kernels.nf4")
+    constants = {"MAX_BLOCK_V": ce.MAX_BLOCK_V, "NUM_WARPS": ce.NUM_WARPS, "PROGRAMS_PER_SM": common.PROGRAMS_PER_SM,
+                 "NF4_NUM_WARPS": nf4.NUM_WARPS}
     result = {"command": ("python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])).strip(),
               "environment": environment(device, dtype), "constants": constants,
               "torch_linear_cross_entropy": TORCH_LCE, "nf4_dtype": str(nf4_dtype).removeprefix("torch."),
@@ -1008,8 +1047,12 @@ def main() -> None:
         result["cpu_memory"] = cpu_memory_goal(args.timeout)
     if args.sweep:
         if on_gpu:
-            result["sweep"] = sweep(dtype, device, result["copy_gbps"])
-            result["sweep_norm"] = sweep_norm_programs(dtype, device, result["copy_gbps"])
+            if "cross_entropy" in chosen:
+                result["sweep"] = sweep(dtype, device, result["copy_gbps"])
+            if "rms_norm" in chosen:
+                result["sweep_norm"] = sweep_norm_programs(dtype, device, result["copy_gbps"])
+            if "nf4_dequantize" in chosen:
+                result["sweep_nf4"] = sweep_nf4_warps(nf4_dtype, device, result["copy_gbps"])
         else:
             print("--sweep needs a GPU: skipped", flush=True)
     result["goals"] = gpu_goals(result["rows"], chosen) if on_gpu else \

@@ -11,7 +11,8 @@
 #
 # `bash benchmarks/gpu_run.sh qlora` is the QLoRA run, a device call of its own (at most 9 minutes: its steps' limits):
 # qlora-tests (tests/test_quant.py: on CUDA the Triton kernel and bitsandbytes' CUDA kernels as the oracle), nf4
-# (bench_kernels.py's NF4 dequantization at Mistral-7B's layer shapes against bitsandbytes), qlora-7b
+# (bench_kernels.py's NF4 dequantization at Mistral-7B's layer shapes against bitsandbytes, and its NUM_WARPS
+# sweep), qlora-7b
 # (bench_train.py's qlora-mistral-7b: minitune against transformers + peft + bitsandbytes) and lora-7b
 # (lora-mistral-7b, the same in bf16). The two 7B steps share one random bf16 checkpoint (14.5 GB, written by
 # the first under /tmp/minitune-bench-train). Output: gpu_run.txt, nf4/bench_kernels.{json,md},
@@ -95,7 +96,7 @@ install_wheel() {  # install_wheel WHEEL: pip without dependencies or index, els
     --qlora --device cuda --out "$out/fsdp"
 
   step qlora-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py
-  step nf4 90 python3 benchmarks/bench_kernels.py --kernels nf4_dequantize --out "$out/nf4"
+  step nf4 90 python3 benchmarks/bench_kernels.py --kernels nf4_dequantize --sweep --out "$out/nf4"
   # 7B: 6 timed rounds after 1 warm-up; memory from 1 + 1 steps in a fresh process per library. The first writes
   # the checkpoint (about a minute), the second reuses it.
   step qlora-7b 220 python3 benchmarks/bench_train.py --configs qlora-mistral-7b --work "$work" --steps 6 --warmup 1 \

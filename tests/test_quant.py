@@ -30,7 +30,7 @@ from torch import nn
 
 import minitune as mt
 from minitune.errors import UserError
-from minitune.kernels.nf4 import BLOCK_BYTES, nf4_dequantize_reference, nf4_dequantize_triton
+from minitune.kernels.nf4 import nf4_dequantize_reference, nf4_dequantize_triton, program_tile
 from minitune.lora import apply_lora, disable_lora, merge_lora, save_adapter, save_merged
 from minitune.quant import NF4Linear, NF4Weight, dynamic_code, nf4_code, quantize_model, quantize_nf4
 from tests.conftest import EXAMPLES, save_hf, tiny_gpt2_config, tiny_mistral_config
@@ -314,15 +314,18 @@ def test_quantize_nf4_refuses_what_bitsandbytes_cannot_store():
 # ---------------------------------------------------------------- the Triton kernel
 
 
-# bytes: one, a program's worth less one, exactly one, one more, several programs with a tail
-@pytest.mark.parametrize("n", [1, 2 * BLOCK_BYTES - 1, 2 * BLOCK_BYTES, 2 * BLOCK_BYTES + 3, 5 * BLOCK_BYTES + 77])
+PROGRAM_VALUES = 2 * math.prod(program_tile(64, torch.bfloat16))  # what one program writes (half that in float32)
+
+
+# values: one, a program's worth less one, exactly one, one more, several programs with a tail
+@pytest.mark.parametrize("n", [1, PROGRAM_VALUES - 1, PROGRAM_VALUES, PROGRAM_VALUES + 3, 3 * PROGRAM_VALUES + 77])
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double", "single"])
 def test_triton_dequantize_equals_reference(monkeypatch, n, double_quant):
     monkeypatch.setenv("MINITUNE_KERNELS", "triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w = torch.randn(n, device=device) * 3
     w[::97] *= 40  # outliers: scales of many sizes
-    for blocksize in (64, 128) if n > 100 else (64,):
+    for blocksize in (32, 64, 128, 4096) if n > 100 else (64,):  # 4096: a block spans two programs
         q = quantize_nf4(w, blocksize, double_quant)
         args = (q.codes, q.absmax, q.quant_map, n, blocksize)
         nested = (q.nested_absmax, q.nested_quant_map, q.offset, 256)
@@ -332,6 +335,56 @@ def test_triton_dequantize_equals_reference(monkeypatch, n, double_quant):
             assert got.dtype == dtype and torch.equal(got, expected), (blocksize, dtype)
             assert torch.equal(mt.kernels.nf4_dequantize(*args, dtype, *nested), expected)  # the dispatch
             assert torch.equal(q.dequantize(dtype), expected)
+
+
+def _compiled_for_h100(dtype: torch.dtype, double_quant: bool, blocksize: int) -> str:
+    """The kernel's PTX for sm_90, compiled here by Triton's own compiler (no GPU needed), specialized as a
+    launch on a 7B layer is: every pointer 16-byte aligned, n and the byte count multiples of 16."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
+    from triton.runtime.jit import JITFunction
+
+    from minitune.kernels import nf4
+
+    rows, cols = program_tile(blocksize, dtype)
+    out = {torch.bfloat16: "*i16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    pointers = {"CODES": "*u8", "ABSMAX": "*u8" if double_quant else "*fp32", "CODE": "*fp32",
+                "NESTED_ABSMAX": "*fp32", "NESTED_CODE": "*fp32", "OFFSET": "*fp32", "OUT": out}
+    constants = {"BLOCKSIZE": blocksize, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": double_quant,
+                 "BF16_BITS": dtype == torch.bfloat16, "ROWS": rows, "COLS": cols}
+    signature = {**pointers, "n": "i64", "n_bytes": "i64", **dict.fromkeys(constants, "constexpr")}
+    kernel = JITFunction(nf4._nf4_dequantize_kernel.fn)  # compiled, even where the interpreter wraps it
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + 2)})
+    try:
+        kernel = triton_compile(source, target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": nf4.NUM_WARPS, "enable_fp_fusion": False})
+    except (FileNotFoundError, RuntimeError) as e:  # a Triton without its CUDA backend's tools (ptxas)
+        pytest.skip(f"Triton cannot compile for sm_90 here: {str(e).splitlines()[0]}")
+    return re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", kernel.asm["ptx"], re.M)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernel itself (bench_kernels times it)")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", [64, 4096])
+def test_triton_dequantize_compiles_to_one_load_and_one_16_byte_store_a_thread(dtype, blocksize):
+    """Memory-bound, the kernel must move its bytes in as few, as wide accesses as it can: each thread loads its
+    codes in one access, looks each nibble up, and writes its values in one 16-byte store, with no shared-memory
+    round trip between (the interleaved layout of the first version went through shared memory, and read its
+    codes a byte at a time)."""
+    instructions = _compiled_for_h100(dtype, double_quant=True, blocksize=blocksize)
+    codes_load = {torch.bfloat16: "ld.global.b32", torch.float16: "ld.global.b32", torch.float32: "ld.global.b16"}
+    nibbles = 2 * (4 if dtype.itemsize == 2 else 2)  # two lookups per byte the thread holds
+    assert instructions.count("st.global.v4.b32") == 1
+    assert not [i for i in instructions if i.startswith(("st.global.b", "st.shared", "ld.shared", "bar."))]
+    assert instructions.count("ld.global.b8") == 1  # the row's 8-bit block maximum
+    # the codes, the lookups, the maximum's dynamic-code value, its nested scale, the offset
+    loads_32 = nibbles + 3 + (1 if codes_load[dtype] == "ld.global.b32" else 0)
+    assert instructions.count("ld.global.b32") == loads_32
+    assert codes_load[dtype] in instructions
 
 
 def test_triton_dequantize_is_chosen_by_the_environment(monkeypatch):

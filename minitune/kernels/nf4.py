@@ -15,8 +15,13 @@ Every operation is a float32 multiply or add, rounded once, in bitsandbytes' ord
 launched with floating-point contraction off, so the compiler cannot fuse the multiply and add of
 the first line into an FMA (one rounding instead of two). The float32 -> bfloat16 rounding (to
 nearest, ties to even, as torch's .to) is done on the bits: Triton's interpreter, which the CPU
-tests run, truncates in its own cast. Each program reads BLOCK_BYTES bytes and writes their
-2 * BLOCK_BYTES values, interleaved so the stores are contiguous.
+tests run, truncates in its own cast.
+
+Each program reads a tile of bytes, one row per quantization block (or part of one), so the block's
+scale is computed once per row, and writes each row's values interleaved, high nibble first. The tile
+gives each thread the bytes of exactly one 16-byte store: compiled for sm_90, a thread issues one
+vector load of its codes, one load of its block's 8-bit maximum, the two table lookups per byte, and
+one 16-byte store, with no shared-memory shuffle between the loaded layout and the stored one.
 """
 
 from __future__ import annotations
@@ -45,24 +50,26 @@ def nf4_dequantize_reference(codes: torch.Tensor, absmax: torch.Tensor, code: to
 
 
 @triton.jit
-def _nf4_dequantize_kernel(CODES, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, n,
+def _nf4_dequantize_kernel(CODES, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFSET, OUT, n, n_bytes,
                            BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                           BF16_BITS: tl.constexpr, BLOCK_BYTES: tl.constexpr):
-    start = tl.program_id(0).to(tl.int64) * BLOCK_BYTES  # 64-bit: a 7B model's layers pass 2^31 values
-    byte = start + tl.arange(0, BLOCK_BYTES)
-    first = 2 * byte  # the index of the value in each byte's high nibble
-    packed = tl.load(CODES + byte, mask=first < n, other=0).to(tl.int32)
-    block = first // BLOCKSIZE  # both values of a byte share a block: the block size is even
+                           BF16_BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    # a program's ROWS * COLS bytes as (ROWS, COLS): each row lies in one block (COLS divides BLOCKSIZE / 2)
+    program_start = tl.program_id(0).to(tl.int64) * (ROWS * COLS)  # 64-bit: a 7B model's layers pass 2^31 values
+    row_start = program_start + tl.arange(0, ROWS) * COLS  # (ROWS,) each row's first byte
+    byte = row_start[:, None] + tl.arange(0, COLS)[None, :]  # (ROWS, COLS)
+    packed = tl.load(CODES + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    block = 2 * row_start // BLOCKSIZE  # (ROWS,) each row's block: one scale per row, not per value
+    in_range = row_start < n_bytes
     if DOUBLE_QUANT:
-        q = tl.load(ABSMAX + block, mask=first < n, other=0).to(tl.int32)
-        nested = tl.load(NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=first < n, other=0.0)
+        q = tl.load(ABSMAX + block, mask=in_range, other=0).to(tl.int32)
+        nested = tl.load(NESTED_ABSMAX + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
         scale = tl.load(NESTED_CODE + q) * nested + tl.load(OFFSET)  # two roundings: no FMA (see the launch)
     else:
-        scale = tl.load(ABSMAX + block, mask=first < n, other=0.0)
-    high = tl.load(CODE + (packed >> 4)) * scale
-    low = tl.load(CODE + (packed & 0xF)) * scale
-    values = tl.interleave(high, low)  # (2 * BLOCK_BYTES,): high0, low0, high1, low1, ...
-    index = 2 * start + tl.arange(0, 2 * BLOCK_BYTES)
+        scale = tl.load(ABSMAX + block, mask=in_range, other=0.0)
+    high = tl.load(CODE + (packed >> 4)) * scale[:, None]  # (ROWS, COLS) float32
+    low = tl.load(CODE + (packed & 0xF)) * scale[:, None]
+    values = tl.join(high, low).reshape(ROWS, 2 * COLS)  # high0, low0, high1, low1, ... along each row
+    index = 2 * row_start[:, None] + tl.arange(0, 2 * COLS)[None, :]  # (ROWS, 2 * COLS)
     if BF16_BITS:  # OUT is the bfloat16 output viewed as int16: round to nearest even on the bits
         bits = values.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
@@ -72,26 +79,38 @@ def _nf4_dequantize_kernel(CODES, ABSMAX, CODE, NESTED_ABSMAX, NESTED_CODE, OFFS
         tl.store(OUT + index, values.to(OUT.dtype.element_ty), mask=index < n)
 
 
-BLOCK_BYTES = 1024  # bytes a program reads: 2048 values it writes
+# Each thread reads the bytes of one 16-byte store: 4 bytes for a 2-byte output, 2 for float32. The loaded
+# layout is then the stored one, and the compiled kernel (sm_90) has no shared-memory shuffle between them.
+NUM_WARPS = 8
+STORE_BYTES = 16
+
+
+def program_tile(blocksize: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(ROWS, COLS): one program's bytes, COLS of them in each of ROWS rows, a row within one block."""
+    program_bytes = 32 * NUM_WARPS * STORE_BYTES // (2 * dtype.itemsize)  # 32 threads a warp
+    cols = min(blocksize // 2, program_bytes)
+    return program_bytes // cols, cols
 
 
 def _nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, n: int, blocksize: int,
                     dtype: torch.dtype, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
                     offset: torch.Tensor | None, nested_blocksize: int) -> torch.Tensor:
     """The n values, flat, in `dtype`, from one kernel launch (nf4_dequantize_reference's maths)."""
-    if blocksize % 2:
-        raise ValueError(f"NF4 block size {blocksize}: the kernel needs an even block size")
+    if blocksize < 2 or blocksize & (blocksize - 1):
+        raise ValueError(f"NF4 block size {blocksize}: the kernel needs a power of two")
     out = torch.empty(n, dtype=dtype, device=codes.device)
     double_quant = nested_absmax is not None
     if not double_quant:  # unused pointers: any float32 tensor will do
         nested_absmax = nested_code = offset = absmax
     bf16_bits = dtype == torch.bfloat16
-    grid = (triton.cdiv(codes.numel(), BLOCK_BYTES),)
+    rows, cols = program_tile(blocksize, dtype)
+    grid = (triton.cdiv(codes.numel(), rows * cols),)
     with launch_device(codes):
         _nf4_dequantize_kernel[grid](codes, absmax, code, nested_absmax, nested_code, offset,
-                                     out.view(torch.int16) if bf16_bits else out, n, BLOCKSIZE=blocksize,
-                                     NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
-                                     BF16_BITS=bf16_bits, BLOCK_BYTES=BLOCK_BYTES, enable_fp_fusion=False)
+                                     out.view(torch.int16) if bf16_bits else out, n, codes.numel(),
+                                     BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
+                                     DOUBLE_QUANT=double_quant, BF16_BITS=bf16_bits, ROWS=rows, COLS=cols,
+                                     num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 
