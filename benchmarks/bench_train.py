@@ -969,8 +969,17 @@ def bench_config(name: str, args, save) -> dict:
         ours, theirs = rows["minitune"]["peak_bytes"], rows["transformers"]["peak_bytes"]  # GPU: weights included
         entry["peak_ratio"] = ours / theirs
         entry["qlora_memory_goal_met"] = ours <= QLORA_PEAK_RATIO * theirs and ours <= QLORA_PEAK_BYTES
+        entry["qlora_peak_parts"] = {lib: peak_parts(rows[lib]) for lib in ("minitune", "transformers")}
         save(entry)
     return entry
+
+
+def peak_parts(row: dict) -> dict:
+    """A GPU peak in three parts: the weights as loaded (base, embeddings, head and adapters), what AdamW's
+    adapters need beyond them (their float32 gradients and two moments), and the rest: activations and workspace."""
+    adapter_state = 3 * 4 * row["trainable_params"]
+    return {"weights": row["weights_bytes"], "adapter_state": adapter_state,
+            "activations_and_workspace": row["peak_bytes"] - row["weights_bytes"] - adapter_state}
 
 
 def packed_goals(name: str, entry: dict, rows: dict) -> list[dict]:
@@ -1212,6 +1221,10 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
             lines.append(f"- {e['config']} (GPU goal: peak at most {QLORA_PEAK_RATIO}x transformers + PEFT + "
                          f"bitsandbytes' and at most {QLORA_PEAK_BYTES / 1e9:.0f} GB): peak {ours / 1e9:.2f} GB = "
                          f"{e['peak_ratio']:.2f}x theirs -> {'**met**' if e['qlora_memory_goal_met'] else '**NOT met**'}")
+            for library, parts in e.get("qlora_peak_parts", {}).items():
+                lines.append(f"  - {library}'s peak: weights {parts['weights'] / 1e9:.2f} GB + the adapters' gradients "
+                             f"and AdamW moments {parts['adapter_state'] / 1e9:.2f} + activations and workspace "
+                             f"{parts['activations_and_workspace'] / 1e9:.2f}")
     verdict = result.get("goal_met")
     lines += ["", f"Overall: {'**met**' if verdict else 'n/a' if verdict is None else '**NOT met**'}."]
     return lines
