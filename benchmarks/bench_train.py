@@ -39,10 +39,12 @@ Five kinds of config, all full optimizer steps of each library on the same weigh
   checkpointing, one decoder layer per checkpoint, non-reentrant, in both (`model.gradient_checkpointing =
   True`; transformers' activation_checkpointing_enable / gradient_checkpointing_enable(use_reentrant=False));
   --grad-checkpointing on|off overrides a config's choice (lora-mistral-small with `on` is qlora-mistral-small
-  without the quantization, but for its MLP width). qlora-mistral-small's base, mistral-small-704, is
-  mistral-small with intermediate size 704 instead of 688: bitsandbytes 0.50.2's CPU dequantize_4bit gets the
-  values of a weight wrong when its rows are not a whole number of 64-value blocks (down_proj's 688), which
-  would make transformers' CPU QLoRA train another model than the checkpoint's.
+  without the quantization, but for its MLP width); `offload` is `on` with minitune's checkpoints kept in pinned
+  CPU memory (`model.offload_checkpoints`; transformers has no such option and checkpoints as with `on`).
+  qlora-mistral-small's base, mistral-small-704, is mistral-small with intermediate size 704 instead of 688:
+  bitsandbytes 0.50.2's CPU dequantize_4bit gets the values of a weight wrong when its rows are not a whole
+  number of 64-value blocks (down_proj's 688), which would make transformers' CPU QLoRA train another model
+  than the checkpoint's.
   Mistral-7B's shape (mistral-7b: vocab 32000, hidden 4096, intermediate 14336, 32 layers, 32/8 heads,
   rope_theta 10000, max positions 32768) with random weights: a seeded transformers model built on the
   device itself in --dtype (seconds, where the CPU would take minutes), saved once (14.5 GB in bf16) and loaded
@@ -320,7 +322,7 @@ class Data:
             return
         self.lora_r, self.quantize, self.grad_ckpt = (LORA_CONFIGS[name][1:4] if name in LORA_CONFIGS else
                                                       (0, None, False))
-        self.grad_ckpt = {"config": self.grad_ckpt, "on": True, "off": False}[grad_ckpt]
+        self.grad_ckpt = {"config": self.grad_ckpt, "on": True, "off": False, "offload": "offload"}[grad_ckpt]
         self.big = name in LORA_CONFIGS and LORA_CONFIGS[name][0] in BIG_BASES  # loaded straight onto the device
         if name in PACKED:
             self.init_packed(name, CONFIGS[LORA_CONFIGS[name][0]][1]["vocab_size"], device)
@@ -462,10 +464,11 @@ def have_liger() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def checkpoint_layers(library: str, model) -> None:
-    """Activation checkpointing, one decoder layer per checkpoint, non-reentrant, in either library."""
+def checkpoint_layers(library: str, model, offload: bool = False) -> None:
+    """Activation checkpointing, one decoder layer per checkpoint, non-reentrant, in either library; offload:
+    minitune keeps the checkpoints in CPU memory (transformers cannot, and checkpoints as it otherwise would)."""
     if not library.startswith("transformers"):
-        model.gradient_checkpointing = True
+        model.gradient_checkpointing, model.offload_checkpoints = True, offload
         return
     model.config.use_cache = False  # as transformers would under checkpointing (with a warning)
     kwargs = {"use_reentrant": False}
@@ -530,7 +533,7 @@ class Trainer:
                                                                     cu_seqlens=b["cu_seqlens"])
         self.model.train()
         if getattr(data, "grad_ckpt", False):
-            checkpoint_layers(library, self.model)
+            checkpoint_layers(library, self.model, offload=data.grad_ckpt == "offload")
         if data.sft:
             from minitune.optim import make_optimizer, make_scheduler
             a = data.args
@@ -888,7 +891,7 @@ def bench_config(name: str, args, save) -> dict:
         libraries = list(DPO_REFERENCES)
     entry = {"config": name, **config_entry(name), "runs": [{"library": library} for library in libraries]}
     if name in LORA_CONFIGS and args.grad_checkpointing != "config":
-        entry["gradient_checkpointing"] = args.grad_checkpointing == "on"
+        entry["gradient_checkpointing"] = {"on": True, "off": False, "offload": "offload"}[args.grad_checkpointing]
     save(entry)
     rows = {r["library"]: r for r in entry["runs"]}
     with tempfile.TemporaryDirectory(prefix="minitune-bench-train-") as tmp:
@@ -1130,7 +1133,7 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
                 "float32 in both). ")
     if any(e.get("gradient_checkpointing") for e in configs):
         how += ("Configs marked (ckpt): activation checkpointing of every decoder layer, non-reentrant, in both "
-                "libraries. ")
+                "libraries; (ckpt, offloaded): minitune's checkpoints kept in pinned CPU memory. ")
     if sft:
         how += sft_how(next((e for e in sft if "data" in e), sft[0])) + " "
     sft_warmup = f" ({max(result['warmup'], SFT_STEPS)} for SFT configs: one per distinct step at least)" if sft else ""
@@ -1152,7 +1155,8 @@ def transformers_markdown(result: dict, configs: list[dict]) -> list[str]:
     for e in configs:
         for r in e["runs"]:
             params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "—"
-            name = e["config"] + (" (ckpt)" if e.get("gradient_checkpointing") else "")
+            marks = {True: " (ckpt)", "offload": " (ckpt, offloaded)"}
+            name = e["config"] + marks.get(e.get("gradient_checkpointing"), "")
             cells = [name, params, shape(e), r["library"], r.get("backend") or "—"]
             if "median_step_s" in r:
                 cells += [f"{r['median_step_s'] * 1e3:.1f}", f"{r['tokens_per_s']:.0f}"]
@@ -1377,8 +1381,9 @@ def main() -> None:
     ap.add_argument("--mem-steps", type=int, default=2, help="steps of each fresh memory process, after --mem-warmup")
     ap.add_argument("--mem-warmup", type=int, default=1, help="steps of each memory process before --mem-steps")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per child process")
-    ap.add_argument("--grad-checkpointing", choices=["config", "on", "off"], default="config",
-                    help="LoRA configs: activation checkpointing as the config says (default), or forced on or off")
+    ap.add_argument("--grad-checkpointing", choices=["config", "on", "off", "offload"], default="config",
+                    help="LoRA configs: activation checkpointing as the config says (default), forced on or off, or "
+                         "on with minitune's checkpoints in CPU memory")
     ap.add_argument("--work", help="keep the random checkpoints in this folder and reuse them (default: a temporary "
                                    "folder per config)")
     ap.add_argument("--child", choices=["paired", "memory", "write"], help=argparse.SUPPRESS)

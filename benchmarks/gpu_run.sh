@@ -18,6 +18,11 @@
 # the first under /tmp/minitune-bench-train). Output: gpu_run.txt, nf4/bench_kernels.{json,md},
 # qlora/bench_train.{json,md}, lora/bench_train.{json,md}. bitsandbytes comes from benchmarks/vendor/ (below).
 #
+# `bash benchmarks/gpu_run.sh issue19` (at most 7 minutes by its limits) is what issue 19 still has to measure:
+# issue19-tests (tests/test_quant.py and tests/test_cuda.py, the offloaded checkpoints' among them), nf4 (the
+# restructured kernel and its NUM_WARPS sweep) and qlora-offload-7b (qlora-mistral-7b with minitune's checkpoints
+# in pinned CPU memory; it writes the 7B checkpoint when qlora-7b has not). Output: nf4/, qlora-offload/.
+#
 # `bash benchmarks/gpu_run.sh speed` is issue 20's run as far as it is built (at most 5 minutes by its limits):
 # speed-tests (tests/test_cuda.py: no host sync in a bf16 step, variable-length flash attention against the mask;
 # the RoPE and SwiGLU kernels compiled), speed-kernels (bench_kernels.py's rope and swiglu at Mistral-7B's shapes
@@ -40,6 +45,7 @@ work=/tmp/minitune-bench-train  # the 7B checkpoint: not under $OUT, which comes
 
 steps=" ${*:-tests kernels train sft dpo} "
 steps=${steps/ qlora / qlora-tests nf4 qlora-7b lora-7b }  # the QLoRA set
+steps=${steps/ issue19 / issue19-tests nf4 qlora-offload-7b }  # what issue 19 still has to measure
 steps=${steps/ speed / speed-tests speed-kernels packing }  # issue 20: tests, kernels, packing
 steps=${steps/ scale / scale-1b scale-7b }  # issue 20: the packed steps at scale
 steps=${steps/ fsdp / fsdp-qlora-7b }  # issue 21: FSDP2 on one GPU
@@ -96,6 +102,7 @@ install_wheel() {  # install_wheel WHEEL: pip without dependencies or index, els
     --qlora --device cuda --out "$out/fsdp"
 
   step qlora-tests 60 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py
+  step issue19-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_cuda.py
   step nf4 90 python3 benchmarks/bench_kernels.py --kernels nf4_dequantize --sweep --out "$out/nf4"
   # 7B: 6 timed rounds after 1 warm-up; memory from 1 + 1 steps in a fresh process per library. The first writes
   # the checkpoint (about a minute), the second reuses it.
@@ -103,5 +110,7 @@ install_wheel() {  # install_wheel WHEEL: pip without dependencies or index, els
     --mem-warmup 1 --mem-steps 1 --timeout 150 --out "$out/qlora"
   step lora-7b 165 python3 benchmarks/bench_train.py --configs lora-mistral-7b --work "$work" --steps 6 --warmup 1 \
     --mem-warmup 1 --mem-steps 1 --timeout 150 --out "$out/lora"
+  step qlora-offload-7b 220 python3 benchmarks/bench_train.py --configs qlora-mistral-7b --grad-checkpointing offload \
+    --work "$work" --steps 6 --warmup 1 --mem-warmup 1 --mem-steps 1 --timeout 150 --out "$out/qlora-offload"
   date -u
 } 2>&1 | tee "$out/gpu_run.txt"

@@ -284,7 +284,7 @@ def validate(model, tok, val: list[dict], val_reference: torch.Tensor, judged: l
 
 # Flags a resumed run may change (see finetune_mistral.py); --model may not: it is the reference.
 RESUMABLE = {"data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every", "keep_last",
-             "win_rate_samples", "grad_checkpointing", "compile", "fsdp_offload"}
+             "win_rate_samples", "grad_checkpointing", "offload_checkpoints", "compile", "fsdp_offload"}
 REFERENCE_CACHE = "reference_logps.safetensors"  # --reference precomputed's log-probabilities, in --out
 LOSSES = ("loss", ("loss", "val_loss"), None)
 SHARES = ("share of held-out pairs / prompts", ("val_preference_accuracy", "val_win_rate", "rewards/accuracies"),
@@ -322,6 +322,7 @@ def main(argv=None) -> None:
     model = mt.load_model(args.model, dtype=weights_dtype(args), device=device, quantize=args.quantize).train()
     mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
     model.gradient_checkpointing = args.grad_checkpointing
+    model.offload_checkpoints = args.offload_checkpoints  # the checkpoints in CPU memory
     disable_dropout(model)  # as the reference: the policy's log-probs must not be noisier than the reference's
     amp = functools.partial(autocast, device, args.dtype)
     start_weights = fingerprint(model, [], False)  # a resumed run must start from the same reference

@@ -177,6 +177,7 @@ def run(args) -> dict:
     tok = mt.load_tokenizer(args.model)
     model = mt.load_model(args.model, dtype=torch.float32, device=device).train()
     model.gradient_checkpointing = args.grad_checkpointing
+    model.offload_checkpoints = args.offload_checkpoints  # the checkpoints in CPU memory
     if args.add_tokens:
         words, before = split_words(tok, D.read_texts(args.data), args.add_tokens), len(tok)
         tok.add_tokens(words)

@@ -212,7 +212,8 @@ def train_step(model, batches: list[dict], optimizer, scheduler, amp, max_grad_n
 # Flags a resumed run may change: they alter neither the data a step sees nor the update it makes
 # (--lr excepted, which is rescaled on purpose). The data's paths may change: its content is compared.
 RESUMABLE = {"model", "data", "val_data", "out", "resume", "lr", "device", "dtype", "eval_every", "save_every",
-             "keep_last", "exact_match_samples", "grad_checkpointing", "compile", "fsdp_offload"}
+             "keep_last", "exact_match_samples", "grad_checkpointing", "offload_checkpoints", "compile",
+             "fsdp_offload"}
 
 
 def main(argv=None) -> None:
@@ -226,6 +227,7 @@ def main(argv=None) -> None:
     mt.tokenizer.check_fits(tok, model)  # every token id has an embedding row, or a one-line error now
     start_weights = fingerprint(model, [], False)  # a resumed run must start from the same weights
     model.gradient_checkpointing = args.grad_checkpointing
+    model.offload_checkpoints = args.offload_checkpoints  # the checkpoints in CPU memory
     apply_lora_args(model, args)  # with --lora-r: only the adapter trains
     amp = functools.partial(autocast, device, args.dtype)
 

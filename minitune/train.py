@@ -76,6 +76,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, model: str, data: str, o
     p("--save-every", type=positive_int, default=save_every, help="write a resumable checkpoint every N steps")
     p("--keep-last", type=positive_int, default=2, help="checkpoints kept on disk")
     p("--grad-checkpointing", action="store_true", help="recompute each block's activations in the backward")
+    p("--offload-checkpoints", action="store_true",
+      help="with --grad-checkpointing: each block's saved input waits for the backward in CPU memory, not the GPU's")
     p("--packing", action="store_true", help="several examples per row, each attending only to itself")
     p("--compile", action="store_true",
       help="torch.compile each decoder block: slower first steps (compiling), faster ones after")
@@ -208,6 +210,8 @@ def parse_common_args(parser: argparse.ArgumentParser, argv: Iterable[str] | Non
         if (path := getattr(args, flag, None)) and not Path(path).is_file():
             what = "is a folder, not a JSONL file" if Path(path).is_dir() else "no such file"
             parser.error(f"--{flag.replace('_', '-')} {path}: {what}")
+    if args.offload_checkpoints and not args.grad_checkpointing:
+        parser.error("--offload-checkpoints moves the checkpoints of --grad-checkpointing to CPU memory: add it")
     if getattr(args, "fsdp_offload", False) and not args.fsdp:
         parser.error("--fsdp-offload offloads FSDP's shards: add --fsdp")
     if getattr(args, "fsdp", False) and "RANK" not in os.environ:

@@ -81,12 +81,13 @@ def test_training_step_on_cuda_in_bf16(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["checkpoints", "offloaded-checkpoints"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_a_bf16_training_forward_and_backward_never_wait_for_the_gpu(packed, tmp_path):
+def test_a_bf16_training_forward_and_backward_never_wait_for_the_gpu(packed, offload, tmp_path):
     """set_sync_debug_mode("error"): any host sync (a .item(), a bool() of a CUDA tensor) raises."""
     save_hf(CONFIGS["mistral_gqa_window"](), tmp_path)
     model = mt.load_model(tmp_path, dtype=torch.bfloat16, device="cuda").train()
-    model.gradient_checkpointing = True
+    model.gradient_checkpointing, model.offload_checkpoints = True, offload  # offloaded: copies in stream order
     examples = [{"input_ids": torch.randint(3, 101, (n,)).tolist()} for n in (70, 40, 90, 30)]
     for example in examples:
         example["labels"] = example["input_ids"]
@@ -146,3 +147,31 @@ def test_full_fine_tuning_under_autocast_takes_the_variable_length_path(tmp_path
                                 position_ids=batch["position_ids"], labels=batch["labels"], cu_seqlens=cu_seqlens))
         losses[-1].backward()
     torch.testing.assert_close(losses[1].float(), losses[0].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_offloaded_checkpoints_leave_the_gpu_and_change_no_gradient(tmp_path):
+    """model.offload_checkpoints: the blocks' checkpointed inputs wait in pinned CPU memory. The gradients are
+    those of checkpoints kept on the GPU (up to the attention backward's atomic additions, which make two runs of
+    either differ in the last bits), and the peak falls by about the checkpoints' bytes: all the blocks' inputs but
+    the one being recomputed."""
+    layers, batch, T, hidden = 8, 4, 512, 256
+    save_hf(tiny_mistral_config(hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers,
+                                num_attention_heads=8, num_key_value_heads=2), tmp_path)
+    model = mt.load_model(tmp_path, dtype=torch.bfloat16, device="cuda").train()
+    model.gradient_checkpointing = True
+    ids = torch.randint(3, 101, (batch, T), device="cuda")
+    peaks, grads = [], []
+    for offload in (False, True):
+        model.offload_checkpoints = offload
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        model(ids, labels=ids).backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    checkpoint_bytes = batch * T * hidden * 2  # one block's (B, T, C) bf16 input
+    assert peaks[0] - peaks[1] >= (layers - 2) * checkpoint_bytes, (peaks, checkpoint_bytes)
+    for kept, offloaded in zip(*grads, strict=True):
+        assert (kept.float() - offloaded.float()).norm() <= 1e-2 * kept.float().norm()

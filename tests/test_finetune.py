@@ -196,8 +196,9 @@ def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_pa
 
 
 def test_a_qlora_run_trains_only_the_adapters_resumes_exactly_and_saves_a_plain_merged_model(tmp_path, small_data):
-    """--quantize nf4: the decoder's linear layers are 4-bit, only the adapters train; the run resumes bit for bit;
-    adapter/ over the 4-bit base and the merged final/ (dequantized + the adapter, a plain checkpoint transformers
+    """--quantize nf4: the decoder's linear layers are 4-bit, only the adapters train; the run resumes bit for bit,
+    with its checkpointed activations offloaded after the cut (--offload-checkpoints changes no number); adapter/
+    over the 4-bit base and the merged final/ (dequantized + the adapter, a plain checkpoint transformers
     loads without bitsandbytes) give the same logits."""
     import transformers
 
@@ -206,7 +207,8 @@ def test_a_qlora_run_trains_only_the_adapters_resumes_exactly_and_saves_a_plain_
     flags = ["--data", str(small_data), "--max-steps", "4", "--save-every", "2", "--lora-r", "4", "--lora-targets",
              "all-linear", "--quantize", "nf4", "--grad-checkpointing", "--lr", "3e-3", "--warmup", "1"]
     straight = run(tmp_path / "straight", *flags)
-    resumed = run(resumable_copy(tmp_path / "straight", tmp_path / "cut"), *flags, "--resume", "auto")
+    resumed = run(resumable_copy(tmp_path / "straight", tmp_path / "cut"), *flags, "--offload-checkpoints",
+                  "--resume", "auto")
     assert without_timing(resumed) == without_timing(straight)
     assert straight[-1]["loss"] < straight[1]["loss"]
     base = ROOT / "examples" / "assets" / "tiny-mistral"

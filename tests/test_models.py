@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 import minitune as mt
 from minitune.errors import UserError
+from minitune.freeze import blocks
 from minitune.models import GPT2, GPT2Config, Mistral, MistralConfig
 from tests.conftest import save_hf, tiny_gpt2_config, tiny_mistral_config
 
@@ -247,24 +250,46 @@ def test_sliding_window_limits_what_a_token_sees():
         assert torch.equal(a[q], b[q]) != (q in q_sees_5), q
 
 
+def three_block_model(family: str, dropout: float = 0.0):
+    if family == "gpt2":
+        return GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=3, n_head=2, n_positions=32, resid_pdrop=dropout,
+                               embd_pdrop=0.0, attn_pdrop=dropout))
+    return Mistral(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                 num_attention_heads=4, num_key_value_heads=2, attention_dropout=dropout))
+
+
+def block_inputs_alive(model, ids, modes) -> tuple[list[list[bool]], list[list[torch.Tensor]]]:
+    """For each (checkpointing, offload) mode, whether each block's input is still alive after the forward (held
+    for the backward), then the parameters' gradients of that step."""
+    alive, grads = [], []
+    for checkpointing, offload in modes:
+        model.zero_grad()
+        model.gradient_checkpointing, model.offload_checkpoints = checkpointing, offload
+        inputs = []  # weak references: they keep nothing alive themselves
+        hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(weakref.ref(args[0])))
+                 for block in blocks(model)]
+        torch.manual_seed(0)  # the same dropout masks in every mode
+        loss = model(ids).logsumexp(-1).mean()
+        for hook in hooks:
+            hook.remove()
+        gc.collect()
+        alive.append([ref() is not None for ref in inputs])
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    return alive, grads
+
+
 @pytest.mark.parametrize("family", ["gpt2", "mistral"])
 def test_gradient_checkpointing_gives_the_same_gradients(family):
-    if family == "gpt2":
-        model = GPT2(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.0,
-                                embd_pdrop=0.0, attn_pdrop=0.0))
-    else:
-        model = Mistral(MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2))
+    """Plain, checkpointed and checkpointed with the checkpoints offloaded: the same gradients; the offloaded
+    checkpoints are copies, so the blocks' inputs themselves are released after the forward (on a GPU: its memory)."""
+    model = three_block_model(family, dropout=0.1).train()  # dropout: recomputed with the forward's masks
     ids = torch.randint(0, 50, (2, 8))
-    grads = []
-    for flag in (False, True):
-        model.zero_grad()
-        model.gradient_checkpointing = flag
-        model.train()
-        model(ids).logsumexp(-1).mean().backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    for g0, g1 in zip(*grads):
-        assert torch.allclose(g0, g1, atol=1e-6)
+    alive, grads = block_inputs_alive(model, ids, [(False, False), (True, False), (True, True)])
+    assert alive == [[True] * 3, [True] * 3, [False] * 3]
+    for plain, checkpointed, offloaded in zip(*grads, strict=True):
+        assert torch.allclose(plain, checkpointed, atol=1e-6)
+        assert torch.equal(checkpointed, offloaded)
 
 
 def test_dropout_follows_config_and_is_off_in_eval():

@@ -15,7 +15,7 @@ from tests.conftest import example_module
 
 # the plumbing flags, which the shared helper adds
 PLUMBING = ("--model --data --out --resume --overwrite --device --dtype --seed --eval-every --save-every "
-            "--keep-last --grad-checkpointing --packing --compile").split()
+            "--keep-last --grad-checkpointing --offload-checkpoints --packing --compile").split()
 # the training hyperparameters each example declares itself, with the defaults each had before (dests)
 TRAINING = {
     "finetune_mistral.py": dict(max_steps=None, epochs=1.0, batch_size=16, grad_accum=1, lr=1e-3, warmup=20,
@@ -42,6 +42,15 @@ def test_the_shared_helper_adds_only_the_plumbing_flags():
     assert args.dtype == "float32"  # the CPU's default
     if torch.cuda.is_available():
         assert parse_common_args(p, ["--device", "cuda"]).dtype == "bfloat16"
+
+
+def test_offloaded_checkpoints_need_checkpointing(capsys):
+    with pytest.raises(SystemExit):
+        parse_common_args(parser(), ["--device", "cpu", "--offload-checkpoints"])
+    assert "--offload-checkpoints moves the checkpoints of --grad-checkpointing to CPU memory: add it" in \
+        capsys.readouterr().err
+    args = parse_common_args(parser(), ["--device", "cpu", "--grad-checkpointing", "--offload-checkpoints"])
+    assert args.grad_checkpointing and args.offload_checkpoints
 
 
 @pytest.mark.parametrize("script", TRAINING)

@@ -1,4 +1,5 @@
-"""What GPT-2 and Mistral share: input checks, positions, masks, SDPA, the KV cache, activations.
+"""What GPT-2 and Mistral share: input checks, positions, masks, SDPA, the KV cache, activations,
+activation checkpointing.
 
 Both families are causal decoders fed the same way: `input_ids` [B, T], an optional
 `attention_mask` over every key position seen so far (cached ones included, as in Hugging Face),
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 try:
     from torch.nn.attention.varlen import varlen_attn  # flash attention over sequences laid end to end
@@ -196,6 +198,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         v = v.repeat_interleave(n_rep, dim=1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                           is_causal=is_causal, scale=scale)
+
+
+def checkpoint_block(block: nn.Module, x: torch.Tensor, *args, offload: bool = False) -> torch.Tensor:
+    """block(x, *args), keeping only its inputs for the backward, which runs the block again.
+
+    offload: x, the block's (B, T, C) input, waits for the backward in CPU memory instead of the device's,
+    copied out and back in stream order (pinned memory, no host sync). A 7B model's 32 checkpoints of a
+    2 x 2048 batch in bf16 are 1.07 GB of GPU memory; each copy costs PCIe time instead. The other inputs
+    (the RoPE tables, the masks) are shared by every block and stay where they are."""
+    if not offload:
+        return checkpoint(block, x, *args, use_reentrant=False)
+    x_id = id(x)  # not x: autograd keeps the hooks until the backward, and they must not keep x alive
+    pack = lambda saved: _to_host(saved) if id(saved) == x_id else saved  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(pack, _to_device):
+        return checkpoint(block, x, *args, use_reentrant=False)  # saves its inputs through the hooks above
+
+
+def _to_host(x: torch.Tensor):
+    """Pack hook: the block's input to CPU memory."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)  # pinned: the copy can run asynchronously
+    host.copy_(x, non_blocking=True)  # queued behind the kernels that made x, ahead of any that reuse its memory
+    return x.device, host
+
+
+def _to_device(packed):
+    """Unpack hook: the input back on its device for the recomputation."""
+    if isinstance(packed, torch.Tensor):
+        return packed
+    device, host = packed
+    return host.to(device, non_blocking=True)
 
 
 class KVCache:

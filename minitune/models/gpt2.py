@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
 from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
-from .common import ACTIVATIONS, KVCache, attend, attention_masks, check_inputs, embedding, position_ids_from_mask
+from .common import (ACTIVATIONS, KVCache, attend, attention_masks, check_inputs, checkpoint_block, embedding,
+                     position_ids_from_mask)
 
 
 @dataclass
@@ -132,6 +132,7 @@ class GPT2(CausalLM):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.offload_checkpoints = False  # with gradient_checkpointing: the blocks' inputs wait in CPU memory
         self.post_init()
 
     def init_weights(self) -> None:
@@ -176,7 +177,7 @@ class GPT2(CausalLM):
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint_block(block, x, mask, offload=self.offload_checkpoints)
             else:
                 x = block(x, mask, cache)
         if cache is not None:

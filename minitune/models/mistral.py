@@ -24,14 +24,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import kernels
 from ..errors import UserError
 from ..losses import shift_labels
 from .base import CausalLM, ModelConfig
-from .common import (ACTIVATIONS, KVCache, attend, attention_masks, check_inputs, embedding, position_ids_from_mask,
-                     warn_past_trained_length)
+from .common import (ACTIVATIONS, KVCache, attend, attention_masks, check_inputs, checkpoint_block, embedding,
+                     position_ids_from_mask, warn_past_trained_length)
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -260,6 +259,7 @@ class Mistral(CausalLM):
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.offload_checkpoints = False  # with gradient_checkpointing: the blocks' inputs wait in CPU memory
         self.post_init()
 
     def init_weights(self) -> None:
@@ -300,7 +300,7 @@ class Mistral(CausalLM):
         cos, sin = rope_cos_sin(position_ids, c, x.dtype)  # (B, T, hs), once for all layers
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:  # keep only x; recompute the block in the backward
-                x = checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
+                x = checkpoint_block(layer, x, cos, sin, masks, offload=self.offload_checkpoints)
             else:
                 x = layer(x, cos, sin, masks, cache)
         if cache is not None:
