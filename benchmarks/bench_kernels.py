@@ -595,71 +595,50 @@ def sweep_row(row: dict, step: Step, case: Case, device: torch.device, copy_gbps
     return row
 
 
-def sweep(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
-    """cross_entropy forward + backward over MAX_BLOCK_V x NUM_WARPS; the constants are restored after."""
-    ce = importlib.import_module("minitune.kernels.cross_entropy")  # kernels.cross_entropy is the function
-    saved = ce.MAX_BLOCK_V, ce.NUM_WARPS
+def sweep_constants(module_name: str, cases: list[tuple[str, dict]], fn: Callable, settings: list[dict],
+                    dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
+    """Each (kernel, size) case timed through `fn` at each setting of the module's constants (restored after)."""
+    module = importlib.import_module(module_name)
+    saved = {name: getattr(module, name) for name in settings[0]}
     rows = []
     try:
-        for V in SWEEP_VOCABS:
-            case = make_case("cross_entropy", {"M": SWEEP_M, "V": V}, dtype, device)
-            step = Step(kernels.cross_entropy, case)
-            for block in SWEEP_BLOCKS:
-                for warps in SWEEP_WARPS:
-                    ce.MAX_BLOCK_V, ce.NUM_WARPS = block, warps
-                    rows.append(sweep_row({"M": SWEEP_M, "V": V, "MAX_BLOCK_V": block, "NUM_WARPS": warps},
-                                          step, case, device, copy_gbps))
-                    row = rows[-1]
-                    print(f"  sweep V={V:6d} MAX_BLOCK_V={block:5d} NUM_WARPS={warps:2d} "
-                          + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
-            del case, step
-            free_memory(device)
-    finally:
-        ce.MAX_BLOCK_V, ce.NUM_WARPS = saved
-    return rows
-
-
-def sweep_norm_programs(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
-    """rms_norm forward + backward over the backward's programs per SM (restored after)."""
-    common = importlib.import_module("minitune.kernels._common")
-    saved = common.PROGRAMS_PER_SM
-    case = make_case("rms_norm", SWEEP_NORM_SIZE, dtype, device)
-    step = Step(MINITUNE["rms_norm"], case)
-    rows = []
-    try:
-        for per_sm in SWEEP_PROGRAMS_PER_SM:
-            common.PROGRAMS_PER_SM = per_sm
-            rows.append(sweep_row({"PROGRAMS_PER_SM": per_sm, **SWEEP_NORM_SIZE}, step, case, device, copy_gbps))
-            row = rows[-1]
-            print(f"  sweep rms_norm PROGRAMS_PER_SM={per_sm} "
-                  + (f"{row['ms']:.3f} ms" if "ms" in row else row["error"]), flush=True)
-    finally:
-        common.PROGRAMS_PER_SM = saved
-    del case, step
-    free_memory(device)
-    return rows
-
-
-def sweep_nf4_warps(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
-    """nf4_dequantize at each layer shape over NUM_WARPS (restored after)."""
-    nf4 = importlib.import_module("minitune.kernels.nf4")
-    saved = nf4.NUM_WARPS
-    rows = []
-    try:
-        for size in NF4_SIZES:
-            case = make_case("nf4_dequantize", size, dtype, device)
-            step = Step(kernels.nf4_dequantize, case)
-            for warps in SWEEP_NF4_WARPS:
-                nf4.NUM_WARPS = warps
-                rows.append(sweep_row({**size, "NUM_WARPS": warps}, step, case, device, copy_gbps))
-                row = rows[-1]
-                print(f"  sweep nf4_dequantize {size_label(size)} NUM_WARPS={warps:2d} "
+        for kernel, size in cases:
+            case = make_case(kernel, size, dtype, device)
+            step = Step(fn, case)
+            for setting in settings:
+                for name, value in setting.items():
+                    setattr(module, name, value)
+                rows.append(row := sweep_row({**size, **setting}, step, case, device, copy_gbps))
+                print(f"  sweep {kernel} {size_label(size)} {size_label(setting)} "
                       + (f"{row['ms']:.4f} ms" if "ms" in row else row["error"]), flush=True)
             del case, step
             free_memory(device)
     finally:
-        nf4.NUM_WARPS = saved
+        for name, value in saved.items():
+            setattr(module, name, value)
     return rows
+
+
+def sweep(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
+    """cross_entropy forward + backward over MAX_BLOCK_V x NUM_WARPS."""
+    cases = [("cross_entropy", {"M": SWEEP_M, "V": V}) for V in SWEEP_VOCABS]
+    settings = [{"MAX_BLOCK_V": block, "NUM_WARPS": warps} for block in SWEEP_BLOCKS for warps in SWEEP_WARPS]
+    return sweep_constants("minitune.kernels.cross_entropy", cases, kernels.cross_entropy, settings, dtype, device,
+                           copy_gbps)
+
+
+def sweep_norm_programs(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
+    """rms_norm forward + backward over the backward's programs per SM."""
+    settings = [{"PROGRAMS_PER_SM": per_sm} for per_sm in SWEEP_PROGRAMS_PER_SM]
+    return sweep_constants("minitune.kernels._common", [("rms_norm", SWEEP_NORM_SIZE)], MINITUNE["rms_norm"],
+                           settings, dtype, device, copy_gbps)
+
+
+def sweep_nf4_warps(dtype: torch.dtype, device: torch.device, copy_gbps: float) -> list[dict]:
+    """nf4_dequantize at each layer shape over NUM_WARPS."""
+    settings = [{"NUM_WARPS": warps} for warps in SWEEP_NF4_WARPS]
+    return sweep_constants("minitune.kernels.nf4", [("nf4_dequantize", size) for size in NF4_SIZES],
+                           kernels.nf4_dequantize, settings, dtype, device, copy_gbps)
 
 
 # ---------------------------------------------------------------- the CPU memory goal, one process per variant
