@@ -18,7 +18,7 @@
 # the first under /tmp/minitune-bench-train). Output: gpu_run.txt, nf4/bench_kernels.{json,md},
 # qlora/bench_train.{json,md}, lora/bench_train.{json,md}. bitsandbytes comes from benchmarks/vendor/ (below).
 #
-# `bash benchmarks/gpu_run.sh issue19` (at most 7 minutes by its limits) is what issue 19 still has to measure:
+# `bash benchmarks/gpu_run.sh issue19` (at most 430 s by its limits) is what issue 19 still has to measure:
 # issue19-tests (tests/test_quant.py and tests/test_cuda.py, the offloaded checkpoints' among them), nf4 (the
 # restructured kernel and its NUM_WARPS sweep) and qlora-offload-7b (qlora-mistral-7b with minitune's checkpoints
 # in pinned CPU memory; it writes the 7B checkpoint when qlora-7b has not). Output: nf4/, qlora-offload/.

@@ -150,28 +150,29 @@ def test_full_fine_tuning_under_autocast_takes_the_variable_length_path(tmp_path
 
 
 def test_offloaded_checkpoints_leave_the_gpu_and_change_no_gradient(tmp_path):
-    """model.offload_checkpoints: the blocks' checkpointed inputs wait in pinned CPU memory. The gradients are
-    those of checkpoints kept on the GPU (up to the attention backward's atomic additions, which make two runs of
-    either differ in the last bits), and the peak falls by about the checkpoints' bytes: all the blocks' inputs but
-    the one being recomputed."""
+    """model.offload_checkpoints: the blocks' checkpointed inputs wait in pinned CPU memory. After the forward the
+    GPU holds every block's input less (a full fine-tune's peak comes later, in the backward, where the growing
+    gradients hide the difference), and the gradients are those of checkpoints kept on the GPU (up to the attention
+    backward's atomic additions, which make two runs of either differ in the last bits)."""
     layers, batch, T, hidden = 8, 4, 512, 256
     save_hf(tiny_mistral_config(hidden_size=hidden, intermediate_size=512, num_hidden_layers=layers,
                                 num_attention_heads=8, num_key_value_heads=2), tmp_path)
     model = mt.load_model(tmp_path, dtype=torch.bfloat16, device="cuda").train()
     model.gradient_checkpointing = True
     ids = torch.randint(3, 101, (batch, T), device="cuda")
-    peaks, grads = [], []
+    model(ids, labels=ids).backward()  # a first step: one-time allocations (workspaces) out of the way
+    held, grads = [], []
     for offload in (False, True):
         model.offload_checkpoints = offload
         model.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        model(ids, labels=ids).backward()
+        loss = model(ids, labels=ids)
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated() - before)
+        held.append(torch.cuda.memory_allocated() - before)  # what the forward left for the backward
+        loss.backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     checkpoint_bytes = batch * T * hidden * 2  # one block's (B, T, C) bf16 input
-    assert peaks[0] - peaks[1] >= (layers - 2) * checkpoint_bytes, (peaks, checkpoint_bytes)
+    assert (layers - 1) * checkpoint_bytes <= held[0] - held[1] <= (layers + 1) * checkpoint_bytes, held
     for kept, offloaded in zip(*grads, strict=True):
         assert (kept.float() - offloaded.float()).norm() <= 1e-2 * kept.float().norm()

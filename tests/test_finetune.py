@@ -195,7 +195,8 @@ def test_lora_run_saves_an_adapter_and_a_merged_model_and_resumes_exactly(tmp_pa
         torch.testing.assert_close(adapted(x), merged(x), atol=1e-5, rtol=1e-5)
 
 
-def test_a_qlora_run_trains_only_the_adapters_resumes_exactly_and_saves_a_plain_merged_model(tmp_path, small_data):
+def test_a_qlora_run_trains_only_the_adapters_resumes_exactly_and_saves_a_plain_merged_model(tmp_path, small_data,
+                                                                                             monkeypatch):
     """--quantize nf4: the decoder's linear layers are 4-bit, only the adapters train; the run resumes bit for bit,
     with its checkpointed activations offloaded after the cut (--offload-checkpoints changes no number); adapter/
     over the 4-bit base and the merged final/ (dequantized + the adapter, a plain checkpoint transformers
@@ -206,9 +207,15 @@ def test_a_qlora_run_trains_only_the_adapters_resumes_exactly_and_saves_a_plain_
 
     flags = ["--data", str(small_data), "--max-steps", "4", "--save-every", "2", "--lora-r", "4", "--lora-targets",
              "all-linear", "--quantize", "nf4", "--grad-checkpointing", "--lr", "3e-3", "--warmup", "1"]
+    import minitune.models.common as common
+
+    offloaded, to_host = [], common._to_host
+    monkeypatch.setattr(common, "_to_host", lambda x: offloaded.append(x.shape) or to_host(x))
     straight = run(tmp_path / "straight", *flags)
+    assert not offloaded
     resumed = run(resumable_copy(tmp_path / "straight", tmp_path / "cut"), *flags, "--offload-checkpoints",
                   "--resume", "auto")
+    assert offloaded  # each block's input, in each of the resumed steps
     assert without_timing(resumed) == without_timing(straight)
     assert straight[-1]["loss"] < straight[1]["loss"]
     base = ROOT / "examples" / "assets" / "tiny-mistral"

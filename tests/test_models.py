@@ -259,14 +259,14 @@ def three_block_model(family: str, dropout: float = 0.0):
 
 
 def block_inputs_alive(model, ids, modes) -> tuple[list[list[bool]], list[list[torch.Tensor]]]:
-    """For each (checkpointing, offload) mode, whether each block's input is still alive after the forward (held
-    for the backward), then the parameters' gradients of that step."""
+    """For each (checkpointing, offload) mode, whether each block's input's memory is still alive after the forward
+    (held for the backward), then the parameters' gradients of that step."""
     alive, grads = [], []
     for checkpointing, offload in modes:
         model.zero_grad()
         model.gradient_checkpointing, model.offload_checkpoints = checkpointing, offload
-        inputs = []  # weak references: they keep nothing alive themselves
-        hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(weakref.ref(args[0])))
+        inputs = []  # weak references to their memory: they keep nothing alive themselves
+        hooks = [block.register_forward_pre_hook(lambda _, args: inputs.append(weakref.ref(args[0].untyped_storage())))
                  for block in blocks(model)]
         torch.manual_seed(0)  # the same dropout masks in every mode
         loss = model(ids).logsumexp(-1).mean()

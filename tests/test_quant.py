@@ -341,7 +341,12 @@ def _compiled_for_h100(dtype: torch.dtype, double_quant: bool, blocksize: int) -
     """The kernel's PTX for sm_90, compiled here by Triton's own compiler (no GPU needed), specialized as a
     launch on a 7B layer is: every pointer 16-byte aligned, n and the byte count multiples of 16."""
     import re
+    import shutil
+    from pathlib import Path
 
+    nvidia = pytest.importorskip("triton.backends.nvidia", reason="this Triton has no CUDA backend")
+    if not any((Path(nvidia.__file__).parent / "bin").glob("ptxas*")) and not shutil.which("ptxas"):
+        pytest.skip("Triton's CUDA backend has no ptxas here: nothing can be compiled for sm_90")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.compiler import compile as triton_compile
@@ -359,11 +364,8 @@ def _compiled_for_h100(dtype: torch.dtype, double_quant: bool, blocksize: int) -
     kernel = JITFunction(nf4._nf4_dequantize_kernel.fn)  # compiled, even where the interpreter wraps it
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants,
                        attrs={(i,): [["tt.divisibility", 16]] for i in range(len(pointers) + 2)})
-    try:
-        kernel = triton_compile(source, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": nf4.NUM_WARPS, "enable_fp_fusion": False})
-    except (FileNotFoundError, RuntimeError) as e:  # a Triton without its CUDA backend's tools (ptxas)
-        pytest.skip(f"Triton cannot compile for sm_90 here: {str(e).splitlines()[0]}")
+    kernel = triton_compile(source, target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": nf4.NUM_WARPS, "enable_fp_fusion": False})
     return re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", kernel.asm["ptx"], re.M)
 
 

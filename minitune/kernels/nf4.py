@@ -20,8 +20,9 @@ tests run, truncates in its own cast.
 Each program reads a tile of bytes, one row per quantization block (or part of one), so the block's
 scale is computed once per row, and writes each row's values interleaved, high nibble first. The tile
 gives each thread the bytes of exactly one 16-byte store: compiled for sm_90, a thread issues one
-vector load of its codes, one load of its block's 8-bit maximum, the two table lookups per byte, and
-one 16-byte store, with no shared-memory shuffle between the loaded layout and the stored one.
+load of its codes (4 bytes; 2 for float32 output), one of its block's 8-bit maximum, the two table
+lookups per byte, and one 16-byte store, with no shared-memory shuffle between the loaded layout and
+the stored one.
 """
 
 from __future__ import annotations
@@ -103,11 +104,12 @@ def _nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     if not double_quant:  # unused pointers: any float32 tensor will do
         nested_absmax = nested_code = offset = absmax
     bf16_bits = dtype == torch.bfloat16
+    n_bytes = (n + 1) // 2  # the codes n values use (a stored tensor may hold more)
     rows, cols = program_tile(blocksize, dtype)
-    grid = (triton.cdiv(codes.numel(), rows * cols),)
+    grid = (triton.cdiv(n_bytes, rows * cols),)
     with launch_device(codes):
         _nf4_dequantize_kernel[grid](codes, absmax, code, nested_absmax, nested_code, offset,
-                                     out.view(torch.int16) if bf16_bits else out, n, codes.numel(),
+                                     out.view(torch.int16) if bf16_bits else out, n, n_bytes,
                                      BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize,
                                      DOUBLE_QUANT=double_quant, BF16_BITS=bf16_bits, ROWS=rows, COLS=cols,
                                      num_warps=NUM_WARPS, enable_fp_fusion=False)
