@@ -204,11 +204,10 @@ def test_a_qlora_run_trains_only_the_adapters_resumes_exactly_and_saves_a_plain_
     import transformers
 
     import minitune as mt
+    import minitune.models.common as common
 
     flags = ["--data", str(small_data), "--max-steps", "4", "--save-every", "2", "--lora-r", "4", "--lora-targets",
              "all-linear", "--quantize", "nf4", "--grad-checkpointing", "--lr", "3e-3", "--warmup", "1"]
-    import minitune.models.common as common
-
     offloaded, to_host = [], common._to_host
     monkeypatch.setattr(common, "_to_host", lambda x: offloaded.append(x.shape) or to_host(x))
     straight = run(tmp_path / "straight", *flags)

@@ -337,9 +337,10 @@ def test_triton_dequantize_equals_reference(monkeypatch, n, double_quant):
             assert torch.equal(q.dequantize(dtype), expected)
 
 
-def _compiled_for_h100(dtype: torch.dtype, double_quant: bool, blocksize: int) -> str:
-    """The kernel's PTX for sm_90, compiled here by Triton's own compiler (no GPU needed), specialized as a
-    launch on a 7B layer is: every pointer 16-byte aligned, n and the byte count multiples of 16."""
+def _sm90_instructions(dtype: torch.dtype, double_quant: bool, blocksize: int) -> list[str]:
+    """The instructions of the kernel's PTX for sm_90 (H100, H200), compiled here by Triton's own compiler (no GPU
+    needed), specialized as a launch on a 7B layer is: 16-byte-aligned pointers, n and the byte count multiples
+    of 16."""
     import re
     import shutil
     from pathlib import Path
@@ -369,7 +370,7 @@ def _compiled_for_h100(dtype: torch.dtype, double_quant: bool, blocksize: int) -
     return re.findall(r"^\s*(?:@%p\d+\s+)?([a-z][\w.]*)", kernel.asm["ptx"], re.M)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU runs the kernel itself (bench_kernels times it)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernel itself: bench_kernels times it there")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", [64, 4096])
 def test_triton_dequantize_compiles_to_one_load_and_one_16_byte_store_a_thread(dtype, blocksize):
@@ -377,7 +378,7 @@ def test_triton_dequantize_compiles_to_one_load_and_one_16_byte_store_a_thread(d
     codes in one access, looks each nibble up, and writes its values in one 16-byte store, with no shared-memory
     round trip between (the interleaved layout of the first version went through shared memory, and read its
     codes a byte at a time)."""
-    instructions = _compiled_for_h100(dtype, double_quant=True, blocksize=blocksize)
+    instructions = _sm90_instructions(dtype, double_quant=True, blocksize=blocksize)
     codes_load = {torch.bfloat16: "ld.global.b32", torch.float16: "ld.global.b32", torch.float32: "ld.global.b16"}
     nibbles = 2 * (4 if dtype.itemsize == 2 else 2)  # two lookups per byte the thread holds
     assert instructions.count("st.global.v4.b32") == 1
