@@ -258,7 +258,7 @@ def three_block_model(family: str, dropout: float = 0.0):
                                  num_attention_heads=4, num_key_value_heads=2, attention_dropout=dropout))
 
 
-def block_inputs_alive(model, ids, modes) -> tuple[list[list[bool]], list[list[torch.Tensor]]]:
+def step_in_each_mode(model, ids, modes) -> tuple[list[list[bool]], list[list[torch.Tensor]]]:
     """For each (checkpointing, offload) mode, whether each block's input's memory is still alive after the forward
     (held for the backward), then the parameters' gradients of that step."""
     alive, grads = [], []
@@ -285,7 +285,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(family):
     checkpoints are copies, so the blocks' inputs themselves are released after the forward (on a GPU: its memory)."""
     model = three_block_model(family, dropout=0.1).train()  # dropout: recomputed with the forward's masks
     ids = torch.randint(0, 50, (2, 8))
-    alive, grads = block_inputs_alive(model, ids, [(False, False), (True, False), (True, True)])
+    alive, grads = step_in_each_mode(model, ids, [(False, False), (True, False), (True, True)])
     assert alive == [[True] * 3, [True] * 3, [False] * 3]
     for plain, checkpointed, offloaded in zip(*grads, strict=True):
         assert torch.allclose(plain, checkpointed, atol=1e-6)

@@ -379,15 +379,14 @@ def test_triton_dequantize_compiles_to_one_load_and_one_16_byte_store_a_thread(d
     round trip between (the interleaved layout of the first version went through shared memory, and read its
     codes a byte at a time)."""
     instructions = _sm90_instructions(dtype, double_quant=True, blocksize=blocksize)
-    codes_load = {torch.bfloat16: "ld.global.b32", torch.float16: "ld.global.b32", torch.float32: "ld.global.b16"}
-    nibbles = 2 * (4 if dtype.itemsize == 2 else 2)  # two lookups per byte the thread holds
+    thread_bytes = 16 // (2 * dtype.itemsize)  # the codes of one 16-byte store: 4 bytes, 2 for float32
+    codes_load = f"ld.global.b{8 * thread_bytes}"  # all of them in one load
     assert instructions.count("st.global.v4.b32") == 1
     assert not [i for i in instructions if i.startswith(("st.global.b", "st.shared", "ld.shared", "bar."))]
     assert instructions.count("ld.global.b8") == 1  # the row's 8-bit block maximum
-    # the codes, the lookups, the maximum's dynamic-code value, its nested scale, the offset
-    loads_32 = nibbles + 3 + (1 if codes_load[dtype] == "ld.global.b32" else 0)
-    assert instructions.count("ld.global.b32") == loads_32
-    assert codes_load[dtype] in instructions
+    # 32-bit loads: two table lookups a byte; the maximum's dynamic-code value, its nested scale, the offset
+    assert instructions.count("ld.global.b32") == 2 * thread_bytes + 3 + (codes_load == "ld.global.b32")
+    assert codes_load in instructions
 
 
 def test_triton_dequantize_is_chosen_by_the_environment(monkeypatch):
